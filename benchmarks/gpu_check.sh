@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine: install (no deps: keep the machine's torch/triton), run the whole test suite
+# on CUDA with the interpreter off, then every benchmark. Results land in $OUT (device tool) or
+# benchmarks/results/. Usage: bash benchmarks/gpu_check.sh [tests|bench|all] [bench-name-filter]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-all}
+FILTER=${2:-}
+OUTDIR=${OUT:-benchmarks/results}
+mkdir -p "$OUTDIR"
+unset TRITON_INTERPRET
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || $PY -m pip install -q --no-deps -e . || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+status=0
+if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
+  $PY -m pytest -q -x --benchmark-disable -p no:cacheprovider 2>&1 | tee "$OUTDIR/pytest_cuda.log" | tail -25
+  status=${PIPESTATUS[0]}
+fi
+if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
+  for b in benchmarks/bench_*.py; do
+    case "$b" in *"$FILTER"*) ;; *) continue ;; esac
+    echo "== $b"
+    $PY "$b" --out "$OUTDIR" || status=1
+  done
+fi
+exit $status

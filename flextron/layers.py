@@ -1,0 +1,64 @@
+"""Elastic building blocks that keep the ``nn.Linear`` contract."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flextron_kernels import sliced_linear
+
+
+class ElasticLinear(nn.Linear):
+    """A drop-in ``nn.Linear`` whose active input and output widths can be changed at run time.
+
+    The state dict is exactly ``nn.Linear``'s. With ``in_width = k`` and ``out_width = n`` the layer computes
+    ``x[..., :k] @ weight[:n, :k].T + bias[:n]`` through :func:`flextron_kernels.sliced_linear`, reading the
+    weight prefix in place. ``x`` may already be ``k`` wide (the usual case inside a sub-network) or full width,
+    in which case its first ``k`` features are used (a view, not a copy).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.in_width = in_features
+        self.out_width = out_features
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> ElasticLinear:
+        """Wrap an existing ``nn.Linear``, sharing its parameters (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.in_width, new.out_width = linear.in_features, linear.out_features
+        return new
+
+    def set_width(self, in_width: int | None = None, out_width: int | None = None) -> None:
+        """Set the active widths; ``None`` restores the full width on that side."""
+        self.in_width = self._checked("in_width", in_width, self.in_features)
+        self.out_width = self._checked("out_width", out_width, self.out_features)
+
+    @staticmethod
+    def _checked(name: str, value, full: int) -> int:
+        if value is None:
+            return full
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int in [1, {full}] or None, got {type(value).__name__}")
+        if not 1 <= value <= full:
+            raise ValueError(f"{name} must be in [1, {full}], got {value}")
+        return value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.in_width
+        if x.shape[-1] != k:
+            if x.shape[-1] != self.in_features:
+                raise ValueError(
+                    f"x.shape[-1] must be the active in_width {k} or in_features {self.in_features}, got {x.shape[-1]}"
+                )
+            x = x[..., :k]
+        return sliced_linear(x, self.weight, self.bias, self.out_width)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, in_width={self.in_width}, out_width={self.out_width}"

@@ -1,0 +1,11 @@
+"""Triton kernels for Flextron's prefix-nested sub-networks.
+
+Every op reads weight prefixes in place (no copies) and has a plain-torch definition in
+``flextron_kernels.reference``. On CUDA tensors the Triton kernels run; on CPU tensors they run under
+``TRITON_INTERPRET=1`` (the tests) and otherwise the reference runs.
+"""
+
+from .sliced_linear import sliced_linear
+
+__all__ = ["sliced_linear"]
+__version__ = "0.1.0"

@@ -1,0 +1,87 @@
+"""What every op shares: where kernels run, the interpreter's quirks, input checks.
+
+Nothing here launches a kernel. Each op file imports the few helpers it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+
+# Read once at import: triton reads the same variable when its decorators run, so a later change
+# would not take effect anyway (see shared/reference/env_cpu.md, gotcha 1).
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True where a Triton kernel can run on ``t``: a CUDA tensor, or a CPU tensor under the interpreter."""
+    if t.is_cuda:
+        return True
+    return INTERPRET and t.device.type == "cpu"
+
+
+def upcast_flag(dtype: torch.dtype) -> bool:
+    """The interpreter does bf16 arithmetic on raw bits (silently wrong): kernels upcast loaded tiles then.
+
+    On a GPU this is False, so bf16 tiles go to the tensor cores as they are.
+    """
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's own TF32 switch, so a user gets the precision ``F.linear`` would give."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def cpu_do_bench(fn, quantiles=None, **_kw):
+    """A stand-in for ``triton.testing.do_bench`` when no GPU exists (autotune asks a driver otherwise)."""
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+def autotune_configs(gpu_configs: Sequence, interpret_config) -> list:
+    """Autotuning needs a GPU to time configs: under the interpreter, one config and no timing."""
+    return [interpret_config] if INTERPRET else list(gpu_configs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks: each raises with a message that names the argument and what was expected.
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+
+
+def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def check_width(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int in [{low}, {high}], got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value

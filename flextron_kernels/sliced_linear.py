@@ -1,0 +1,211 @@
+"""``sliced_linear``: ``y = x @ W[:n, :k].T + b[:n]`` reading the weight prefix in place.
+
+One strided matmul kernel serves the forward and both backward products, because a prefix of a
+row-major weight is just a smaller matrix with the full row stride:
+
+- forward      ``y[M, n]  = x[M, k]   @ W[:n, :k]^T``   (B read through W's strides, transposed)
+- grad input   ``dx[M, k] = dy[M, n]  @ W[:n, :k]``
+- grad weight  ``dW[:n, :k] = dy^T[n, M] @ x[M, k]``    (written into a view of the full-shape gradient)
+
+No copy of ``W`` is ever made; ``x`` and ``dy`` are flattened to 2-D (a view when their strides allow).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import (
+    INTERPRET,
+    autotune_configs,
+    check_same,
+    check_tensor,
+    check_width,
+    cpu_do_bench,
+    dot_precision,
+    next_pow2,
+    upcast_flag,
+    use_triton,
+)
+from .reference import sliced_linear_ref
+
+_GPU_CONFIGS = [
+    # Decode (M <= 16): the weight stream is everything; narrow N tiles give more programs to keep
+    # enough loads in flight on 132 SMs, long K tiles amortise the loop.
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=5),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    # Prefill: wgmma-sized tiles; GROUP_M swizzle keeps a band of W tiles hot in L2.
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+# The interpreter's cost grows with the number of programs: one config, big blocks.
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)
+
+
+@triton.autotune(
+    configs=autotune_configs(_GPU_CONFIGS, _INTERPRET_CONFIG),
+    # M is bucketed to a power of two so a new prompt length does not re-tune; the stride pattern
+    # is in the key because a transposed operand (the weight-gradient product) wants other tiles.
+    key=["M_BUCKET", "N", "K", "A_K_CONTIG", "B_K_CONTIG"],
+    do_bench=cpu_do_bench if INTERPRET else None,
+)
+@triton.jit
+def _strided_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    A_K_CONTIG: tl.constexpr, B_K_CONTIG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] = A[M, K] @ B[K, N] (+ bias[N]), all through strides, fp32 accumulation."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    group_id = pid // group_size
+    first_m = group_id * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group_size) % group_m)
+    pid_n = (pid % group_size) // group_m
+
+    # int64 offsets: row index times a row stride passes 2^31 for big weights and long prompts.
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Unit strides as constexpr let the compiler emit 16-byte vector loads along K.
+    sak = 1 if A_K_CONTIG else stride_ak
+    sbk = 1 if B_K_CONTIG else stride_bk
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * sak
+    b_ptrs = b_ptr + rk[:, None] * sbk + rn[None, :] * stride_bn
+    m_mask = rm[:, None] < M
+    n_mask = rn[None, :] < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=m_mask & (rk[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & n_mask, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * sak
+        b_ptrs += BLOCK_K * sbk
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask & n_mask)
+
+
+def strided_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """``out = a @ b (+ bias)`` for 2-D strided views; ``out`` may itself be a view into a larger tensor.
+
+    Shared with other ops that multiply by weight prefixes; inputs are not checked here.
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        out.zero_() if bias is None else out.copy_(bias.expand_as(out))
+        return
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _strided_matmul_kernel[grid](
+        a, b, out, bias if bias is not None else out,
+        M, N, K, next_pow2(M),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        A_K_CONTIG=a.stride(1) == 1, B_K_CONTIG=b.stride(0) == 1,
+        HAS_BIAS=bias is not None, UPCAST=upcast_flag(a.dtype), PRECISION=dot_precision(a.dtype),
+    )
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    # reshape is a view whenever the leading dims can be merged; only a truly scattered x is copied.
+    return x.reshape(-1, x.shape[-1])
+
+
+def _forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    k = x2.shape[1]
+    y = torch.empty((x2.shape[0], n), dtype=x2.dtype, device=x2.device)
+    strided_matmul(x2, weight[:n, :k].t(), y, None if bias is None else bias[:n])
+    return y
+
+
+class _SlicedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, n):
+        x2 = _flatten(x)
+        y = _forward(x2, weight, bias, n)
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        ctx.n = n
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight = ctx.saved_tensors
+        n, k = ctx.n, x2.shape[1]
+        dy2 = _flatten(dy)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+            strided_matmul(dy2, weight[:n, :k], dx)
+            dx = dx.view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            # Only the complement is zero-filled: the kernel writes the prefix once.
+            dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+            dw[n:].zero_()
+            dw[:n, k:].zero_()
+            strided_matmul(dy2.t(), x2, dw[:n, :k])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = torch.zeros(weight.shape[0], dtype=dy.dtype, device=dy.device)
+            db[:n] = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
+        return dx, dw, db, None
+
+
+def _check(x, weight, bias, out_features) -> int:
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    check_same("weight", weight, "x", x)
+    N, K = weight.shape
+    check_width("x.shape[-1]", x.shape[-1], 1, K)
+    n = N if out_features is None else check_width("out_features", out_features, 1, N)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_same("bias", bias, "x", x)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must have shape ({N},) to match weight's rows, got {tuple(bias.shape)}")
+    return n
+
+
+def sliced_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out_features: int | None = None
+) -> torch.Tensor:
+    """``y = x @ weight[:n, :k].T + bias[:n]``, reading the weight prefix in place (no copy).
+
+    Args:
+        x: ``[..., k]`` with ``1 <= k <= K``; any strides.
+        weight: the full ``[N, K]`` weight.
+        bias: optional full ``[N]`` bias.
+        out_features: ``n`` with ``1 <= n <= N``; ``None`` means ``N``.
+
+    Returns ``[..., n]`` in ``x``'s dtype. Differentiable in ``x``, ``weight`` and ``bias``; the weight and
+    bias gradients have their full shapes, zero outside the prefix.
+    """
+    n = _check(x, weight, bias, out_features)
+    if not use_triton(x):
+        return sliced_linear_ref(x, weight, bias, n)
+    return _SlicedLinear.apply(x, weight, bias, n)

@@ -1,0 +1,64 @@
+"""ElasticLinear: the nn.Linear contract, width switching, and bad widths."""
+
+import pytest
+import torch
+from torch import nn
+
+from flextron import ElasticLinear
+from flextron_kernels.reference import sliced_linear_ref
+from tests.utils import DEVICE, assert_close, randn
+
+
+def _linear(bias=True):
+    torch.manual_seed(0)
+    return nn.Linear(48, 40, bias=bias, device=DEVICE)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_same_state_dict_and_full_width_output(bias):
+    lin = _linear(bias)
+    el = ElasticLinear.from_linear(lin)
+    assert isinstance(el, nn.Linear)
+    assert el.state_dict().keys() == lin.state_dict().keys()
+    assert el.weight is lin.weight  # shared, not copied
+    x = randn(3, 5, 48)
+    assert_close(el(x), lin(x).detach(), torch.float32)
+    fresh = ElasticLinear(48, 40, bias=bias, device=DEVICE)
+    fresh.load_state_dict(lin.state_dict())
+    assert_close(fresh(x), lin(x).detach(), torch.float32)
+
+
+def test_widths_and_gradients():
+    el = ElasticLinear.from_linear(_linear())
+    el.set_width(in_width=33, out_width=17)
+    x = randn(6, 33, requires_grad=True)
+    y = el(x)
+    assert y.shape == (6, 17)
+    ref = sliced_linear_ref(x.double(), el.weight.double(), el.bias.double(), 17)
+    assert_close(y, ref, torch.float32)
+    y.sum().backward()
+    assert torch.count_nonzero(el.weight.grad[17:]) == 0 and torch.count_nonzero(el.weight.grad[:, 33:]) == 0
+    # A full-width input is narrowed to the active in_width (a view).
+    xf = randn(6, 48)
+    assert_close(el(xf), sliced_linear_ref(xf[:, :33].double(), el.weight.double(), el.bias.double(), 17), torch.float32)
+    el.set_width()
+    assert el(xf).shape == (6, 40)
+
+
+def test_bad_width_values():
+    el = ElasticLinear(8, 4)
+    with pytest.raises(ValueError, match="out_width"):
+        el.set_width(out_width=5)
+    with pytest.raises(ValueError, match="in_width"):
+        el.set_width(in_width=0)
+    with pytest.raises(TypeError, match="in_width"):
+        el.set_width(in_width=2.5)
+    with pytest.raises(TypeError, match="linear"):
+        ElasticLinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+def test_bad_input_width():
+    el = ElasticLinear(8, 4, device=DEVICE)
+    el.set_width(in_width=6)
+    with pytest.raises(ValueError, match=r"x\.shape\[-1\]"):
+        el(randn(2, 7))
