@@ -11,7 +11,7 @@ mkdir -p "$OUTDIR"
 unset TRITON_INTERPRET
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || $PY -m pip install -q --no-deps -e . || exit 1
+$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 status=0

@@ -1,0 +1,84 @@
+"""What every benchmark shares: run metadata, measured ceilings, timing, and result files."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def commit() -> str:
+    try:
+        out = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL)
+        return out.strip()
+    except Exception:
+        return os.environ.get("FLEXTRON_COMMIT", "unknown")
+
+
+def run_info() -> dict:
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def bench_ms(fn, grad_to_none=None, rep: int = 60) -> float:
+    """Median time in ms (``do_bench``: CUDA events, warm-up, L2 flushed between runs)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=15, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def measure_ceilings() -> dict:
+    """The two roofline ceilings, measured here: device copy bandwidth and bf16 matmul rate on random data."""
+    n = 1 << 30  # 2 GiB of bf16 read + 2 GiB written
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), rep=100)
+    bw = 2 * n * 2 / (ms * 1e-3)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench_ms(lambda: a @ b, rep=100)
+    rate = 2 * 8192**3 / (ms * 1e-3)
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": bw, "bf16_flops_per_s": rate}
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON result file")
+    p.add_argument("--quick", action="store_true", help="a reduced sweep")
+    return p.parse_args()
+
+
+def write_result(out_dir: str, name: str, payload: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = payload["info"]
+    gpu = info["gpu"].replace(" ", "_")
+    path = out / f"{name}_{gpu}_{info['commit']}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return path
+
+
+def geomean(xs) -> float:
+    xs = [x for x in xs if x > 0]
+    if not xs:
+        return float("nan")
+    prod = 1.0
+    for x in xs:
+        prod *= x
+    return prod ** (1.0 / len(xs))
