@@ -39,6 +39,21 @@ def bench_ms(fn, grad_to_none=None, rep: int = 60) -> float:
     return float(do_bench(fn, warmup=15, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def bench_graph_ms(fn, rep: int = 60) -> float:
+    """Median ms of ``fn`` captured once in a CUDA graph and replayed: the device time without Python's launch
+    cost, as a served decode step (captured in a graph) sees it. L2 is still flushed between replays."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench_ms(g.replay, rep=rep)
+
+
 def measure_ceilings() -> dict:
     """The two roofline ceilings, measured here: device copy bandwidth and bf16 matmul rate on random data."""
     n = 1 << 30  # 2 GiB of bf16 read + 2 GiB written

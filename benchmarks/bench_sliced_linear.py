@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from _common import bench_ms, geomean, measure_ceilings, parse_args, run_info, write_result
+from _common import bench_graph_ms, bench_ms, geomean, measure_ceilings, parse_args, run_info, write_result
 
 from flextron_kernels import sliced_linear
 
@@ -53,8 +53,11 @@ def fwd_case(wname, W, Wc, n, k, T, frac, ceil) -> dict:
     for f in fns.values():
         f()  # autotune and compile outside the timed region
     t = {p: bench_ms(f) for p, f in fns.items()}
-    mem = {p: peak_extra_bytes(f) for p, f in fns.items() if p != "copy"}
-    mem["copy_incl_copy"] = peak_extra_bytes(lambda: F.linear(x, W[:n, :k].contiguous()))
+    out_bytes = T * n * 2
+    # Extra device memory beyond the output itself: 0 means no hidden copy of the weight slice.
+    mem = {p: peak_extra_bytes(f) - out_bytes for p, f in fns.items() if p != "copy"}
+    mem["copy_incl_copy"] = peak_extra_bytes(lambda: F.linear(x, W[:n, :k].contiguous())) - out_bytes
+    graph = {p: bench_graph_ms(f) for p, f in fns.items()} if T <= 16 else None
     row = {
         "weight": wname, "N": W.shape[0], "K": W.shape[1], "n": n, "k": k, "T": T, "width": frac, "mode": "fwd",
         "ms": t, "floor_ms": floor_ms,
@@ -63,9 +66,13 @@ def fwd_case(wname, W, Wc, n, k, T, frac, ceil) -> dict:
         "speed_vs_copy": t["copy"] / t["flextron"],
         "vs_floor": t["flextron"] / floor_ms,
         "peak_extra_bytes": mem,
+        "graph_ms": graph,
+        "graph_vs_floor": graph["flextron"] / floor_ms if graph else None,
+        "graph_speed_vs_copy": graph["copy"] / graph["flextron"] if graph else None,
     }
     print(f"{wname:15s} w={frac:.2f} T={T:5d} fwd  flextron {t['flextron']:.4f}  view {t['view']:.4f}  "
-          f"copy {t['copy']:.4f}  floor {floor_ms:.4f} ms  x{row['speed_vs_copy']:.2f} vs copy")
+          f"copy {t['copy']:.4f}  floor {floor_ms:.4f} ms  x{row['speed_vs_copy']:.2f} vs copy"
+          + (f"  | graph: flextron {graph['flextron']:.4f} copy {graph['copy']:.4f}" if graph else ""))
     return row
 
 
@@ -113,6 +120,9 @@ def main() -> None:
         "prefill_fwd_geomean_speed_vs_cublas_copy": geomean(r["speed_vs_copy"] for r in fwd if r["T"] >= 256),
         "decode_fwd_worst_ratio_to_floor": max((r["vs_floor"] for r in fwd if r["T"] <= 16), default=float("nan")),
         "decode_fwd_geomean_ratio_to_floor": geomean(r["vs_floor"] for r in fwd if r["T"] <= 16),
+        "decode_graph_worst_ratio_to_floor": max((r["graph_vs_floor"] for r in fwd if r["T"] <= 16), default=0),
+        "decode_graph_geomean_ratio_to_floor": geomean(r["graph_vs_floor"] for r in fwd if r["T"] <= 16),
+        "decode_graph_geomean_speed_vs_cublas_copy": geomean(r["graph_speed_vs_copy"] for r in fwd if r["T"] <= 16),
         "fwd_bwd_geomean_speed_vs_cublas_copy": geomean(r["speed_vs_copy"] for r in rows if r["mode"] == "fwd+bwd"),
         "fwd_bwd_worst_speed_vs_cublas_copy": min(
             (r["speed_vs_copy"] for r in rows if r["mode"] == "fwd+bwd"), default=float("nan")),

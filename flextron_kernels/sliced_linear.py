@@ -12,6 +12,8 @@ No copy of ``W`` is ever made; ``x`` and ``dy`` are flattened to 2-D (a view whe
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -28,29 +30,34 @@ from ._runtime import (
 from .reference import sliced_linear_ref
 
 
-def _pick_blocks(M: int, N: int, elem_bytes: int) -> dict:
-    """Block shapes by problem size instead of autotuning.
+@functools.lru_cache(maxsize=4096)
+def _pick_blocks(M: int, N: int, K: int, elem_bytes: int) -> tuple[dict, int]:
+    """Block shapes by problem size instead of autotuning, and the grid size.
 
-    Autotuning compiles every config for every new (M, N, K, dtype) key: on an H200 that made a first call
-    at a new shape cost seconds, and a model sees many shapes (prompt lengths, widths). These choices follow
-    the Hopper matmul tutorials; the benchmark measures them against cuBLAS.
+    Autotuning compiled every config for every new (M, N, K, dtype) key: on an H200 that made the CUDA test
+    run take 433 s, and a model would stall at every new prompt length. Size-based blocks compile once per
+    dtype and layout. Cached: on the decode path the launch's host time is the cost that matters.
     """
     if INTERPRET:
         # The interpreter's cost grows with the number of programs: big blocks.
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
-    if M <= 16:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
+    elif M <= 16:
         # Decode: a weight stream. Narrow N tiles give >= 2 programs per SM so enough loads are in flight;
         # small tiles keep 4+ programs resident per SM.
         bn = 32 if triton.cdiv(N, 32) >= 264 else 16
-        return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=5)
-    # fp32 tiles take twice the shared memory per stage: halve BLOCK_K to stay under 228 KB.
-    bk = 64 if elem_bytes <= 2 else 32
-    if M <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=4)
-    if triton.cdiv(M, 128) * triton.cdiv(N, 256) >= 132:
-        # Enough tiles to fill 132 SMs with the large wgmma tile; GROUP_M keeps W tiles hot in L2.
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=4)
+        cfg = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=5)
+    else:
+        # fp32 tiles take twice the shared memory per stage: halve BLOCK_K to stay under 228 KB.
+        bk = 64 if elem_bytes <= 2 else 32
+        if M <= 64:
+            cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=4)
+        elif triton.cdiv(M, 128) * triton.cdiv(N, 256) >= 132:
+            # Enough tiles to fill 132 SMs with the large wgmma tile; GROUP_M keeps W tiles hot in L2.
+            cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
+        else:
+            cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=4)
+    cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0
+    return cfg, triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
 
 
 @triton.jit
@@ -58,11 +65,13 @@ def _strided_matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    A_K_CONTIG: tl.constexpr, B_K_CONTIG: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C[M, N] = A[M, K] @ B[K, N] (+ bias[N]), all through strides, fp32 accumulation."""
+    """C[M, N] = A[M, K] @ B[K, N] (+ bias[N]), all through strides, fp32 accumulation.
+
+    Strides equal to 1 are specialised by Triton's JIT, so contiguous operands get vector loads.
+    """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -73,60 +82,67 @@ def _strided_matmul_kernel(
     pid_m = first_m + ((pid % group_size) % group_m)
     pid_n = (pid % group_size) // group_m
 
-    # int64 offsets: row index times a row stride passes 2^31 for big weights and long prompts.
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    # Unit strides as constexpr let the compiler emit 16-byte vector loads along K.
-    sak = 1 if A_K_CONTIG else stride_ak
-    sbk = 1 if B_K_CONTIG else stride_bk
-    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * sak
-    b_ptrs = b_ptr + rk[:, None] * sbk + rn[None, :] * stride_bn
-    m_mask = rm[:, None] < M
-    n_mask = rn[None, :] < N
+    # Rows past the edge wrap onto valid rows instead of being masked: the main-loop loads need no M/N
+    # masks (the tutorials' trick), and the wrapped rows are never stored. int64: a row index times a row
+    # stride passes 2^31 for big weights and long prompts.
+    rm_ld = (rm % M).to(tl.int64)
+    rn_ld = (rn % N).to(tl.int64)
+    a_ptrs = a_ptr + rm_ld[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn_ld[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k0 * BLOCK_K
-        a = tl.load(a_ptrs, mask=m_mask & (rk[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & n_mask, other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k0 * BLOCK_K
+            a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * sak
-        b_ptrs += BLOCK_K * sbk
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask & n_mask)
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def strided_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """``out = a @ b (+ bias)`` for 2-D strided views; ``out`` may itself be a view into a larger tensor.
+def matmul_strided(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn) -> None:
+    """``out[M, N] = A[M, K] @ B[K, N] (+ bias[:N])`` with every operand given by base tensor and strides.
 
-    Shared with other ops that multiply by weight prefixes; inputs are not checked here.
+    Passing strides instead of view tensors keeps the host cost of a launch low (decode is launch-bound).
+    Inputs are not checked here.
     """
-    M, K = a.shape
-    N = b.shape[1]
     if M == 0 or N == 0:
         return
     if K == 0:
-        out.zero_() if bias is None else out.copy_(bias.expand_as(out))
+        view = out.as_strided((M, N), (scm, scn))
+        view.zero_() if bias is None else view.copy_(bias[:N].expand(M, N))
         return
-
-    cfg = _pick_blocks(M, N, a.element_size())
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _strided_matmul_kernel[grid](
+    cfg, grid = _pick_blocks(M, N, K, a.element_size())
+    _strided_matmul_kernel[(grid,)](
         a, b, out, bias if bias is not None else out,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        A_K_CONTIG=a.stride(1) == 1, B_K_CONTIG=b.stride(0) == 1,
-        HAS_BIAS=bias is not None, UPCAST=upcast_flag(a.dtype), PRECISION=dot_precision(a.dtype),
-        **cfg,
+        M, N, K, sam, sak, sbk, sbn, scm, scn,
+        HAS_BIAS=bias is not None, UPCAST=upcast_flag(a.dtype), PRECISION=dot_precision(a.dtype), **cfg,
     )
+
+
+def strided_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """``out = a @ b (+ bias)`` for 2-D strided views; ``out`` may itself be a view into a larger tensor."""
+    M, K = a.shape
+    N = b.shape[1]
+    matmul_strided(a, b, out, bias, M, N, K, *a.stride(), *b.stride(), *out.stride())
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
@@ -135,9 +151,11 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    k = x2.shape[1]
-    y = torch.empty((x2.shape[0], n), dtype=x2.dtype, device=x2.device)
-    strided_matmul(x2, weight[:n, :k].t(), y, None if bias is None else bias[:n])
+    M, k = x2.shape
+    y = torch.empty((M, n), dtype=x2.dtype, device=x2.device)
+    # B[kk, j] = weight[j, kk]: the prefix weight[:n, :k] transposed, read through the weight's own strides.
+    sw0, sw1 = weight.stride()
+    matmul_strided(x2, weight, y, bias, M, n, k, x2.stride(0), x2.stride(1), sw1, sw0, n, 1)
     return y
 
 
@@ -160,14 +178,15 @@ class _SlicedLinear(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
-            strided_matmul(dy2, weight[:n, :k], dx)
+            matmul_strided(dy2, weight, dx, None, dx.shape[0], k, n, *dy2.stride(), *weight.stride(), k, 1)
             dx = dx.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             # Only the complement is zero-filled: the kernel writes the prefix once.
             dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
             dw[n:].zero_()
             dw[:n, k:].zero_()
-            strided_matmul(dy2.t(), x2, dw[:n, :k])
+            sd0, sd1 = dy2.stride()
+            matmul_strided(dy2, x2, dw, None, n, k, x2.shape[0], sd1, sd0, *x2.stride(), *dw.stride())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = torch.zeros(weight.shape[0], dtype=dy.dtype, device=dy.device)
             db[:n] = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
@@ -206,4 +225,8 @@ def sliced_linear(
     n = _check(x, weight, bias, out_features)
     if not use_triton(x):
         return sliced_linear_ref(x, weight, bias, n)
-    return _SlicedLinear.apply(x, weight, bias, n)
+    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if needs_grad and torch.is_grad_enabled():
+        return _SlicedLinear.apply(x, weight, bias, n)
+    # Inference skips autograd's bookkeeping: on the decode path host time is what a call costs.
+    return _forward(_flatten(x), weight, bias, n).view(*x.shape[:-1], n)
