@@ -5,7 +5,9 @@ Every op reads weight prefixes in place (no copies) and has a plain-torch defini
 ``TRITON_INTERPRET=1`` (the tests) and otherwise the reference runs.
 """
 
+from .elastic_attention import elastic_attention
+from .elastic_attention_decode import elastic_attention_decode
 from .sliced_linear import sliced_linear
 
-__all__ = ["sliced_linear"]
+__all__ = ["elastic_attention", "elastic_attention_decode", "sliced_linear"]
 __version__ = "0.1.0"

@@ -98,7 +98,8 @@ def elastic_attention_ref(
     o = torch.matmul(torch.softmax(s, dim=-1), vx)
     heads = _heads_per_batch(num_heads, b, hq, q.device)
     keep = torch.arange(hq, device=q.device).unsqueeze(0) < heads.unsqueeze(1)
-    return o * keep[:, :, None, None].to(o.dtype)
+    # masked_fill, not a product: a head past the budget is exactly zero even if its inputs hold inf or NaN.
+    return o.masked_fill(~keep[:, :, None, None], 0.0)
 
 
 def elastic_attention_decode_ref(

@@ -1,0 +1,269 @@
+"""elastic_attention and its decode form against the float64 reference: lengths off every block multiple,
+per-sequence head budgets, causal and not, GQA and MHA, every dtype, gradients, strided views, bad input."""
+
+import pytest
+import torch
+
+from flextron_kernels import elastic_attention, elastic_attention_decode
+from flextron_kernels.reference import elastic_attention_decode_ref, elastic_attention_ref
+from tests.utils import DEVICE, DTYPES, ON_GPU, assert_close, poisoned_allocations, randn
+
+# Attention gradients go through a softmax and two more products: allow a little more than a plain matmul.
+GRAD_SCALE = 2.0
+
+
+def _qkv(b, hq, hkv, sq, d, dtype, sk=None, requires_grad=True):
+    sk = sq if sk is None else sk
+    return (randn(b, hq, sq, d, dtype=dtype, requires_grad=requires_grad),
+            randn(b, hkv, sk, d, dtype=dtype, requires_grad=requires_grad),
+            randn(b, hkv, sk, d, dtype=dtype, requires_grad=requires_grad))
+
+
+def _check_fwd_bwd(q, k, v, num_heads, causal, dtype, scale=None):
+    with poisoned_allocations():
+        o = elastic_attention(q, k, v, num_heads, causal=causal, scale=scale)
+        do = randn(*o.shape, dtype=dtype)
+        o.backward(do)
+    assert o.shape == q.shape and o.dtype == dtype
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    heads = num_heads.cpu() if isinstance(num_heads, torch.Tensor) else num_heads
+    ref = elastic_attention_ref(qr, kr, vr, heads, causal=causal, scale=scale)
+    ref.backward(do.double())
+    assert_close(o, ref, dtype, "o")
+    assert_close(q.grad, qr.grad, dtype, "dq", GRAD_SCALE)
+    assert_close(k.grad, kr.grad, dtype, "dk", GRAD_SCALE)
+    assert_close(v.grad, vr.grad, dtype, "dv", GRAD_SCALE)
+    return o
+
+
+@pytest.mark.parametrize("seq", [1, 67, 130])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_backward(seq, causal, hkv, dtype):
+    q, k, v = _qkv(2, 4, hkv, seq, 32, dtype)
+    heads = torch.tensor([4, 2], device=DEVICE)  # per-sequence budgets, both multiples of the group size
+    o = _check_fwd_bwd(q, k, v, heads, causal, dtype)
+    # Past the budget: exact zeros in the output and in every gradient that only those heads could reach.
+    assert torch.count_nonzero(o[1, 2:]) == 0
+    assert torch.count_nonzero(q.grad[1, 2:]) == 0
+    if hkv == 4:
+        assert torch.count_nonzero(k.grad[1, 2:]) == 0 and torch.count_nonzero(v.grad[1, 2:]) == 0
+
+
+@pytest.mark.parametrize("d", [16, 64, 128])
+def test_head_dims(d):
+    q, k, v = _qkv(1, 2, 1, 45, d, torch.float16)
+    _check_fwd_bwd(q, k, v, 2, True, torch.float16)
+
+
+@pytest.mark.parametrize("num_heads", [None, 6, 4], ids=["none", "int-full", "int-part"])
+def test_num_heads_forms(num_heads):
+    q, k, v = _qkv(2, 6, 3, 33, 16, torch.float32)
+    _check_fwd_bwd(q, k, v, num_heads, True, torch.float32)
+
+
+def test_longer_keys_and_scale():
+    """Sq < Sk (a chunk of new queries after a cached prefix): causal aligns the queries to the last keys."""
+    q, k, v = _qkv(2, 4, 2, 20, 32, torch.float32, sk=90)
+    _check_fwd_bwd(q, k, v, torch.tensor([2, 4], device=DEVICE), True, torch.float32, scale=0.3)
+
+
+def test_noncontiguous_views():
+    """A head-prefix view of a wider q and [B, S, H, D] tensors transposed: read through strides, no copy."""
+    qbig = randn(2, 50, 6, 32, requires_grad=True)
+    q = qbig.transpose(1, 2)[:, :4]  # [2, 4, 50, 32], strides of a [B, S, H, D] layout
+    kv = randn(2, 50, 2, 2, 32, requires_grad=True)
+    k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    heads = torch.tensor([4, 2], device=DEVICE)
+    o = elastic_attention(q, k, v, heads)
+    do = randn(*o.shape)
+    o.backward(do)
+    qr, kvr = qbig.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
+    kr, vr = kvr[:, :, :, 0].transpose(1, 2), kvr[:, :, :, 1].transpose(1, 2)
+    ref = elastic_attention_ref(qr.transpose(1, 2)[:, :4], kr, vr, heads.cpu())
+    ref.backward(do.double())
+    assert_close(o, ref, torch.float32, "o")
+    assert_close(qbig.grad, qr.grad, torch.float32, "dq", GRAD_SCALE)
+    assert_close(kv.grad, kvr.grad, torch.float32, "dkv", GRAD_SCALE)
+    assert torch.count_nonzero(qbig.grad[:, :, 4:]) == 0
+
+
+def test_inactive_heads_skip_nan_inputs():
+    """Heads past the budget are never read: NaN there must not leak into the output or gradients."""
+    q, k, v = _qkv(2, 4, 2, 40, 16, torch.float32, requires_grad=False)
+    q[1, 2:] = float("nan")
+    k[1, 1:] = float("nan")
+    v[1, 1:] = float("nan")
+    for t in (q, k, v):
+        t.requires_grad_()
+    heads = torch.tensor([4, 2], device=DEVICE)
+    o = elastic_attention(q, k, v, heads)
+    o.backward(torch.ones_like(o))
+    assert torch.isfinite(o).all() and torch.count_nonzero(o[1, 2:]) == 0
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+def _decode_ref(q, kc, vc, lens, heads, scale=None):
+    h = heads.cpu() if isinstance(heads, torch.Tensor) else heads
+    q, kc, vc = (t.double().cpu() for t in (q, kc, vc))
+    return elastic_attention_decode_ref(q, kc, vc, lens.cpu(), h, scale=scale)
+
+
+@pytest.mark.parametrize("hkv", [8, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode(hkv, dtype):
+    b, hq, s_max, d = 4, 8, 200, 32
+    q = randn(b, hq, d, dtype=dtype)
+    kc, vc = randn(b, hkv, s_max, d, dtype=dtype), randn(b, hkv, s_max, d, dtype=dtype)
+    lens = torch.tensor([1, 77, 200, 130], device=DEVICE)
+    heads = torch.tensor([8, 4, 2, 8], device=DEVICE) if hkv == 2 else torch.tensor([8, 5, 1, 8], device=DEVICE)
+    if hkv == 2:
+        heads = torch.tensor([8, 4, 4, 8], device=DEVICE)
+    with poisoned_allocations():
+        o = elastic_attention_decode(q, kc, vc, lens, heads)
+    assert o.shape == (b, hq, d) and o.dtype == dtype
+    assert_close(o, _decode_ref(q, kc, vc, lens, heads), dtype)
+    assert torch.count_nonzero(o[2, heads[2]:]) == 0
+
+
+def test_decode_strided_cache_and_int_heads():
+    """A [B, S_max, Hkv, D] cache transposed, garbage past each length, an int budget, a custom scale."""
+    b, hq, hkv, s_max, d = 3, 4, 2, 96, 64
+    cache = randn(b, s_max, 2, hkv, d)
+    kc, vc = cache[:, :, 0].transpose(1, 2), cache[:, :, 1].transpose(1, 2)
+    lens = torch.tensor([96, 5, 40], device=DEVICE)
+    kc[1, :, 5:] = float("nan")  # past the cached prefix: must never be read into the result
+    q = randn(b, hq, d)
+    o = elastic_attention_decode(q, kc, vc, lens, 2, scale=0.2)
+    assert_close(o, _decode_ref(q, kc.nan_to_num(), vc, lens, 2, scale=0.2), torch.float32)
+
+
+def test_decode_matches_prefill_last_row():
+    """Decoding the last token equals the last row of causal prefill over the same keys."""
+    q, k, v = _qkv(2, 4, 2, 70, 32, torch.float32, requires_grad=False)
+    heads = torch.tensor([2, 4], device=DEVICE)
+    full = elastic_attention(q, k, v, heads)
+    lens = torch.tensor([70, 70], device=DEVICE)
+    assert_close(elastic_attention_decode(q[:, :, -1], k, v, lens, heads), full[:, :, -1].double(), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_num_heads_zero():
+    with pytest.raises(ValueError, match="num_heads"):
+        elastic_attention(*_qkv(1, 4, 2, 8, 16, torch.float32), 0)
+
+
+def test_bad_num_heads_above_hq():
+    with pytest.raises(ValueError, match="num_heads"):
+        elastic_attention(*_qkv(2, 4, 2, 8, 16, torch.float32), torch.tensor([4, 6], device=DEVICE))
+
+
+def test_bad_num_heads_not_group_multiple():
+    with pytest.raises(ValueError, match=r"num_heads .*multiple of 2"):
+        elastic_attention(*_qkv(1, 4, 2, 8, 16, torch.float32), 3)
+
+
+def test_bad_num_heads_shape():
+    with pytest.raises(ValueError, match=r"num_heads must have shape \(2,\)"):
+        elastic_attention(*_qkv(2, 4, 2, 8, 16, torch.float32), torch.tensor([4], device=DEVICE))
+
+
+def test_bad_num_heads_type():
+    with pytest.raises(TypeError, match="num_heads"):
+        elastic_attention(*_qkv(1, 4, 2, 8, 16, torch.float32), 2.0)
+
+
+def test_bad_hq_not_multiple_of_hkv():
+    with pytest.raises(ValueError, match="multiple of k's Hkv=3"):
+        elastic_attention(*_qkv(1, 4, 3, 8, 16, torch.float32))
+
+
+def test_bad_kv_shape_mismatch():
+    q, k, _ = _qkv(1, 4, 2, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="v must have k's shape"):
+        elastic_attention(q, k, randn(1, 2, 9, 16))
+
+
+def test_bad_q_k_head_dim_mismatch():
+    q, _, v = _qkv(1, 4, 2, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="k must be"):
+        elastic_attention(q, randn(1, 2, 8, 32), v)
+
+
+def test_bad_dtype_mismatch():
+    q, k, v = _qkv(1, 4, 2, 8, 16, torch.float32)
+    with pytest.raises(TypeError, match="k must have q's dtype"):
+        elastic_attention(q, k.half(), v)
+
+
+def test_bad_integer_dtype():
+    _, k, v = _qkv(1, 4, 2, 8, 16, torch.float32)
+    with pytest.raises(TypeError, match="q must be float32"):
+        elastic_attention(torch.ones(1, 4, 8, 16, dtype=torch.int32, device=DEVICE), k, v)
+
+
+def test_bad_head_dim():
+    with pytest.raises(ValueError, match="head dim must be a power of two"):
+        elastic_attention(*_qkv(1, 4, 2, 8, 24, torch.float32))
+
+
+def test_bad_causal_shorter_keys():
+    with pytest.raises(ValueError, match="k's length"):
+        elastic_attention(*_qkv(1, 4, 2, 8, 16, torch.float32, sk=4))
+
+
+def test_bad_decode_cache_lens():
+    q, kc, vc = randn(2, 4, 16), randn(2, 2, 10, 16), randn(2, 2, 10, 16)
+    with pytest.raises(ValueError, match=r"cache_lens values must be in \[1, 10\]"):
+        elastic_attention_decode(q, kc, vc, torch.tensor([3, 11], device=DEVICE))
+    with pytest.raises(ValueError, match=r"cache_lens values"):
+        elastic_attention_decode(q, kc, vc, torch.tensor([0, 4], device=DEVICE))
+
+
+def test_bad_decode_cache_lens_dtype():
+    q, kc, vc = randn(2, 4, 16), randn(2, 2, 10, 16), randn(2, 2, 10, 16)
+    with pytest.raises(TypeError, match="cache_lens must be an integer tensor"):
+        elastic_attention_decode(q, kc, vc, torch.tensor([3.0, 4.0], device=DEVICE))
+
+
+def test_bad_decode_num_heads():
+    q, kc, vc = randn(2, 4, 16), randn(2, 2, 10, 16), randn(2, 2, 10, 16)
+    with pytest.raises(ValueError, match="num_heads"):
+        elastic_attention_decode(q, kc, vc, torch.tensor([3, 4], device=DEVICE), torch.tensor([2, 3], device=DEVICE))
+
+
+def test_bad_decode_shape():
+    q, kc = randn(2, 4, 16), randn(2, 2, 10, 16)
+    with pytest.raises(ValueError, match="v_cache must have k_cache's shape"):
+        elastic_attention_decode(q, kc, randn(2, 2, 11, 16), torch.tensor([3, 4], device=DEVICE))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graph capture needs CUDA")
+def test_decode_under_cuda_graph():
+    """No host sync during capture: validation is skipped, and the replay matches eager."""
+    q, kc, vc = randn(2, 8, 64), randn(2, 2, 512, 64), randn(2, 2, 512, 64)
+    lens, heads = torch.tensor([100, 512], device=DEVICE), torch.tensor([4, 8], device=DEVICE)
+    eager = elastic_attention_decode(q, kc, vc, lens, heads)  # compiles and tunes outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = elastic_attention_decode(q, kc, vc, lens, heads)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+def test_unvalidated_budgets_are_clamped():
+    """validate=False skips the host sync; a count past Hq then keeps all heads and one of 0 keeps none."""
+    q, k, v = _qkv(2, 4, 2, 20, 16, torch.float32, requires_grad=False)
+    o = elastic_attention(q, k, v, torch.tensor([9, 0], device=DEVICE), validate=False)
+    assert_close(o, elastic_attention_ref(q.double(), k.double(), v.double(), torch.tensor([4, 0])), torch.float32)
+    lens = torch.tensor([20, 7], device=DEVICE)
+    od = elastic_attention_decode(q[:, :, -1], k, v, lens, torch.tensor([9, 0], device=DEVICE), validate=False)
+    assert_close(od, _decode_ref(q[:, :, -1], k, v, lens, torch.tensor([4, 0])), torch.float32)
