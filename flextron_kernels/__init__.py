@@ -7,7 +7,8 @@ Every op reads weight prefixes in place (no copies) and has a plain-torch defini
 
 from .elastic_attention import elastic_attention
 from .elastic_attention_decode import elastic_attention_decode
+from .nested_mlp import nested_mlp
 from .sliced_linear import sliced_linear
 
-__all__ = ["elastic_attention", "elastic_attention_decode", "sliced_linear"]
+__all__ = ["elastic_attention", "elastic_attention_decode", "nested_mlp", "sliced_linear"]
 __version__ = "0.1.0"

@@ -1,0 +1,257 @@
+"""nested_mlp: per-token MLP widths over one set of weights, against dense, torch alternatives and the ideal.
+
+GPU only. Llama-2-7B (4096/11008) and Llama-3-8B (4096/14336) SwiGLU MLPs in bf16. Width mixes: ``uniform``
+over {25, 50, 75, 100}% of I, ``skewed`` (70% of tokens at 25%, 10% at each other width), ``full``.
+
+Providers (forward, and forward+backward):
+- ``flextron``: ``flextron_kernels.nested_mlp`` (routing included; ``check_widths=False``, the eager decode setting).
+- ``dense``: the full-width MLP with cuBLAS ``F.linear`` (what every token would cost without nesting).
+- ``loop``: plain torch, per width group: gather the tokens, ``F.linear`` on weight views, scatter back
+  (group index lists are computed outside the timing, which favours this baseline).
+- ``grouped_mm``: ``torch._grouped_mm`` with every group's weights copied and zero-padded to the largest width
+  (the MoE-style layout; the copies are made outside the timing, their bytes are recorded).
+- ``ideal``: each group alone on contiguous copies of its slices with cuBLAS, all groups replayed in one CUDA
+  graph: the sum of per-group GEMM times with no launch or routing overhead (backward written out by hand).
+- ``flextron_graph`` / ``dense_graph`` (T <= 256, forward): both replayed from CUDA graphs, the decode setting.
+
+Trimmed to stay under ~4 minutes on an H200: forward+backward runs T in {256, 2048, 8192} only (T = 16384
+backward is the 8192 case doubled; T <= 16 backward is not a training shape); do_bench uses warmup=10 ms,
+rep=40 ms. Usage: ``python benchmarks/bench_nested_mlp.py --out DIR [--models llama2-7b] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from flextron_kernels import nested_mlp
+
+MODELS = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
+T_FWD = [1, 16, 256, 2048, 8192, 16384]
+T_BWD = [256, 2048, 8192]
+MIXES = {
+    "uniform": ([0.25, 0.5, 0.75, 1.0], [0.25, 0.25, 0.25, 0.25]),
+    "skewed": ([0.25, 0.5, 0.75, 1.0], [0.7, 0.1, 0.1, 0.1]),
+    "full": ([1.0], [1.0]),
+}
+
+
+def _bench(fn, grad_to_none=None) -> float:
+    return float(do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return os.environ.get("FLEXTRON_COMMIT", "unknown")
+
+
+def _widths(mix: str, T: int, inter: int, gen: torch.Generator) -> torch.Tensor:
+    fracs, probs = MIXES[mix]
+    pick = torch.multinomial(torch.tensor(probs), T, replacement=True, generator=gen)
+    return (torch.tensor(fracs)[pick] * inter).round().long().cuda()
+
+
+def _mlp(x, wg, wu, wd):
+    return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+
+def _mlp_fwd_bwd_manual(x, wg, wu, wd, dy):
+    """Forward and backward of one group with plain matmuls (graph-capturable, no autograd)."""
+    g, h = x @ wg.t(), x @ wu.t()
+    s = torch.sigmoid(g)
+    act = g * s
+    a = act * h
+    y = a @ wd.t()
+    da = dy @ wd
+    dwd = dy.t() @ a
+    dh = da * act
+    dg = da * h * (s * (1 + g * (1 - s)))
+    dx = dh @ wu + dg @ wg
+    return y, dx, dwd, dh.t() @ x, dg.t() @ x
+
+
+def _graph(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # warm up (compiles, allocator) outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def run_case(H, inter, T, mix, backward, gen, quick):
+    dt = torch.bfloat16
+    x = torch.randn(T, H, device="cuda", dtype=dt)
+    wg = torch.randn(inter, H, device="cuda", dtype=dt) * H**-0.5
+    wu = torch.randn(inter, H, device="cuda", dtype=dt) * H**-0.5
+    wd = torch.randn(H, inter, device="cuda", dtype=dt) * inter**-0.5
+    w = _widths(mix, T, inter, gen)
+    wl = w.tolist()
+    groups = sorted({v: None for v in wl}, reverse=True)
+    idx = {v: torch.tensor([i for i, u in enumerate(wl) if u == v], device="cuda") for v in groups}
+    sumw = sum(wl)
+    flops = 2 * 3 * H * sumw * (3 if backward else 1)
+    rec = {"T": T, "mix": mix, "pass": "fwd+bwd" if backward else "fwd", "groups": {v: len(idx[v]) for v in groups},
+           "mean_width_frac": sumw / (T * inter), "useful_tflop": flops / 1e12, "ms": {}, "errors": {}}
+    dy = torch.randn(T, H, device="cuda", dtype=dt)
+    params = [x, wg, wu, wd]
+
+    def flex():
+        return nested_mlp(x, wu, wd, w, gate_weight=wg, check_widths=False)
+
+    def dense():
+        return _mlp(x, wg, wu, wd)
+
+    def loop():
+        y = torch.zeros_like(x)
+        for v in groups:
+            y = y.index_copy(0, idx[v], _mlp(x.index_select(0, idx[v]), wg[:v], wu[:v], wd[:, :v]))
+        return y
+
+    # grouped_mm: tokens permuted by group, weights copied per group and zero-padded to the largest width.
+    wmax = groups[0]
+    perm = torch.cat([idx[v] for v in groups])
+    offs = torch.cumsum(torch.tensor([len(idx[v]) for v in groups], device="cuda"), 0).to(torch.int32)
+    gp = torch.zeros(len(groups), wmax, H, device="cuda", dtype=dt)
+    up = torch.zeros_like(gp)
+    dp = torch.zeros(len(groups), H, wmax, device="cuda", dtype=dt)
+    for i, v in enumerate(groups):
+        gp[i, :v], up[i, :v], dp[i, :, :v] = wg[:v], wu[:v], wd[:, :v]
+    rec["grouped_mm_copy_bytes"] = 3 * gp.numel() * gp.element_size()
+
+    def grouped():
+        xs = x.index_select(0, perm)
+        g = torch._grouped_mm(xs, gp.transpose(1, 2), offs=offs)
+        h = torch._grouped_mm(xs, up.transpose(1, 2), offs=offs)
+        ys = torch._grouped_mm(F.silu(g) * h, dp.transpose(1, 2), offs=offs)
+        return torch.zeros_like(x).index_copy(0, perm, ys)
+
+    # ideal: contiguous copies per group, one CUDA graph over all groups.
+    copies = [(x.index_select(0, idx[v]).contiguous(), wg[:v].contiguous(), wu[:v].contiguous(),
+               wd[:, :v].contiguous(), dy.index_select(0, idx[v]).contiguous()) for v in groups]
+
+    def ideal():
+        for xg, g_, u_, d_, dyg in copies:
+            if backward:
+                _mlp_fwd_bwd_manual(xg, g_, u_, d_, dyg)
+            else:
+                _mlp(xg, g_, u_, d_)
+
+    providers = {"flextron": flex, "dense": dense, "loop": loop, "grouped_mm": grouped}
+    if quick:
+        providers = {"flextron": flex, "dense": dense}
+    for name, fn in providers.items():
+        try:
+            if backward:
+                leaves = params + ([gp, up, dp] if name == "grouped_mm" else [])
+                for p in leaves:
+                    p.requires_grad_(True)
+                rec["ms"][name] = _bench(lambda fn=fn: fn().backward(dy), grad_to_none=leaves)
+                for p in leaves:
+                    p.requires_grad_(False)
+                    p.grad = None
+            else:
+                with torch.no_grad():
+                    rec["ms"][name] = _bench(fn)
+        except Exception as e:  # a provider that cannot run this case is recorded, not fatal
+            rec["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+            for p in params + [gp, up, dp]:
+                p.requires_grad_(False)
+                p.grad = None
+    try:
+        g = _graph(ideal)
+        rec["ms"]["ideal"] = _bench(g.replay)
+        del g
+    except Exception as e:
+        rec["errors"]["ideal"] = f"{type(e).__name__}: {str(e)[:200]}"
+    if not backward and T <= 256:
+        for name, fn in (("flextron_graph", flex), ("dense_graph", dense)):
+            try:
+                with torch.no_grad():
+                    g = _graph(fn)
+                rec["ms"][name] = _bench(g.replay)
+                del g
+            except Exception as e:
+                rec["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+    if not backward:
+        with torch.no_grad():  # the providers agree (bf16 rounding apart)
+            ref = loop().float()
+            rec["rel_err_flextron_vs_loop"] = ((flex().float() - ref).norm() / ref.norm()).item()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            flex()
+        torch.cuda.synchronize()
+        rec["flextron_fwd_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+    ms = rec["ms"]
+    if "flextron" in ms:
+        rec["tflops_flextron"] = flops / (ms["flextron"] * 1e-3) / 1e12
+        for base_name in ("dense", "ideal", "loop", "grouped_mm"):
+            if base_name in ms:
+                rec[f"speedup_vs_{base_name}"] = ms[base_name] / ms["flextron"]
+    if "flextron_graph" in ms and "dense_graph" in ms:
+        rec["speedup_graph_vs_dense_graph"] = ms["dense_graph"] / ms["flextron_graph"]
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--quick", action="store_true", help="flextron and dense only, fewer T")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_nested_mlp needs a CUDA GPU")
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(args.out, f"nested_mlp_{stamp}.json")
+    result = {
+        "bench": "nested_mlp", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": triton.__version__, "commit": _commit(), "date": stamp, "dtype": "bfloat16",
+        "timing": "triton.testing.do_bench median, warmup=10ms rep=40ms", "cases": [],
+    }
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.time()
+    t_fwd = [1, 256, 8192] if args.quick else T_FWD
+    for model in args.models.split(","):
+        H, inter = MODELS[model]
+        for backward, ts in ((False, t_fwd), (True, T_BWD)):
+            for T in ts:
+                for mix in MIXES:
+                    rec = run_case(H, inter, T, mix, backward, gen, args.quick)
+                    rec["model"] = model
+                    result["cases"].append(rec)
+                    result["elapsed_s"] = time.time() - t0
+                    with open(path, "w") as f:  # after every case: a killed run keeps what it measured
+                        json.dump(result, f, indent=1)
+                    torch.cuda.empty_cache()
+    print(f"wrote {path} ({time.time() - t0:.0f} s)")
+    cols = ["flextron", "dense", "loop", "grouped_mm", "ideal", "flextron_graph", "dense_graph"]
+    print(f"{'model':10} {'pass':8} {'T':>6} {'mix':8} " + " ".join(f"{c:>10}" for c in cols) + "  x_dense x_ideal")
+    for r in result["cases"]:
+        ms = r["ms"]
+        cells = " ".join(f"{ms[c]:10.4f}" if c in ms else f"{'-':>10}" for c in cols)
+        print(f"{r['model']:10} {r['pass']:8} {r['T']:6d} {r['mix']:8} {cells}  "
+              f"{r.get('speedup_vs_dense', float('nan')):7.2f} {r.get('speedup_vs_ideal', float('nan')):7.2f}")
+    errs = {(r["model"], r["pass"], r["T"], r["mix"]): r["errors"] for r in result["cases"] if r["errors"]}
+    for k, v in list(errs.items())[:6]:
+        print("error", k, v)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,526 @@
+"""``nested_mlp``: every token runs the MLP at its own width over one set of prefix-nested weights.
+
+Token ``t`` with width ``w`` computes ``a = act(x Wg[:w]^T) * (x Wu[:w]^T + bu[:w])`` (or, ungated,
+``a = act(x Wu[:w]^T + bu[:w])``) and ``y = a Wd[:, :w]^T + bd`` (``reference.nested_mlp_ref``).
+
+Routing (no host sync, so a decode step can be captured in a CUDA graph): tokens are sorted by width,
+*descending*, on the device; the kernels then cut the sorted order into contiguous row tiles of
+``BLOCK_M`` and give each tile the largest width among its rows (the first row's). Tiles are not padded
+to width groups as in vLLM's ``moe_align_block_size``: a tile that straddles two groups runs at the larger
+width with per-row masks. For every threshold ``v``, the number of such tiles with width ``>= v`` is
+``cdiv(#tokens with width >= v, BLOCK_M)``, never more than the padded layout's
+``sum_g cdiv(count_g, BLOCK_M)``, so the total MMA work is never larger, the grid is static
+(``cdiv(T, BLOCK_M)`` row tiles) and the metadata is only the sort. Small batches (decode) skip the sort:
+one tile holds every token and the weight prefix up to the largest width streams once.
+
+Kernels (all fp32 accumulation, weights read through their strides, never copied or padded):
+
+- ``_up_kernel``      gather rows by the sort order, ``[T, K] @ B[K, :w_tile]`` with the N range ending at
+  the tile's width. Forward: ``B = Wu^T`` (and ``Wg^T``), epilogue bias + activation -> ``a`` (and the
+  pre-activations for backward). Backward: ``B = Wd``, ``dA = dy Wd[:, :w]``, epilogue recomputes the
+  activation and writes ``dh``, ``dg`` and ``a``.
+- ``_down_kernel``    ``A[T, :w_tile] @ B[:w_tile, N]`` with the K loop ending at the tile's width and rows
+  masked to their own width, + bias, scattered back to token order. Forward ``y = a Wd^T``; backward
+  ``dx = dh Wu + dg Wg``.
+- ``_wgrad_kernel``   ``C[j, n] = sum_t A[t, j] S[t, n]`` over the tokens using neuron ``j``. Sorted by width
+  descending, those are a prefix of the order, so the token loop of a ``BLOCK_J`` block ends at the count
+  of tokens wider than its first neuron. Neurons no token uses come out as exact zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import INTERPRET, check_same, check_tensor, dot_precision, upcast_flag, use_triton
+from .reference import ACTIVATIONS, nested_mlp_ref
+from .routing import nested_mlp_routing, wider_counts
+
+_ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2, relu 3
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _act_and_grad(z, ACT: tl.constexpr):
+    """The activation and its derivative at fp32 ``z``."""
+    if ACT == 0:
+        s = tl.sigmoid(z)
+        f = z * s
+        df = s * (1.0 + z * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        f = z * cdf
+        df = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACT == 2:
+        # tanh through the sigmoid: tl has no portable tanh (libdevice is not there under the interpreter).
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        th = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        f = 0.5 * z * (1.0 + th)
+        df = 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    else:
+        f = tl.maximum(z, 0.0)
+        df = (z > 0.0).to(tl.float32)
+    return f, df
+
+
+@triton.jit
+def _tile_rows(pid_m, sw_ptr, order_ptr, T, I, SORTED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A row tile: positions in the (sorted) order, each row's width, the tile's width, token ids."""
+    t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = t < T
+    # Clamped: an out-of-range width can only get here under CUDA-graph capture (no value check there),
+    # and must not send a load past the weight.
+    w_row = tl.minimum(tl.maximum(tl.load(sw_ptr + t, mask=valid, other=0), 0), I).to(tl.int32)
+    w_row = tl.where(valid, w_row, 0)
+    w_tile = tl.max(w_row, axis=0)
+    if SORTED:
+        rows = tl.load(order_ptr + t, mask=valid, other=0).to(tl.int64)
+    else:
+        rows = t.to(tl.int64)
+    return t.to(tl.int64), w_row, w_tile, rows
+
+
+@triton.jit
+def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    # GROUP_M row tiles walk the N blocks together, so a band of weight tiles stays hot in L2.
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    return first_m + ((pid % group_size) % group_m), (pid % group_size) // group_m
+
+
+@triton.jit
+def _up_kernel(
+    src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr,
+    h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr,
+    T, K, I, LDA,
+    stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
+    SORTED: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE_PRE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
+    t, w_row, w_tile, rows = _tile_rows(pid_m, sw_ptr, order_ptr, T, I, SORTED, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Weight masks stop at I, not at the tile's width: a bound the compiler knows is a multiple of 16
+    # keeps 16-byte vector loads and hence the cp.async pipeline (a width from memory would not). The
+    # extra weight columns of the last N block only feed output columns that are stored as zeros.
+    n_in = rn < I
+    # An N block past the tile's width runs no K iteration and stores nothing (every row's width is
+    # <= the tile's), so it costs one load of the tile's widths.
+    active = pid_n * BLOCK_N < w_tile
+    k_iters = tl.where(active, tl.cdiv(K, BLOCK_K), 0)
+    s_ptrs = src_ptr + rows[:, None] * stride_sm + rk[None, :] * stride_sk
+    b1_ptrs = b1_ptr + rk[:, None] * stride_b1k + rn[None, :] * stride_b1n
+    b2_ptrs = b2_ptr + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
+    row_in = w_row > 0
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ki in range(0, k_iters):
+        k_left = K - ki * BLOCK_K
+        s = tl.load(s_ptrs, mask=row_in[:, None] & (rk[None, :] < k_left), other=0.0)
+        b1 = tl.load(b1_ptrs, mask=(rk[:, None] < k_left) & n_in[None, :], other=0.0)
+        if UPCAST:
+            s = s.to(tl.float32)
+            b1 = b1.to(tl.float32)
+        acc1 = tl.dot(s, b1, acc1, input_precision=PRECISION)
+        if GATED:
+            b2 = tl.load(b2_ptrs, mask=(rk[:, None] < k_left) & n_in[None, :], other=0.0)
+            if UPCAST:
+                b2 = b2.to(tl.float32)
+            acc2 = tl.dot(s, b2, acc2, input_precision=PRECISION)
+            b2_ptrs += BLOCK_K * stride_b2k
+        s_ptrs += BLOCK_K * stride_sk
+        b1_ptrs += BLOCK_K * stride_b1k
+
+    # Sorted-layout [T, LDA] buffers. Each N block that a tile runs is stored whole, zeros past each
+    # row's width, so readers can mask by whole blocks (again for vector loads) and still add nothing.
+    keep = rn[None, :] < w_row[:, None]
+    mask = (t[:, None] < T) & (rn[None, :] < LDA) & active
+    off = t[:, None] * LDA + rn[None, :]
+    out_ty = a_ptr.dtype.element_ty
+    if not BACKWARD:
+        h = acc1
+        if HAS_BIAS:
+            h += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            f, _ = _act_and_grad(acc2, ACT)
+            a = f * h
+        else:
+            a, _ = _act_and_grad(h, ACT)
+        tl.store(a_ptr + off, tl.where(keep, a, 0.0).to(out_ty), mask=mask)
+        if STORE_PRE:
+            tl.store(h_ptr + off, h.to(out_ty), mask=mask)
+            if GATED:
+                tl.store(g_ptr + off, acc2.to(out_ty), mask=mask)
+    else:
+        da = acc1
+        h = tl.load(h_ptr + off, mask=mask & keep, other=0.0).to(tl.float32)
+        if GATED:
+            g = tl.load(g_ptr + off, mask=mask & keep, other=0.0).to(tl.float32)
+            f, df = _act_and_grad(g, ACT)
+            tl.store(dg_ptr + off, tl.where(keep, da * h * df, 0.0).to(out_ty), mask=mask)
+            tl.store(dh_ptr + off, tl.where(keep, da * f, 0.0).to(out_ty), mask=mask)
+            tl.store(a_ptr + off, tl.where(keep, f * h, 0.0).to(out_ty), mask=mask)
+        else:
+            f, df = _act_and_grad(h, ACT)
+            tl.store(dh_ptr + off, tl.where(keep, da * df, 0.0).to(out_ty), mask=mask)
+            tl.store(a_ptr + off, tl.where(keep, f, 0.0).to(out_ty), mask=mask)
+
+
+@triton.jit
+def _down_kernel(
+    a1_ptr, a2_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, out_ptr,
+    T, N, I, LDA,
+    stride_b1k, stride_b1n, stride_b2k, stride_b2n, stride_om, stride_on,
+    SORTED: tl.constexpr, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    t, w_row, w_tile, rows = _tile_rows(pid_m, sw_ptr, order_ptr, T, I, SORTED, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_in = rn < N
+    a1_ptrs = a1_ptr + t[:, None] * LDA + rk[None, :]
+    a2_ptrs = a2_ptr + t[:, None] * LDA + rk[None, :]
+    b1_ptrs = b1_ptr + rk[:, None] * stride_b1k + rn[None, :] * stride_b1n
+    b2_ptrs = b2_ptr + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The K loop ends at the tile's width rounded up to the up kernel's N block (PAD): the buffer holds
+    # zeros there past each row's width, and a multiple of PAD as the mask bound keeps vector loads.
+    k_end = tl.cdiv(w_tile, PAD) * PAD
+    row_in = t < T
+    for ki in range(0, tl.cdiv(k_end, BLOCK_K)):
+        k = ki * BLOCK_K + rk
+        a_mask = row_in[:, None] & (k[None, :] < k_end)
+        b_mask = (k[:, None] < k_end) & (k[:, None] < I) & n_in[None, :]
+        a = tl.load(a1_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b1_ptrs, mask=b_mask, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if DUAL:
+            a2 = tl.load(a2_ptrs, mask=a_mask, other=0.0)
+            b2 = tl.load(b2_ptrs, mask=b_mask, other=0.0)
+            if UPCAST:
+                a2 = a2.to(tl.float32)
+                b2 = b2.to(tl.float32)
+            acc = tl.dot(a2, b2, acc, input_precision=PRECISION)
+            a2_ptrs += BLOCK_K
+            b2_ptrs += BLOCK_K * stride_b2k
+        a1_ptrs += BLOCK_K
+        b1_ptrs += BLOCK_K * stride_b1k
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :] * stride_on
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(t[:, None] < T) & n_in[None, :])
+
+
+@triton.jit
+def _wgrad_kernel(
+    a1_ptr, a2_ptr, order_ptr, sw_ptr, cnt_ptr, src_ptr, c1_ptr, c2_ptr, db_ptr,
+    T, N, I, LDA,
+    stride_sm, stride_sn, stride_c1j, stride_c1n, stride_c2j, stride_c2n,
+    SORTED: tl.constexpr, DUAL: tl.constexpr, HAS_DB: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_j, pid_n = _swizzle(tl.program_id(0), tl.cdiv(I, BLOCK_J), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rt = tl.arange(0, BLOCK_T)
+    n_in = rn < N
+    if SORTED:
+        # Tokens wider than this block's first neuron: a prefix of the descending order.
+        cnt = tl.load(cnt_ptr + pid_j * BLOCK_J).to(tl.int32)
+    else:
+        # One unsorted row tile (BLOCK_T >= T): every token if the widest reaches this block, else none.
+        w = tl.load(sw_ptr + rt, mask=rt < T, other=0)
+        cnt = tl.where(pid_j * BLOCK_J < tl.max(tl.minimum(w, I), axis=0), T, 0)
+    acc1 = tl.zeros((BLOCK_J, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_J, BLOCK_N), dtype=tl.float32)
+    dbacc = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    for ti in range(0, tl.cdiv(cnt, BLOCK_T)):
+        t = ti * BLOCK_T + rt
+        t_in = t < cnt
+        if SORTED:
+            rows = tl.load(order_ptr + t, mask=t_in, other=0).to(tl.int64)
+        else:
+            rows = t.to(tl.int64)
+        # Every token here is wider than this block's first neuron, so the up kernel stored the whole
+        # block for it (BLOCK_J divides its N block): zeros past the token's width, nothing unwritten.
+        a_mask = t_in[None, :] & (rj[:, None] < LDA)
+        a_off = t.to(tl.int64)[None, :] * LDA + rj[:, None]
+        a1 = tl.load(a1_ptr + a_off, mask=a_mask, other=0.0)
+        s = tl.load(src_ptr + rows[:, None] * stride_sm + rn[None, :] * stride_sn,
+                    mask=t_in[:, None] & n_in[None, :], other=0.0)
+        if UPCAST:
+            a1 = a1.to(tl.float32)
+            s = s.to(tl.float32)
+        acc1 = tl.dot(a1, s, acc1, input_precision=PRECISION)
+        if HAS_DB:
+            dbacc += tl.sum(a1.to(tl.float32), axis=1)
+        if DUAL:
+            a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0.0)
+            if UPCAST:
+                a2 = a2.to(tl.float32)
+            acc2 = tl.dot(a2, s, acc2, input_precision=PRECISION)
+    # Every element of the full-shape gradient is written here: zeros where no token reached.
+    c_mask = (rj[:, None] < I) & n_in[None, :]
+    rj64 = rj.to(tl.int64)
+    tl.store(c1_ptr + rj64[:, None] * stride_c1j + rn[None, :] * stride_c1n,
+             acc1.to(c1_ptr.dtype.element_ty), mask=c_mask)
+    if DUAL:
+        tl.store(c2_ptr + rj64[:, None] * stride_c2j + rn[None, :] * stride_c2n,
+                 acc2.to(c2_ptr.dtype.element_ty), mask=c_mask)
+    if HAS_DB:
+        tl.store(db_ptr + rj, dbacc.to(db_ptr.dtype.element_ty), mask=(rj < I) & (pid_n == 0))
+
+
+# ---------------------------------------------------------------------------------------------- launch plan
+
+# Up to this many tokens the batch is one row tile and is not sorted: at decode the weight stream is the
+# whole cost, and one tile streams the prefix up to the largest width exactly once.
+_UNSORTED_MAX_T = 16 if INTERPRET else 64
+
+
+def _plan(T: int, dtype: torch.dtype) -> dict:
+    """Block shapes per kernel. Fixed heuristics, not autotuning: every new (T, I, H) would otherwise
+    re-tune, and a decode loop sees a new T bucket often."""
+    small = T <= _UNSORTED_MAX_T
+    if INTERPRET:
+        # The interpreter's cost grows with the number of programs: big blocks.
+        bm = 16 if small else 32
+        up = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
+        return dict(sorted=not small, up=up, down=dict(up), wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
+    # fp32 tiles take twice the shared memory per stage: halve the K step instead of the stages.
+    kdiv = 2 if dtype == torch.float32 else 1
+    if small:
+        bm = max(16, 1 << (T - 1).bit_length())
+        # Decode: the weight stream is everything. Narrow N tiles give enough programs for 132 SMs
+        # (the down projection has only H outputs), long K tiles amortise the loop.
+        up = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128 // kdiv, GROUP_M=1, num_warps=4, num_stages=3)
+        down = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256 // kdiv, GROUP_M=1, num_warps=4, num_stages=3)
+        wgrad = dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=8, num_warps=4, num_stages=2)
+    elif T <= 1024:
+        up = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=4)
+        down = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=3)
+        wgrad = dict(BLOCK_J=128, BLOCK_N=128, BLOCK_T=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
+    else:
+        # Prefill: wgmma-sized tiles; GROUP_M row tiles share each band of weight tiles through L2.
+        up = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
+        down = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
+        wgrad = dict(BLOCK_J=128, BLOCK_N=128, BLOCK_T=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
+    # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and
+    # a weight-gradient neuron block must lie inside one up-kernel N block.
+    assert up["BLOCK_M"] == down["BLOCK_M"] and up["BLOCK_N"] % wgrad["BLOCK_J"] == 0
+    return dict(sorted=not small, up=up, down=down, wgrad=wgrad)
+
+
+def _grid(rows: int, cols: int, cfg: dict, bm: str = "BLOCK_M"):
+    return (triton.cdiv(rows, cfg[bm]) * triton.cdiv(cols, cfg["BLOCK_N"]),)
+
+
+def _launch_up(src, order, sw, b1, b2, bias, h, g, a, dh, dg, inter, act_id, backward, store_pre, cfg, sorted_,
+               gated):
+    T, K = src.shape
+    assert cfg["BLOCK_N"] * triton.cdiv(inter, cfg["BLOCK_N"]) <= a.shape[1]
+    dummy = a
+    _up_kernel[_grid(T, inter, cfg)](
+        src, order if order is not None else sw, sw, b1, b2 if b2 is not None else b1,
+        bias if bias is not None else dummy,
+        h if h is not None else dummy, g if g is not None else dummy, a,
+        dh if dh is not None else dummy, dg if dg is not None else dummy,
+        T, K, inter, a.stride(0),
+        src.stride(0), src.stride(1), b1.stride(0), b1.stride(1),
+        (b2 if b2 is not None else b1).stride(0), (b2 if b2 is not None else b1).stride(1),
+        SORTED=sorted_, BACKWARD=backward, GATED=gated, HAS_BIAS=bias is not None,
+        STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype), PRECISION=dot_precision(src.dtype),
+        **cfg,
+    )
+
+
+def _launch_down(a1, a2, order, sw, b1, b2, bias, out, inter, cfg, sorted_, pad):
+    T, N = out.shape
+    if a2 is not None:  # two A and two B tiles per stage: stay in shared memory
+        cfg = dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 128), BLOCK_K=cfg["BLOCK_K"] // (2 if cfg["BLOCK_K"] > 64 else 1))
+    _down_kernel[_grid(T, N, cfg)](
+        a1, a2 if a2 is not None else a1, order if order is not None else sw, sw,
+        b1, b2 if b2 is not None else b1, bias if bias is not None else out, out,
+        T, N, inter, a1.stride(0),
+        b1.stride(0), b1.stride(1), (b2 if b2 is not None else b1).stride(0), (b2 if b2 is not None else b1).stride(1),
+        out.stride(0), out.stride(1),
+        SORTED=sorted_, DUAL=a2 is not None, HAS_BIAS=bias is not None, UPCAST=upcast_flag(out.dtype),
+        PRECISION=dot_precision(out.dtype), PAD=pad, **cfg,
+    )
+
+
+def _launch_wgrad(a1, a2, order, sw, cnt, src, c1, c2, db, inter, cfg, sorted_):
+    T, N = src.shape
+    c2_ = c2 if c2 is not None else c1
+    _wgrad_kernel[_grid(inter, N, cfg, "BLOCK_J")](
+        a1, a2 if a2 is not None else a1, order if order is not None else sw, sw,
+        cnt if cnt is not None else sw, src, c1, c2_, db if db is not None else c1,
+        T, N, inter, a1.stride(0),
+        src.stride(0), src.stride(1), c1.stride(0), c1.stride(1), c2_.stride(0), c2_.stride(1),
+        SORTED=sorted_, DUAL=c2 is not None, HAS_DB=db is not None, UPCAST=upcast_flag(src.dtype),
+        PRECISION=dot_precision(src.dtype), **cfg,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+
+
+def _forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, act_id, training):
+    """Route, up kernel, down kernel. ``training`` also keeps the pre-activations for backward."""
+    H = x.shape[-1]
+    inter = up_weight.shape[0]
+    x2 = x.reshape(-1, H)
+    T = x2.shape[0]
+    plan = _plan(T, x.dtype)
+    sw, order = nested_mlp_routing(widths, plan["sorted"])
+    # Sorted-layout intermediates [T, I rounded up to the up kernel's N block]; a row tile's blocks up to
+    # its width are written (zeros past each row's own width), the rest is never read.
+    pad = plan["up"]["BLOCK_N"]
+    a = torch.empty((T, triton.cdiv(inter, pad) * pad), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(a) if training else None
+    g = torch.empty_like(a) if training and gate_weight is not None else None
+    _launch_up(x2, order, sw, up_weight.t(), None if gate_weight is None else gate_weight.t(), up_bias,
+               h, g, a, None, None, inter, act_id, False, training, plan["up"], plan["sorted"],
+               gate_weight is not None)
+    y = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    _launch_down(a, None, order, sw, down_weight.t(), None, down_bias, y, inter, plan["down"], plan["sorted"], pad)
+    return y.view(x.shape), (x2, sw, order, h, g, plan)
+
+
+class _NestedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, act_id):
+        y, (x2, sw, order, h, g, plan) = _forward(
+            x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, act_id, True)
+        ctx.save_for_backward(x2, up_weight, down_weight, gate_weight, up_bias, sw, order, h, g)
+        ctx.act_id, ctx.plan, ctx.x_shape = act_id, plan, x.shape
+        ctx.has_down_bias = down_bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, up_w, down_w, gate_w, up_b, sw, order, h, g = ctx.saved_tensors
+        plan, srt = ctx.plan, ctx.plan["sorted"]
+        T, H = x2.shape
+        inter = up_w.shape[0]
+        dy2 = dy.reshape(-1, H)
+        need = ctx.needs_input_grad
+        dh = torch.empty_like(h)
+        dg = torch.empty_like(h) if gate_w is not None else None
+        a = torch.empty_like(h)
+        # dA = dy Wd[:, :w], then the activation's derivative in the epilogue (a is recomputed there).
+        _launch_up(dy2, order, sw, down_w, None, None, h, g, a, dh, dg, inter, ctx.act_id, True, False,
+                   plan["up"], srt, gate_w is not None)
+        dx = dup = ddown = dgate = dub = ddb = None
+        if need[0]:
+            dx = torch.empty((T, H), dtype=x2.dtype, device=x2.device)
+            _launch_down(dh, dg, order, sw, up_w, gate_w, None, dx, inter, plan["down"], srt, plan["up"]["BLOCK_N"])
+            dx = dx.view(ctx.x_shape)
+        cnt = wider_counts(sw, inter) if srt else None
+        if need[2]:
+            ddown = torch.empty(down_w.shape, dtype=down_w.dtype, device=down_w.device)
+            # Written as dWd^T[j, n] through strides, so the token loop runs along the neuron axis.
+            _launch_wgrad(a, None, order, sw, cnt, dy2, ddown.t(), None, None, inter, plan["wgrad"], srt)
+        if need[1] or need[3] or need[4]:
+            dup = torch.empty(up_w.shape, dtype=up_w.dtype, device=up_w.device)
+            dgate = torch.empty(gate_w.shape, dtype=gate_w.dtype, device=gate_w.device) if gate_w is not None else None
+            dub = torch.empty(inter, dtype=up_w.dtype, device=up_w.device) if up_b is not None else None
+            _launch_wgrad(dh, dg, order, sw, cnt, x2, dup, dgate, dub, inter, plan["wgrad"], srt)
+        if ctx.has_down_bias and need[5]:
+            ddb = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
+        return dx, dup, ddown, dgate, dub, ddb, None, None
+
+
+# ---------------------------------------------------------------------------------------------- public op
+
+
+def _check(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, activation) -> int:
+    if activation not in _ACT_ID:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("up_weight", up_weight, ndim=2)
+    check_same("up_weight", up_weight, "x", x)
+    inter, H = up_weight.shape
+    if x.shape[-1] != H:
+        raise ValueError(f"x.shape[-1] must equal up_weight.shape[1] = {H}, got {x.shape[-1]}")
+    check_tensor("down_weight", down_weight, ndim=2)
+    check_same("down_weight", down_weight, "x", x)
+    if tuple(down_weight.shape) != (H, inter):
+        raise ValueError(f"down_weight must have shape {(H, inter)} (up_weight's transposed), "
+                         f"got {tuple(down_weight.shape)}")
+    if gate_weight is not None:
+        check_tensor("gate_weight", gate_weight, ndim=2)
+        check_same("gate_weight", gate_weight, "x", x)
+        if gate_weight.shape != up_weight.shape:
+            raise ValueError(f"gate_weight must have up_weight's shape {(inter, H)}, got {tuple(gate_weight.shape)}")
+    for name, b, n in (("up_bias", up_bias, inter), ("down_bias", down_bias, H)):
+        if b is not None:
+            check_tensor(name, b, ndim=1)
+            check_same(name, b, "x", x)
+            if b.shape[0] != n:
+                raise ValueError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
+    if not isinstance(widths, torch.Tensor):
+        raise TypeError(f"widths must be an integer torch.Tensor, got {type(widths).__name__}")
+    if widths.is_floating_point() or widths.is_complex() or widths.dtype == torch.bool:
+        raise TypeError(f"widths must have an integer dtype, got {widths.dtype}")
+    if tuple(widths.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"widths must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(widths.shape)}")
+    if widths.device != x.device:
+        raise ValueError(f"widths must be on x's device {x.device}, got {widths.device}")
+    return inter
+
+
+def nested_mlp(
+    x: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    widths: torch.Tensor,
+    *,
+    gate_weight: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    activation: str = "silu",
+    check_widths: bool = True,
+) -> torch.Tensor:
+    """Per-token-width MLP over one set of prefix-nested weights (no weight copies).
+
+    Args:
+        x: ``[..., H]``.
+        up_weight, gate_weight: ``[I, H]``; down_weight: ``[H, I]``; up_bias ``[I]``, down_bias ``[H]``.
+        widths: integer tensor of shape ``x.shape[:-1]``: the neurons each token uses, ``1 <= w <= I``.
+        activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` (GPT-2) or ``"relu"``.
+        check_widths: check the range of ``widths`` (one host synchronisation). It is skipped on its own
+            while a CUDA graph is being captured; pass False to skip it in eager decode loops. Unchecked
+            out-of-range widths are clamped to ``[0, I]`` in the kernels (never read past a weight).
+
+    Returns ``[..., H]``: ``a = act(x Wg[:w]^T) * (x Wu[:w]^T + bu[:w])`` with a gate, else
+    ``a = act(x Wu[:w]^T + bu[:w])``; ``y = a Wd[:, :w]^T + bd`` (``reference.nested_mlp_ref``).
+    Differentiable in ``x`` and every weight and bias; their gradients have full shapes, exactly zero
+    outside the neurons any token used. Tokens are sorted by width on the device, with no host sync.
+    """
+    inter = _check(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, activation)
+    capturing = widths.is_cuda and torch.cuda.is_current_stream_capturing()
+    if check_widths and not capturing and widths.numel() > 0:
+        lo, hi = (int(v) for v in torch.aminmax(widths))
+        if lo < 1 or hi > inter:
+            raise ValueError(f"widths must be in [1, {inter}] (up_weight.shape[0]), got values in [{lo}, {hi}]")
+    if not use_triton(x) or x.numel() == 0:
+        return nested_mlp_ref(x, up_weight, down_weight, widths, gate_weight=gate_weight, up_bias=up_bias,
+                              down_bias=down_bias, activation=activation)
+    tensors = (x, up_weight, down_weight, gate_weight, up_bias, down_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _NestedMLP.apply(*tensors, widths, _ACT_ID[activation])
+    # Inference: no autograd node, no saved pre-activations (a decode step pays the least host time).
+    return _forward(*tensors, widths, _ACT_ID[activation], False)[0]

@@ -1,0 +1,262 @@
+"""nested_mlp against a float64 per-token reference: width mixes, odd shapes, dtypes, gradients, routing, bad input."""
+
+import pytest
+import torch
+
+from flextron_kernels import nested_mlp
+from flextron_kernels.nested_mlp import nested_mlp_routing
+from flextron_kernels.reference import nested_mlp_ref
+from tests.utils import DEVICE, DTYPES, ON_GPU, assert_close, poisoned_allocations, randn
+
+H, I = 48, 200  # I off every tile multiple on purpose
+
+
+def _widths(kind: str, T: int, inter: int = I) -> torch.Tensor:
+    g = torch.Generator().manual_seed(T * 31 + len(kind))
+    if kind == "mixed":  # any integer in [1, I]
+        w = torch.randint(1, inter + 1, (T,), generator=g)
+    elif kind == "few":  # a small space of choices, none a tile multiple, one of them empty in this batch
+        w = torch.tensor([inter, 151, 77, 3])[torch.randint(0, 4, (T,), generator=g)]
+        w[w == 151] = 77  # the 151 group is empty
+    elif kind == "one_per_width":
+        w = torch.randperm(inter, generator=g)[:T] + 1
+    elif kind == "full":
+        w = torch.full((T,), inter)
+    elif kind == "one":
+        w = torch.ones(T, dtype=torch.long)
+    else:
+        raise ValueError(kind)
+    return w.to(DEVICE)
+
+
+def _params(dtype, gated: bool, biases: bool, inter: int = I, hidden: int = H):
+    p = {
+        "up_weight": randn(inter, hidden, dtype=dtype, scale=hidden**-0.5, requires_grad=True),
+        "down_weight": randn(hidden, inter, dtype=dtype, scale=inter**-0.5, requires_grad=True),
+    }
+    if gated:
+        p["gate_weight"] = randn(inter, hidden, dtype=dtype, scale=hidden**-0.5, requires_grad=True)
+    if biases:
+        p["up_bias"] = randn(inter, dtype=dtype, scale=0.5, requires_grad=True)
+        p["down_bias"] = randn(hidden, dtype=dtype, scale=0.5, requires_grad=True)
+    return p
+
+
+def _run(x, widths, params, activation, dtype, grad_scale=2.0):
+    """Run op and float64 reference forward and backward; compare output and every gradient."""
+    with poisoned_allocations():
+        y = nested_mlp(x, params["up_weight"], params["down_weight"], widths, activation=activation,
+                       **{k: v for k, v in params.items() if k not in ("up_weight", "down_weight")})
+        dy = randn(*y.shape, dtype=dtype)
+        y.backward(dy)
+    assert y.shape == x.shape and y.dtype == dtype
+    xr = x.detach().double().requires_grad_()
+    pr = {k: v.detach().double().requires_grad_() for k, v in params.items()}
+    yr = nested_mlp_ref(xr, pr["up_weight"], pr["down_weight"], widths, activation=activation,
+                        **{k: v for k, v in pr.items() if k not in ("up_weight", "down_weight")})
+    yr.backward(dy.double())
+    assert_close(y, yr, dtype, "y")
+    assert_close(x.grad, xr.grad, dtype, "dx", grad_scale)
+    for k in params:
+        assert_close(params[k].grad, pr[k].grad, dtype, f"d{k}", grad_scale)
+    # Exactly zero outside the neurons any token used.
+    wmax = int(widths.max())
+    assert torch.count_nonzero(params["up_weight"].grad[wmax:]) == 0
+    assert torch.count_nonzero(params["down_weight"].grad[:, wmax:]) == 0
+    if "gate_weight" in params:
+        assert torch.count_nonzero(params["gate_weight"].grad[wmax:]) == 0
+    if "up_bias" in params:
+        assert torch.count_nonzero(params["up_bias"].grad[wmax:]) == 0
+
+
+# (T, width kind): T=1, T below/above the unsorted threshold, T not a multiple of any row tile.
+CASES = [(1, "mixed"), (7, "mixed"), (100, "mixed"), (100, "few"), (37, "one_per_width"),
+         (70, "full"), (70, "one"), (130, "few")]
+
+
+@pytest.mark.parametrize("T,kind", CASES)
+def test_swiglu_fp32(T, kind):
+    """Llama-style gated SiLU MLP without biases."""
+    x = randn(T, H, requires_grad=True)
+    _run(x, _widths(kind, T), _params(torch.float32, gated=True, biases=False), "silu", torch.float32)
+
+
+@pytest.mark.parametrize("T,kind", [(1, "mixed"), (100, "few"), (70, "full")])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])
+def test_gpt2_style_fp32(T, kind, activation):
+    """GPT-2 style: ungated, biased up and down projections."""
+    x = randn(T, H, requires_grad=True)
+    _run(x, _widths(kind, T), _params(torch.float32, gated=False, biases=True), activation, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("T", [5, 90])
+def test_half_dtypes(dtype, gated, T):
+    x = randn(T, H, dtype=dtype, requires_grad=True)
+    _run(x, _widths("few", T), _params(dtype, gated=gated, biases=not gated), "silu" if gated else "gelu_tanh", dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_with_biases_leading_dims(dtype):
+    """Leading dims [2, 3, 11], a gate plus both biases, int32 widths."""
+    x = randn(2, 3, 11, H, dtype=dtype, requires_grad=True)
+    w = _widths("mixed", 66).to(torch.int32).view(2, 3, 11)
+    _run(x, w, _params(dtype, gated=True, biases=True), "silu", dtype)
+
+
+def test_strided_input_and_weight_views():
+    """A non-contiguous x and weights that are views with storage offsets: read through strides."""
+    big = randn(40, 2 * H)
+    x = big[:, 5:5 + H].detach().requires_grad_()
+    wbig = randn(I + 3, H + 8, scale=H**-0.5)
+    params = _params(torch.float32, gated=True, biases=False)
+    params["up_weight"] = wbig[3:, 8:].detach().requires_grad_()
+    assert not params["up_weight"].is_contiguous()
+    _run(x, _widths("mixed", 40), params, "silu", torch.float32)
+
+
+def test_forward_only_no_grad():
+    p = _params(torch.float32, gated=True, biases=True)
+    x, w = randn(50, H), _widths("few", 50)
+    with torch.no_grad(), poisoned_allocations():
+        y = nested_mlp(x, p["up_weight"], p["down_weight"], w, gate_weight=p["gate_weight"],
+                       up_bias=p["up_bias"], down_bias=p["down_bias"])
+    pr = {k: v.detach().double() for k, v in p.items()}
+    yr = nested_mlp_ref(x.double(), pr["up_weight"], pr["down_weight"], w, gate_weight=pr["gate_weight"],
+                        up_bias=pr["up_bias"], down_bias=pr["down_bias"])
+    assert_close(y, yr, torch.float32)
+
+
+def test_empty_batch():
+    p = _params(torch.float32, gated=True, biases=False)
+    y = nested_mlp(randn(0, H), p["up_weight"], p["down_weight"], torch.zeros(0, dtype=torch.long, device=DEVICE),
+                   gate_weight=p["gate_weight"])
+    assert y.shape == (0, H)
+
+
+# ---------------------------------------------------------------------------------------------- routing
+
+
+@pytest.mark.parametrize("kind", ["mixed", "few", "full", "one"])
+def test_routing_invariants(kind):
+    T = 300
+    w = _widths(kind, T)
+    sw, order = nested_mlp_routing(w)
+    assert torch.equal(torch.sort(order.cpu()).values, torch.arange(T))  # a permutation
+    assert torch.equal(w[order], sw)  # sorted widths are the tokens' own
+    assert bool((sw[:-1] >= sw[1:]).all())  # descending: a row tile's first row is its widest
+    # Group offsets (histogram + cumsum) cover the batch exactly, each group contiguous in the order.
+    values, counts = torch.unique_consecutive(sw, return_counts=True)
+    assert int(counts.sum()) == T and len(values) == len(torch.unique(w))
+    offsets = torch.cumsum(counts, 0) - counts
+    for v, o, c in zip(values.tolist(), offsets.tolist(), counts.tolist()):
+        assert bool((sw[o:o + c] == v).all())
+    # Row tiles of any size: the tile's width (its first row) bounds every row, tiles cover [0, T).
+    for bm in (16, 64, 128):
+        tiles = sw[::bm]
+        assert len(tiles) == -(-T // bm)
+        assert all(int(sw[i * bm:(i + 1) * bm].max()) == int(tiles[i]) for i in range(len(tiles)))
+    sw1, order1 = nested_mlp_routing(w, sort=False)
+    assert order1 is None and torch.equal(sw1, w)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _args(gated=True):
+    p = _params(torch.float32, gated=gated, biases=False)
+    return randn(4, H), p["up_weight"], p["down_weight"], _widths("mixed", 4), p.get("gate_weight")
+
+
+def test_bad_float_widths():
+    x, up, down, w, gate = _args()
+    with pytest.raises(TypeError, match="widths"):
+        nested_mlp(x, up, down, w.float(), gate_weight=gate)
+
+
+def test_bad_widths_above_range():
+    x, up, down, w, gate = _args()
+    w[1] = I + 1
+    with pytest.raises(ValueError, match=r"widths must be in \[1, 200\]"):
+        nested_mlp(x, up, down, w, gate_weight=gate)
+
+
+def test_bad_widths_zero():
+    x, up, down, w, gate = _args()
+    w[0] = 0
+    with pytest.raises(ValueError, match="widths"):
+        nested_mlp(x, up, down, w, gate_weight=gate)
+
+
+def test_bad_widths_shape():
+    x, up, down, w, gate = _args()
+    with pytest.raises(ValueError, match=r"widths must have shape x.shape\[:-1\]"):
+        nested_mlp(x, up, down, w[:3], gate_weight=gate)
+
+
+def test_bad_down_weight_shape():
+    x, up, down, w, gate = _args()
+    with pytest.raises(ValueError, match="down_weight must have shape"):
+        nested_mlp(x, up, down[:, :-1], w, gate_weight=gate)
+
+
+def test_bad_gate_weight_shape():
+    x, up, down, w, gate = _args()
+    with pytest.raises(ValueError, match="gate_weight must have up_weight's shape"):
+        nested_mlp(x, up, down, w, gate_weight=gate[:-1])
+
+
+def test_bad_hidden_size():
+    x, up, down, w, gate = _args()
+    with pytest.raises(ValueError, match=r"x.shape\[-1\]"):
+        nested_mlp(x[:, :-1], up, down, w, gate_weight=gate)
+
+
+def test_bad_bias_shape():
+    x, up, down, w, gate = _args()
+    with pytest.raises(ValueError, match="up_bias must have shape"):
+        nested_mlp(x, up, down, w, gate_weight=gate, up_bias=randn(I - 1))
+
+
+def test_bad_activation():
+    x, up, down, w, gate = _args()
+    with pytest.raises(ValueError, match="activation must be one of"):
+        nested_mlp(x, up, down, w, gate_weight=gate, activation="swish")
+
+
+def test_bad_weight_dtype():
+    x, up, down, w, gate = _args()
+    with pytest.raises(TypeError, match="down_weight must have x's dtype"):
+        nested_mlp(x, up, down.half(), w, gate_weight=gate)
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need CUDA")
+def test_cuda_graph_capture():
+    """The forward has no host sync: it captures into a CUDA graph and replays with new widths."""
+    p = _params(torch.bfloat16, gated=True, biases=False, inter=1024, hidden=256)
+    x = randn(200, 256, dtype=torch.bfloat16)
+    w = _widths("few", 200, 1024)
+    args = (p["up_weight"].detach(), p["down_weight"].detach())
+    with torch.no_grad():
+        nested_mlp(x, *args, w, gate_weight=p["gate_weight"].detach())  # compile outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = nested_mlp(x, *args, w, gate_weight=p["gate_weight"].detach())
+        w.copy_(_widths("mixed", 200, 1024))
+        g.replay()
+        ref = nested_mlp_ref(x.double(), args[0].double(), args[1].double(), w,
+                             gate_weight=p["gate_weight"].detach().double())
+    assert_close(y, ref, torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a real-size shape is too slow under the interpreter")
+@pytest.mark.parametrize("T", [16, 1000, 1500])
+def test_llama_size_bf16(T):
+    p = _params(torch.bfloat16, gated=True, biases=False, inter=2816, hidden=1024)
+    x = randn(T, 1024, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.tensor([2816, 2112, 1408, 704], device=DEVICE)[torch.randint(0, 4, (T,), device=DEVICE)]
+    _run(x, w, p, "silu", torch.bfloat16)
