@@ -17,7 +17,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 status=0
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
-  $PY -m pytest -q -x --benchmark-disable -p no:cacheprovider 2>&1 | tee "$OUTDIR/pytest_cuda.log" | tail -25
+  # Triton compiles each kernel variant the tests touch (minutes in one process): spread over processes.
+  XDIST=""
+  $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+  $PY -m pytest -q $XDIST --benchmark-disable -p no:cacheprovider 2>&1 | tee "$OUTDIR/pytest_cuda.log" | tail -25
   status=${PIPESTATUS[0]}
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
