@@ -1,0 +1,207 @@
+"""The elastic attention block: a Hugging Face attention module running on a prefix of its heads.
+
+It adopts the HF module's own children (``q_proj``/``k_proj``/``v_proj``/``o_proj`` of Llama, Mistral and Qwen2;
+the fused ``c_attn`` and ``c_proj`` of GPT-2), so state dicts map 1:1, and it takes the same call as the HF module
+(position embeddings, the mask HF builds, the cache), so ``generate()`` and its KV cache work unchanged. With
+``heads = h`` it projects q to ``h`` heads and k/v to ``h / group`` KV heads (GQA keeps whole groups), runs
+attention on those heads only, and feeds the ``h * head_dim`` prefix of the o-projection's input. Only the kept
+KV heads reach the cache: HF's caches store whatever k/v they are given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flextron_kernels import sliced_linear
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE as Llama/Mistral/Qwen2 apply it (``cos``/``sin`` ``[B, S, D]``); it acts within each head."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def attention_core(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, *,
+    scaling: float, dropout: float = 0.0,
+) -> torch.Tensor:
+    """Causal softmax attention on the kept heads: ``q [B, h, Sq, D]``, ``k, v [B, h/g, Sk, D]`` -> ``[B, Sq, h, D]``.
+
+    ``attention_mask`` is what HF built for the model (``None``, a boolean mask where True attends, or an additive
+    float mask, broadcast over heads). This is the one place attention runs; the Triton ``elastic_attention``
+    kernel replaces SDPA here.
+    """
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    sq, sk = q.shape[2], k.shape[2]
+    is_causal = False
+    if attention_mask is None and sq > 1:
+        if sq == sk:
+            is_causal = True
+        else:  # a chunk of queries after cached keys: causal, aligned at the end
+            i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+            attention_mask = torch.arange(sk, device=q.device)[None, :] <= i
+    elif attention_mask is not None and attention_mask.shape[-1] != sk:
+        attention_mask = attention_mask[..., :sk]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                       is_causal=is_causal)
+    return o.transpose(1, 2)
+
+
+class ElasticAttention(nn.Module):
+    """Self-attention over the first ``heads`` query heads (and their KV groups) of a HF attention module."""
+
+    def __init__(self, hf_attn: nn.Module, config, *, head_dim: int, layer_idx: int) -> None:
+        super().__init__()
+        self.fused = hasattr(hf_attn, "c_attn")  # GPT-2
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.config = config
+        if self.fused:
+            self.c_attn, self.c_proj = hf_attn.c_attn, hf_attn.c_proj
+            self.attn_dropout, self.resid_dropout = hf_attn.attn_dropout, hf_attn.resid_dropout
+            self.dropout_p = hf_attn.attn_dropout.p
+            self.scaling = head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+            if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+                self.scaling /= float(layer_idx + 1)
+            self.num_heads = self.c_attn.weight.shape[1] // 3 // head_dim
+            self.num_kv_heads = self.num_heads
+        else:
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+                hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj, hf_attn.o_proj)
+            self.dropout_p = float(getattr(hf_attn, "attention_dropout", 0.0))
+            self.scaling = getattr(hf_attn, "scaling", head_dim**-0.5)
+            self.num_heads = self.q_proj.weight.shape[0] // head_dim
+            self.num_kv_heads = self.k_proj.weight.shape[0] // head_dim
+        # Kept for callers that read them off HF attention modules.
+        self.is_causal = True
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.heads = self.num_heads
+        self.stats: dict | None = None  # set by ranking: accumulates per-head output norms
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 without GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    # -- weights as the kernels see them ([N, K] views) ---------------------------------------------
+    def qkv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``(weight [N, H], bias)`` of q, k and v; GPT-2's are row blocks of the transposed fused ``c_attn``."""
+        if self.fused:
+            wt, b = self.c_attn.weight.t(), self.c_attn.bias
+            n = self.num_heads * self.head_dim
+            return [(wt[i * n:(i + 1) * n], None if b is None else b[i * n:(i + 1) * n]) for i in range(3)]
+        return [(m.weight, m.bias) for m in (self.q_proj, self.k_proj, self.v_proj)]
+
+    def out_proj(self) -> nn.Module:
+        return self.c_proj if self.fused else self.o_proj
+
+    def out_weight(self) -> torch.Tensor:
+        """``[H, num_heads * head_dim]``."""
+        w = self.out_proj().weight
+        return w.t() if self.fused else w
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        cache=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        # transformers <= 5.2x passes the cache as ``past_key_values``, later ones as ``cache``.
+        cache = cache if cache is not None else past_key_values
+        h, d = self.heads, self.head_dim
+        kv = h // self.group_size
+        (wq, bq), (wk, bk), (wv, bv) = self.qkv_weights()
+        shape = hidden_states.shape[:-1]
+        q = sliced_linear(hidden_states, wq, bq, h * d).view(*shape, h, d).transpose(1, 2)
+        k = sliced_linear(hidden_states, wk, bk, kv * d).view(*shape, kv, d).transpose(1, 2)
+        v = sliced_linear(hidden_states, wv, bv, kv * d).view(*shape, kv, d).transpose(1, 2)
+        if position_embeddings is not None:
+            q, k = apply_rotary(q, k, *position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        o = attention_core(q, k, v, attention_mask, scaling=self.scaling,
+                           dropout=self.dropout_p if self.training else 0.0)
+        if self.stats is not None:
+            self._accumulate(o)
+        proj = self.out_proj()
+        y = sliced_linear(o.reshape(*shape, h * d), self.out_weight(), proj.bias)
+        if self.fused:
+            y = self.resid_dropout(y)
+        return y, None
+
+    @torch.no_grad()
+    def _accumulate(self, o: torch.Tensor) -> None:
+        norms = o.detach().float().norm(dim=-1).reshape(-1, o.shape[-2])  # [tokens, h]: each head's output norm
+        s = self.stats
+        s["sum"] = s.get("sum", 0) + norms.sum(0)
+        s["count"] = s.get("count", 0) + norms.shape[0]
+
+    # -- weight surgery (ranking, extraction) -------------------------------------------------------
+    def _head_index(self, head_perm: torch.Tensor, heads: int) -> torch.Tensor:
+        d = self.head_dim
+        return (head_perm[:, None] * d + torch.arange(d, device=head_perm.device)[None, :]).reshape(-1)[: heads * d]
+
+    @torch.no_grad()
+    def permute_(self, head_perm: torch.Tensor) -> None:
+        """Reorder whole query heads (new head ``j`` is old head ``head_perm[j]``) and with them their KV heads.
+
+        ``head_perm`` must keep each KV group's query heads together (checked by the caller); the KV heads follow
+        the group order. Rows inside a head are never reordered, so RoPE is unaffected.
+        """
+        g = self.group_size
+        kv_perm = head_perm.view(-1, g)[:, 0] // g
+        q_idx = self._head_index(head_perm, self.num_heads)
+        kv_idx = self._head_index(kv_perm, self.num_kv_heads)
+        if self.fused:
+            n = self.num_heads * self.head_dim
+            w, b = self.c_attn.weight, self.c_attn.bias
+            idx = torch.cat([q_idx, q_idx + n, q_idx + 2 * n])
+            w.copy_(w.index_select(1, idx))
+            if b is not None:
+                b.copy_(b[idx])
+            self.c_proj.weight.copy_(self.c_proj.weight.index_select(0, q_idx))
+        else:
+            for m, idx in ((self.q_proj, q_idx), (self.k_proj, kv_idx), (self.v_proj, kv_idx)):
+                m.weight.copy_(m.weight.index_select(0, idx))
+                if m.bias is not None:
+                    m.bias.copy_(m.bias[idx])
+            self.o_proj.weight.copy_(self.o_proj.weight.index_select(1, q_idx))
+
+    @torch.no_grad()
+    def slim_(self, heads: int) -> None:
+        """Keep only the first ``heads`` query heads (and their KV heads), physically."""
+        d, kv = self.head_dim, heads // self.group_size
+        if self.fused:
+            n, m = self.num_heads * d, heads * d
+            idx = torch.cat([torch.arange(i * n, i * n + m) for i in range(3)]).to(self.c_attn.weight.device)
+            self.c_attn.weight = nn.Parameter(self.c_attn.weight.index_select(1, idx).clone())
+            if self.c_attn.bias is not None:
+                self.c_attn.bias = nn.Parameter(self.c_attn.bias[idx].clone())
+            self.c_attn.nf = 3 * m
+            self.c_proj.weight = nn.Parameter(self.c_proj.weight[:m].clone())
+        else:
+            for lin, rows in ((self.q_proj, heads * d), (self.k_proj, kv * d), (self.v_proj, kv * d)):
+                lin.weight = nn.Parameter(lin.weight[:rows].clone())
+                if lin.bias is not None:
+                    lin.bias = nn.Parameter(lin.bias[:rows].clone())
+                lin.out_features = rows
+            self.o_proj.weight = nn.Parameter(self.o_proj.weight[:, : heads * d].clone())
+            self.o_proj.in_features = heads * d
+        self.num_heads, self.num_kv_heads, self.heads = heads, kv, heads
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}/{self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"

@@ -1,0 +1,86 @@
+"""Export a sub-network as a standalone, smaller model.
+
+What transformers can load, and what we export:
+
+- **Uniform subnet** (every layer the same widths), Llama / Mistral / Qwen2: a plain model of the same class with a
+  smaller config (``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, and ``head_dim`` written
+  explicitly, since ``hidden_size / num_attention_heads`` would otherwise change it). It loads with
+  ``AutoModelForCausalLM.from_pretrained`` without flextron.
+- **Uniform subnet, GPT-2, all heads kept**: a plain ``GPT2LMHeadModel`` with ``n_inner`` set to the MLP width.
+- **GPT-2 with fewer heads**: GPT-2 has no ``head_dim`` field; its head size is always ``n_embd / n_head`` and its
+  ``c_attn`` is ``n_embd -> 3 n_embd``. Fewer heads of the same size cannot be written as a GPT-2 config, so this
+  exports as a slim flextron model (below).
+- **Heterogeneous subnet** (widths differ by layer): none of the four classes takes per-layer widths in transformers
+  (``intermediate_size``/``num_attention_heads`` are scalars in their configs; only a few unrelated classes such as
+  Gemma3n take a list of intermediate sizes). It exports as a slim flextron model: a :class:`FlextronModel` whose
+  weights are physically cut to each layer's widths. ``save_pretrained`` writes it as a flextron checkpoint (HF
+  ``config.json`` of the base model, ``model.safetensors`` with per-layer shapes, ``flextron.json`` with the
+  per-layer sizes) and ``FlextronModel.from_pretrained`` loads it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from .model import FlextronModel
+from .space import Subnet
+
+
+def plain_config(fm: FlextronModel, subnet: Subnet):
+    """The HF config of a plain model computing ``subnet``, or ``None`` when transformers cannot express it."""
+    if not subnet.is_uniform:
+        return None
+    width, heads = subnet.mlp[0], subnet.heads[0]
+    a = fm.attention_blocks[0]
+    config = copy.deepcopy(fm.config)
+    if fm.family == "gpt2":
+        if heads != a.num_heads:
+            return None
+        config.n_inner = width
+        return config
+    config.intermediate_size = width
+    config.num_attention_heads = heads
+    config.num_key_value_heads = heads // a.group_size
+    config.head_dim = a.head_dim
+    return config
+
+
+def slim(fm: FlextronModel, subnet: Subnet) -> FlextronModel:
+    """A copy of ``fm`` whose weights are cut to ``subnet`` (its full model *is* that sub-network)."""
+    fm.check_subnet(subnet)
+    active = fm.subnet
+    fm.set_subnet(None)
+    try:
+        out = copy.deepcopy(fm)
+    finally:
+        fm.set_subnet(active)
+    for i, (m, a) in enumerate(zip(out.mlp_blocks, out.attention_blocks)):
+        m.slim_(subnet.mlp[i])
+        a.slim_(subnet.heads[i])
+        out.permutation["mlp"][i] = out.permutation["mlp"][i][: subnet.mlp[i]]
+        out.permutation["heads"][i] = out.permutation["heads"][i][: subnet.heads[i]]
+        if out.importance is not None:
+            out.importance["mlp"][i] = out.importance["mlp"][i][: subnet.mlp[i]]
+            out.importance["heads"][i] = out.importance["heads"][i][: subnet.heads[i]]
+    out.subnet = None
+    return out
+
+
+def extract(fm: FlextronModel, subnet: Subnet) -> nn.Module:
+    """A standalone model with the logits of ``subnet``: a plain transformers model of the same class where the
+    config can express it, else a slim :class:`FlextronModel` (see the module docstring)."""
+    slimmed = slim(fm, subnet)
+    config = plain_config(fm, subnet)
+    if config is None:
+        return slimmed
+    param = next(fm.model.parameters())
+    model = type(fm.model)(config).to(device=param.device, dtype=param.dtype)
+    state = slimmed.model.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
+    model.eval()
+    return model

@@ -1,0 +1,141 @@
+"""The elastic MLP: a Hugging Face MLP block whose active width is a prefix of its neurons.
+
+It adopts the HF block's own children (``gate_proj``/``up_proj``/``down_proj`` of Llama, Mistral and Qwen2;
+``c_fc``/``c_proj`` of GPT-2), so its state dict is the HF block's. Every weight is handed to the kernels as an
+``[N, K]`` matrix: an ``nn.Linear`` weight as it is, a GPT-2 ``Conv1D`` weight (``[in, out]``) as its transposed
+view, which the kernels read through its strides (no copy).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flextron_kernels import sliced_linear
+from flextron_kernels.reference import nested_mlp_ref
+
+# Hugging Face activation names -> the kernels' names.
+_ACTIVATIONS = {
+    "silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh", "relu": "relu",
+}
+
+
+def kernel_activation(hf_name: str) -> str:
+    if hf_name not in _ACTIVATIONS:
+        raise ValueError(f"activation {hf_name!r} has no kernel equivalent; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[hf_name]
+
+
+class ElasticMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` (gated) or ``c_proj(act(c_fc(x)))`` (GPT-2) over the first ``width`` neurons.
+
+    ``width`` is the active neuron count of this layer (set by :meth:`FlextronModel.set_subnet`). With ``width``
+    equal to the full size it computes exactly the HF block.
+    """
+
+    def __init__(self, hf_mlp: nn.Module, activation: str) -> None:
+        super().__init__()
+        self.gated = hasattr(hf_mlp, "gate_proj")
+        if self.gated:
+            self.gate_proj, self.up_proj, self.down_proj = hf_mlp.gate_proj, hf_mlp.up_proj, hf_mlp.down_proj
+            self.act_fn = hf_mlp.act_fn
+            self._up, self._down, self._act = "up_proj", "down_proj", "act_fn"
+            self.conv1d = False
+        else:  # GPT-2
+            self.c_fc, self.c_proj = hf_mlp.c_fc, hf_mlp.c_proj
+            self.act, self.dropout = hf_mlp.act, hf_mlp.dropout
+            self._up, self._down, self._act = "c_fc", "c_proj", "act"
+            self.conv1d = True
+        self.activation = kernel_activation(activation)
+        self.width = self.full_width
+        self.stats: dict | None = None  # set by ranking: accumulates per-neuron |activation|
+
+    # -- weights as the kernels see them ------------------------------------------------------------
+    def _weight(self, name: str) -> torch.Tensor:
+        w = getattr(self, name).weight
+        return w.t() if self.conv1d else w
+
+    def up_weight(self) -> torch.Tensor:
+        """``[I, H]``."""
+        return self._weight(self._up)
+
+    def gate_weight(self) -> torch.Tensor | None:
+        """``[I, H]`` or ``None``."""
+        return self._weight("gate_proj") if self.gated else None
+
+    def down_weight(self) -> torch.Tensor:
+        """``[H, I]``."""
+        return self._weight(self._down)
+
+    @property
+    def full_width(self) -> int:
+        return self.up_weight().shape[0]
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, widths: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., H] -> [..., H]``.
+
+        ``widths`` (optional, an integer tensor of shape ``x.shape[:-1]``) gives each token its own neuron
+        count. This is the hook for per-token (input-adaptive) routing; it runs the plain-torch
+        ``nested_mlp_ref`` until the grouped ``nested_mlp`` kernel is wired in here.
+        """
+        up, down = getattr(self, self._up), getattr(self, self._down)
+        if widths is not None:
+            y = nested_mlp_ref(
+                x, self.up_weight(), self.down_weight(), widths, gate_weight=self.gate_weight(),
+                up_bias=up.bias, down_bias=down.bias, activation=self.activation,
+            )
+        else:
+            w = self.width
+            h = sliced_linear(x, self.up_weight(), up.bias, w)
+            act = getattr(self, self._act)
+            a = act(sliced_linear(x, self.gate_weight(), self.gate_proj.bias, w)) * h if self.gated else act(h)
+            if self.stats is not None:
+                self._accumulate(a)
+            y = sliced_linear(a, self.down_weight(), down.bias)
+        return self.dropout(y) if self.conv1d else y
+
+    @torch.no_grad()
+    def _accumulate(self, a: torch.Tensor) -> None:
+        a = a.detach().reshape(-1, a.shape[-1]).float()
+        s = self.stats
+        s["sum"] = s.get("sum", 0) + a.abs().sum(0)
+        s["count"] = s.get("count", 0) + a.shape[0]
+
+    # -- weight surgery (ranking, extraction) -------------------------------------------------------
+    @torch.no_grad()
+    def permute_(self, perm: torch.Tensor) -> None:
+        """Reorder the neurons: new neuron ``j`` is old neuron ``perm[j]`` (function-preserving)."""
+        out_dim = 1 if self.conv1d else 0  # the neuron axis of the up/gate weights
+        in_dim = 0 if self.conv1d else 1  # ... and of the down weight
+        for name in (self._up, "gate_proj") if self.gated else (self._up,):
+            m = getattr(self, name)
+            m.weight.copy_(m.weight.index_select(out_dim, perm))
+            if m.bias is not None:
+                m.bias.copy_(m.bias[perm])
+        d = getattr(self, self._down)
+        d.weight.copy_(d.weight.index_select(in_dim, perm))
+
+    @torch.no_grad()
+    def slim_(self, width: int) -> None:
+        """Keep only the first ``width`` neurons, physically (new, smaller parameters)."""
+        def cut(m, dim):
+            m.weight = nn.Parameter(m.weight.narrow(dim, 0, width).clone())
+            if dim == (1 if self.conv1d else 0) and m.bias is not None:
+                m.bias = nn.Parameter(m.bias[:width].clone())
+            if self.conv1d and dim == 1:
+                m.nf = width
+            elif not self.conv1d:
+                if dim == 0:
+                    m.out_features = width
+                else:
+                    m.in_features = width
+
+        for name in (self._up, "gate_proj") if self.gated else (self._up,):
+            cut(getattr(self, name), 1 if self.conv1d else 0)
+        cut(getattr(self, self._down), 0 if self.conv1d else 1)
+        self.width = width
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}/{self.full_width}, activation={self.activation}"

@@ -1,0 +1,258 @@
+"""``FlextronModel``: a Hugging Face causal LM whose MLP and attention blocks run any prefix sub-network.
+
+``FlextronModel.from_hf(model)`` swaps each decoder layer's MLP and attention module for an elastic one that adopts
+the HF module's children (same attribute names, same parameters, no copy), so ``fm.model.state_dict()`` is the HF
+model's state dict and the HF machinery around the blocks (embeddings, norms, rotary embeddings, masks, caches,
+``generate``) is untouched. The conversion is in place: the model passed in is the one that becomes elastic.
+
+The active sub-network lives on the blocks themselves (each block's ``width``/``heads``), set through
+:meth:`FlextronModel.set_subnet`; there is no global state, and two FlextronModels never share it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import ElasticAttention
+from .mlp import ElasticMLP
+from .space import ElasticSpace, Subnet, nearest
+
+# HF class name -> family. The families differ only in where the blocks live and in GPT-2's Conv1D/fused c_attn.
+SUPPORTED = {
+    "GPT2LMHeadModel": "gpt2",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+def _layers(model: nn.Module, family: str) -> nn.ModuleList:
+    return model.transformer.h if family == "gpt2" else model.model.layers
+
+
+def _abbrev(choices: list[int]) -> str:
+    return str(choices) if len(choices) <= 12 else f"[{', '.join(map(str, choices[:6]))}, ..., {choices[-1]}]"
+
+
+class FlextronModel(nn.Module):
+    """A causal LM whose every layer runs a prefix of its MLP neurons and attention heads.
+
+    Attributes:
+        model: the wrapped HF model (its blocks now elastic; its state dict unchanged).
+        space: the :class:`ElasticSpace` the sub-networks are chosen from.
+        subnet: the active :class:`Subnet`, or ``None`` for the full model.
+        importance: ``{"mlp": [scores [I_l]], "heads": [scores [H_l]]}`` from the last :meth:`rank`, in the
+            current (permuted) order, so each list is non-increasing along a prefix; ``None`` before ranking.
+        permutation: ``{"mlp": [idx [I_l]], "heads": [idx [H_l]]}``: current neuron/head ``j`` of layer ``l`` is
+            the original model's ``idx[j]`` (identity before any permutation).
+    """
+
+    def __init__(self, model: nn.Module, family: str, space: ElasticSpace) -> None:
+        super().__init__()
+        self.model = model
+        self.family = family
+        self.space = space
+        self.subnet: Subnet | None = None
+        self.importance: dict | None = None
+        self.permutation = {
+            "mlp": [torch.arange(m.full_width) for m in self.mlp_blocks],
+            "heads": [torch.arange(a.num_heads) for a in self.attention_blocks],
+        }
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, model: nn.Module, space: ElasticSpace | None = None) -> FlextronModel:
+        """Make ``model`` (a transformers GPT-2, Llama, Mistral or Qwen2 causal LM) elastic, in place.
+
+        Raises ``TypeError`` for any other architecture, naming it and the supported ones.
+        """
+        name = type(model).__name__
+        if name not in SUPPORTED:
+            raise TypeError(
+                f"model must be one of the supported causal LMs {sorted(SUPPORTED)}, got {name}"
+            )
+        if space is None:
+            space = ElasticSpace()
+        if not isinstance(space, ElasticSpace):
+            raise TypeError(f"space must be an ElasticSpace or None, got {type(space).__name__}")
+        family = SUPPORTED[name]
+        config = model.config
+        # The elastic blocks interpret the masks HF builds for SDPA/eager (4-D, or None when causal suffices).
+        if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+            config._attn_implementation = "sdpa"
+        act = config.activation_function if family == "gpt2" else config.hidden_act
+        for i, layer in enumerate(_layers(model, family)):
+            attn_name = "attn" if family == "gpt2" else "self_attn"
+            hf_attn = getattr(layer, attn_name)
+            if not isinstance(hf_attn, ElasticAttention):
+                setattr(layer, attn_name, ElasticAttention(hf_attn, config, head_dim=hf_attn.head_dim, layer_idx=i))
+            if not isinstance(layer.mlp, ElasticMLP):
+                layer.mlp = ElasticMLP(layer.mlp, act)
+        return cls(model, family, space)
+
+    # -- structure ----------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return _layers(self.model, self.family)
+
+    @property
+    def mlp_blocks(self) -> list[ElasticMLP]:
+        return [layer.mlp for layer in self.layers]
+
+    @property
+    def attention_blocks(self) -> list[ElasticAttention]:
+        return [layer.attn if self.family == "gpt2" else layer.self_attn for layer in self.layers]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def mlp_choices(self, layer: int) -> list[int]:
+        """The MLP widths layer ``layer`` may take (sorted neuron counts)."""
+        return self.space.mlp_choices(self.mlp_blocks[layer].full_width)
+
+    def head_choices(self, layer: int) -> list[int]:
+        """The query-head counts layer ``layer`` may take (whole KV groups)."""
+        a = self.attention_blocks[layer]
+        return self.space.head_choices(a.num_heads, a.group_size)
+
+    def full_subnet(self) -> Subnet:
+        return Subnet(mlp=[m.full_width for m in self.mlp_blocks],
+                      heads=[a.num_heads for a in self.attention_blocks])
+
+    # -- sub-networks -------------------------------------------------------------------------------
+    def check_subnet(self, subnet: Subnet) -> Subnet:
+        """Validate ``subnet`` against this model and its space.
+
+        Raises ``TypeError``/``ValueError`` whose message names the offending field (``subnet.mlp[3]``, ...).
+        """
+        if not isinstance(subnet, Subnet):
+            raise TypeError(f"subnet must be a Subnet or None, got {type(subnet).__name__}")
+        n = self.num_layers
+        for name in ("mlp", "heads"):
+            got = len(getattr(subnet, name))
+            if got != n:
+                raise ValueError(f"subnet.{name} must have {n} entries (one per layer), got {got}")
+        for i, w in enumerate(subnet.mlp):
+            choices = self.mlp_choices(i)
+            if w not in choices:
+                raise ValueError(
+                    f"subnet.mlp[{i}] = {w} is not an MLP width of the space for layer {i}: {_abbrev(choices)}"
+                )
+        for i, h in enumerate(subnet.heads):
+            a = self.attention_blocks[i]
+            if h % a.group_size:
+                raise ValueError(
+                    f"subnet.heads[{i}] = {h} splits a KV group: layer {i} has {a.num_kv_heads} KV heads of "
+                    f"{a.group_size} query heads each, so heads must be a multiple of {a.group_size}"
+                )
+            choices = self.head_choices(i)
+            if h not in choices:
+                raise ValueError(
+                    f"subnet.heads[{i}] = {h} is not a head count of the space for layer {i}: {_abbrev(choices)}"
+                )
+        return subnet
+
+    def set_subnet(self, subnet: Subnet | None) -> None:
+        """Make ``subnet`` active for every later forward and ``generate`` call; ``None`` is the full model."""
+        full = subnet is None
+        if not full:
+            self.check_subnet(subnet)
+        for i, (m, a) in enumerate(zip(self.mlp_blocks, self.attention_blocks)):
+            m.width = m.full_width if full else subnet.mlp[i]
+            a.heads = a.num_heads if full else subnet.heads[i]
+        self.subnet = None if full or subnet == self.full_subnet() else subnet
+
+    def uniform_subnet(self, mlp: float = 1.0, heads: float = 1.0) -> Subnet:
+        """The subnet keeping fraction ``mlp`` of every layer's neurons and ``heads`` of its heads.
+
+        Each width is the nearest choice of the space (ties go to the larger).
+        """
+        for name, f in (("mlp", mlp), ("heads", heads)):
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                raise ValueError(f"{name} must be a fraction in (0, 1], got {f!r}")
+        return Subnet(
+            mlp=[nearest(self.mlp_choices(i), mlp * m.full_width) for i, m in enumerate(self.mlp_blocks)],
+            heads=[nearest(self.head_choices(i), heads * a.num_heads) for i, a in enumerate(self.attention_blocks)],
+        )
+
+    def num_parameters(self, subnet: Subnet | None = None) -> int:
+        """Parameters a sub-network uses (tied embeddings counted once); ``None``: the active one."""
+        subnet = self.check_subnet(subnet) if subnet is not None else (self.subnet or self.full_subnet())
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel()
+        for i, (m, a) in enumerate(zip(self.mlp_blocks, self.attention_blocks)):
+            total -= _mlp_params(m, m.full_width) - _mlp_params(m, subnet.mlp[i])
+            total -= _attn_params(a, a.num_heads) - _attn_params(a, subnet.heads[i])
+        return total
+
+    # -- running ------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """The HF model's forward (``input_ids``, ``attention_mask``, ``labels``, ...) on the active sub-network."""
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """HF ``generate`` on the active sub-network; the KV cache holds only the kept KV heads."""
+        return self.model.generate(*args, **kwargs)
+
+    # -- ranking, permutation, export, checkpoints --------------------------------------------------
+    def rank(self, batches, *, progress: bool = False) -> dict:
+        """Rank neurons and heads on calibration ``batches``, then permute; see :func:`flextron.ranking.rank`."""
+        from .ranking import rank
+
+        return rank(self, batches, progress=progress)
+
+    def permute(self, mlp: list[torch.Tensor] | None = None, heads: list[torch.Tensor] | None = None) -> None:
+        """Apply per-layer permutations (function-preserving); see :func:`flextron.ranking.permute`."""
+        from .ranking import permute
+
+        permute(self, mlp=mlp, heads=heads)
+
+    def extract(self, subnet: Subnet):
+        """A standalone model computing ``subnet``; see :func:`flextron.export.extract`."""
+        from .export import extract
+
+        return extract(self, subnet)
+
+    def save_pretrained(self, path) -> None:
+        """Write a checkpoint directory atomically; see :func:`flextron.io.save_pretrained`."""
+        from .io import save_pretrained
+
+        save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path) -> FlextronModel:
+        """Load a directory written by :meth:`save_pretrained` (bit-exact); see :func:`flextron.io.load_pretrained`."""
+        from .io import load_pretrained
+
+        return load_pretrained(path)
+
+
+def _linear_params(n_out: int, n_in: int, bias) -> int:
+    return n_out * n_in + (n_out if bias is not None else 0)
+
+
+def _mlp_params(m: ElasticMLP, width: int) -> int:
+    hidden = m.up_weight().shape[1]
+    up, down = getattr(m, m._up), getattr(m, m._down)
+    total = _linear_params(width, hidden, up.bias) + hidden * width + (hidden if down.bias is not None else 0)
+    if m.gated:
+        total += _linear_params(width, hidden, m.gate_proj.bias)
+    return total
+
+
+def _attn_params(a: ElasticAttention, heads: int) -> int:
+    d, kv = a.head_dim, heads // a.group_size
+    hidden = a.out_weight().shape[0]
+    (_, bq), (_, bk), (_, bv) = a.qkv_weights()
+    out_bias = a.out_proj().bias
+    qkv = _linear_params(heads * d, hidden, bq) + 2 * kv * d * hidden + (kv * d if bk is not None else 0) * 2
+    return qkv + hidden * heads * d + (hidden if out_bias is not None else 0)
