@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flextron_kernels import sliced_linear
+from flextron_kernels import elastic_attention, elastic_attention_decode, sliced_linear
+from flextron_kernels._runtime import use_triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -28,21 +29,41 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def _kernel_fits(q: torch.Tensor, attention_mask, dropout: float) -> bool:
+    """The Triton kernels take causal attention with no extra mask and head dims that are powers of two in
+    [16, 256]; anything else (padding masks, sliding windows that bind, dropout, tiny heads) runs SDPA."""
+    d = q.shape[-1]
+    return use_triton(q) and attention_mask is None and dropout == 0.0 and 16 <= d <= 256 and d & (d - 1) == 0
+
+
 def attention_core(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, *,
-    scaling: float, dropout: float = 0.0,
+    scaling: float, dropout: float = 0.0, head_budgets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention on the kept heads: ``q [B, h, Sq, D]``, ``k, v [B, h/g, Sk, D]`` -> ``[B, Sq, h, D]``.
 
     ``attention_mask`` is what HF built for the model (``None``, a boolean mask where True attends, or an additive
-    float mask, broadcast over heads). This is the one place attention runs; the Triton ``elastic_attention``
-    kernel replaces SDPA here.
+    float mask, broadcast over heads). ``head_budgets`` (``[B]`` query-head counts, multiples of the group size,
+    at most ``h``) gives each sequence its own head count; heads past it come out as zeros.
+
+    This is the one place attention runs. Where the Triton kernels apply (CUDA, or the interpreter; no padding
+    mask; head dim a power of two >= 16), prefill runs ``elastic_attention`` and a one-token step against the
+    cache runs ``elastic_attention_decode``, both over the GQA heads as they are (no K/V expansion) and with
+    heads past a sequence's budget skipped. Otherwise SDPA runs on the head prefix.
     """
-    rep = q.shape[1] // k.shape[1]
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    if _kernel_fits(q, attention_mask, dropout) and sk >= sq:
+        if sq == 1:
+            lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
+            o = elastic_attention_decode(q[:, :, 0], k, v, lens, head_budgets, scale=scaling, validate=False)
+            return o.unsqueeze(1)
+        o = elastic_attention(q, k, v, head_budgets, causal=True, scale=scaling, validate=False)
+        return o.transpose(1, 2)
+    rep = h // k.shape[1]
     if rep > 1:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    sq, sk = q.shape[2], k.shape[2]
     is_causal = False
     if attention_mask is None and sq > 1:
         if sq == sk:
@@ -54,6 +75,9 @@ def attention_core(
         attention_mask = attention_mask[..., :sk]
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
                                        is_causal=is_causal)
+    if head_budgets is not None:
+        keep = torch.arange(h, device=q.device)[None, :] < head_budgets[:, None]
+        o = o.masked_fill(~keep[:, :, None, None], 0.0)
     return o.transpose(1, 2)
 
 
@@ -86,6 +110,9 @@ class ElasticAttention(nn.Module):
         self.is_causal = True
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.heads = self.num_heads
+        # Per-sequence query-head budgets ([B] ints) for the call in progress; set only for the duration of a
+        # FlextronModel forward/generate that was given ``head_budgets`` (HF's generate drops unknown kwargs).
+        self.head_budgets: torch.Tensor | None = None
         self.stats: dict | None = None  # set by ranking: accumulates per-head output norms
 
     @property
@@ -134,7 +161,7 @@ class ElasticAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         o = attention_core(q, k, v, attention_mask, scaling=self.scaling,
-                           dropout=self.dropout_p if self.training else 0.0)
+                           dropout=self.dropout_p if self.training else 0.0, head_budgets=self._budgets(q.shape[0]))
         if self.stats is not None:
             self._accumulate(o)
         proj = self.out_proj()
@@ -142,6 +169,17 @@ class ElasticAttention(nn.Module):
         if self.fused:
             y = self.resid_dropout(y)
         return y, None
+
+    def _budgets(self, batch: int) -> torch.Tensor | None:
+        """This layer's per-sequence head counts: the requested budget capped at the active heads, rounded down
+        to whole KV groups, at least one group. ``None`` when every sequence keeps all active heads."""
+        b = self.head_budgets
+        if b is None:
+            return None
+        if b.shape != (batch,):
+            raise ValueError(f"head_budgets must have shape ({batch},) (one count per sequence), got {tuple(b.shape)}")
+        g = self.group_size
+        return (b.clamp(max=self.heads) // g * g).clamp(min=g).to(torch.int32)
 
     @torch.no_grad()
     def _accumulate(self, o: torch.Tensor) -> None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flextron_kernels import sliced_linear
-from flextron_kernels.reference import nested_mlp_ref
+from flextron_kernels import nested_mlp, sliced_linear
 
 # Hugging Face activation names -> the kernels' names.
 _ACTIVATIONS = {
@@ -49,6 +48,9 @@ class ElasticMLP(nn.Module):
             self.conv1d = True
         self.activation = kernel_activation(activation)
         self.width = self.full_width
+        # Per-token widths ([...] ints, shaped like the tokens) for the call in progress, set by a router; the
+        # forward's ``widths`` argument takes precedence.
+        self.token_widths: torch.Tensor | None = None
         self.stats: dict | None = None  # set by ranking: accumulates per-neuron |activation|
 
     # -- weights as the kernels see them ------------------------------------------------------------
@@ -76,14 +78,19 @@ class ElasticMLP(nn.Module):
     def forward(self, x: torch.Tensor, widths: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., H] -> [..., H]``.
 
-        ``widths`` (optional, an integer tensor of shape ``x.shape[:-1]``) gives each token its own neuron
-        count. This is the hook for per-token (input-adaptive) routing; it runs the plain-torch
-        ``nested_mlp_ref`` until the grouped ``nested_mlp`` kernel is wired in here.
+        ``widths`` (optional, an integer tensor of shape ``x.shape[:-1]``, or ``self.token_widths``) gives each
+        token its own neuron count, capped at the layer's active width: the grouped ``nested_mlp`` kernel runs
+        then, so each token costs its own width. Without per-token widths the whole batch shares ``self.width``
+        and ``sliced_linear`` runs.
         """
         up, down = getattr(self, self._up), getattr(self, self._down)
+        widths = self.token_widths if widths is None else widths
         if widths is not None:
-            y = nested_mlp_ref(
-                x, self.up_weight(), self.down_weight(), widths, gate_weight=self.gate_weight(),
+            if widths.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"widths must have shape {tuple(x.shape[:-1])} (one per token), got {tuple(widths.shape)}")
+            y = nested_mlp(
+                x, self.up_weight(), self.down_weight(), widths.clamp(max=self.width), gate_weight=self.gate_weight(),
                 up_bias=up.bias, down_bias=down.bias, activation=self.activation,
             )
         else:

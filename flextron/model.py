@@ -11,6 +11,8 @@ The active sub-network lives on the blocks themselves (each block's ``width``/``
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -195,13 +197,43 @@ class FlextronModel(nn.Module):
         return total
 
     # -- running ------------------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        """The HF model's forward (``input_ids``, ``attention_mask``, ``labels``, ...) on the active sub-network."""
-        return self.model(*args, **kwargs)
+    def forward(self, *args, head_budgets: torch.Tensor | None = None, **kwargs):
+        """The HF model's forward (``input_ids``, ``attention_mask``, ``labels``, ...) on the active sub-network.
 
-    def generate(self, *args, **kwargs):
-        """HF ``generate`` on the active sub-network; the KV cache holds only the kept KV heads."""
-        return self.model.generate(*args, **kwargs)
+        ``head_budgets``: optional ``[B]`` integer tensor, the query heads each sequence keeps (in every layer,
+        capped at the layer's active heads and rounded down to whole KV groups, at least one group). The
+        attention kernels then skip each sequence's dropped heads in one launch.
+        """
+        with self._head_budgets(head_budgets):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, head_budgets: torch.Tensor | None = None, **kwargs):
+        """HF ``generate`` on the active sub-network; the KV cache holds only the kept KV heads.
+
+        ``head_budgets`` as in :meth:`forward`, fixed for the whole generation (prefill and every decode step),
+        so each sequence's cache stays valid for its heads.
+        """
+        with self._head_budgets(head_budgets):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _head_budgets(self, budgets: torch.Tensor | None):
+        # The budgets live on the attention modules for the duration of one call only: HF's generate() does
+        # not pass unknown keyword arguments down to the layers.
+        if budgets is not None:
+            if not isinstance(budgets, torch.Tensor) or budgets.dtype.is_floating_point or budgets.dim() != 1:
+                raise TypeError(f"head_budgets must be a 1-D integer tensor (one count per sequence), got {budgets!r}")
+            if budgets.numel() and int(budgets.min()) < 1:
+                raise ValueError(f"head_budgets must be >= 1, got min {int(budgets.min())}")
+        blocks = self.attention_blocks
+        device = next(self.model.parameters()).device
+        for a in blocks:
+            a.head_budgets = None if budgets is None else budgets.to(device)
+        try:
+            yield
+        finally:
+            for a in blocks:
+                a.head_budgets = None
 
     # -- ranking, permutation, export, checkpoints --------------------------------------------------
     def rank(self, batches, *, progress: bool = False) -> dict:

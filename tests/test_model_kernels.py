@@ -1,0 +1,131 @@
+"""The model layer on the Triton kernels: elastic attention (prefill and decode), per-sequence head budgets,
+per-token MLP widths. Head dim 16 so the attention kernels apply (the other model tests use 8: SDPA)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import flextron.attention as fattn
+import flextron.mlp as fmlp
+from flextron import FlextronModel, Subnet
+from flextron_kernels.reference import nested_mlp_ref
+from tests.model_utils import masked_reference, rel
+from tests.utils import DEVICE
+
+VOCAB = 80
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=80, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    return LlamaForCausalLM(cfg).eval().to(DEVICE)
+
+
+def _ids(batch=2, seq=11, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (batch, seq), generator=g).to(DEVICE)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the kernel launches the model layer makes (so a silent fallback to SDPA fails the test)."""
+    n = {"prefill": 0, "decode": 0, "nested": 0}
+
+    def wrap(name, key, module):
+        fn = getattr(module, name)
+
+        def counted(*a, **k):
+            n[key] += 1
+            return fn(*a, **k)
+
+        monkeypatch.setattr(module, name, counted)
+
+    wrap("elastic_attention", "prefill", fattn)
+    wrap("elastic_attention_decode", "decode", fattn)
+    wrap("nested_mlp", "nested", fmlp)
+    return n
+
+
+def test_prefill_and_generate_on_kernels_match_hf(calls):
+    hf = _model()
+    ref_full = masked_reference(hf, Subnet(mlp=[80, 80], heads=[4, 4]))
+    fm = FlextronModel.from_hf(hf)
+    subnet = Subnet(mlp=[40, 80], heads=[2, 4])
+    ref = masked_reference(ref_full, subnet)
+    fm.set_subnet(subnet)
+    ids = _ids()
+    with torch.no_grad():
+        out = fm(ids).logits
+        want = ref(ids).logits
+    assert calls["prefill"] == 2, calls
+    assert rel(out, want) < 1e-4
+    gen = fm.generate(ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids))
+    gen_ref = ref.generate(ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert calls["decode"] > 0, calls
+    assert torch.equal(gen, gen_ref)
+
+
+def test_head_budgets_per_sequence(calls):
+    fm = FlextronModel.from_hf(_model(1))
+    ids = _ids(batch=2)
+    with torch.no_grad():
+        mixed = fm(ids, head_budgets=torch.tensor([2, 4], device=DEVICE)).logits
+        fm.set_subnet(Subnet(mlp=[80, 80], heads=[2, 2]))
+        small = fm(ids[:1]).logits
+        fm.set_subnet(None)
+        full = fm(ids[1:]).logits
+    assert calls["prefill"] >= 2
+    assert rel(mixed[:1], small) < 1e-4
+    assert rel(mixed[1:], full) < 1e-4
+    # A budget above a layer's active heads is capped there: with heads=[2, 2] both sequences run 2 heads.
+    fm.set_subnet(Subnet(mlp=[80, 80], heads=[2, 2]))
+    with torch.no_grad():
+        capped = fm(ids, head_budgets=torch.tensor([4, 4], device=DEVICE)).logits
+    assert rel(capped[:1], small) < 1e-4
+    # Budgets are kept through generate (prefill and decode) and cleared afterwards.
+    fm.set_subnet(None)
+    gen = fm.generate(ids, max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(ids),
+                      head_budgets=torch.tensor([2, 4], device=DEVICE))
+    fm.set_subnet(Subnet(mlp=[80, 80], heads=[2, 2]))
+    gen0 = fm.generate(ids[:1], max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(ids[:1]))
+    assert torch.equal(gen[:1], gen0)
+    assert all(a.head_budgets is None for a in fm.attention_blocks)
+
+
+def test_head_budgets_bad_input():
+    fm = FlextronModel.from_hf(_model())
+    with pytest.raises(TypeError, match="head_budgets"):
+        fm(_ids(), head_budgets=torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match="head_budgets"):
+        fm(_ids(), head_budgets=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="head_budgets"):
+        fm(_ids(), head_budgets=torch.tensor([2, 2, 2]))
+
+
+def test_per_token_mlp_widths(calls):
+    fm = FlextronModel.from_hf(_model(2))
+    mlp = fm.mlp_blocks[0]
+    x = torch.randn(2, 9, 64, device=DEVICE)
+    widths = torch.tensor([[8, 80, 40, 16, 72, 1, 80, 33, 8]] * 2, device=DEVICE)
+    with torch.no_grad():
+        y = mlp(x, widths)
+        want = nested_mlp_ref(x.double(), mlp.up_weight().double(), mlp.down_weight().double(), widths,
+                              gate_weight=mlp.gate_weight().double())
+    assert calls["nested"] == 1
+    assert rel(y, want) < 1e-5
+    # Every token at one width through the whole model equals the uniform subnet of that width.
+    ids = _ids()
+    for m in fm.mlp_blocks:
+        m.token_widths = torch.full(ids.shape, 40, device=DEVICE)
+    with torch.no_grad():
+        routed = fm(ids).logits
+    for m in fm.mlp_blocks:
+        m.token_widths = None
+    fm.set_subnet(Subnet(mlp=[40, 40], heads=[4, 4]))
+    with torch.no_grad():
+        uniform = fm(ids).logits
+    assert rel(routed, uniform) < 1e-5
+    with pytest.raises(ValueError, match="widths"):
+        mlp(x, widths[:, :3])
