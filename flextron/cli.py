@@ -63,6 +63,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train import add_train_parser
+
     parser = argparse.ArgumentParser(prog="flextron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="rank the bundled stories260K and evaluate uniform sub-networks")
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", default="0.25,0.5,0.75,1.0", help="uniform widths to evaluate (fractions)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_demo)
+    add_train_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

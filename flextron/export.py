@@ -7,6 +7,9 @@ What transformers can load, and what we export:
   explicitly, since ``hidden_size / num_attention_heads`` would otherwise change it). It loads with
   ``AutoModelForCausalLM.from_pretrained`` without flextron.
 - **Uniform subnet, GPT-2, all heads kept**: a plain ``GPT2LMHeadModel`` with ``n_inner`` set to the MLP width.
+- **Uniform subnet whose head count does not divide ``hidden_size``** (stories260K at 75%: 6 heads of 8 with hidden
+  64): transformers' configs reject it (``validate_architecture``), even with ``head_dim`` explicit, so it exports as a
+  slim flextron model (below).
 - **GPT-2 with fewer heads**: GPT-2 has no ``head_dim`` field; its head size is always ``n_embd / n_head`` and its
   ``c_attn`` is ``n_embd -> 3 n_embd``. Fewer heads of the same size cannot be written as a GPT-2 config, so this
   exports as a slim flextron model (below).
@@ -40,6 +43,8 @@ def plain_config(fm: FlextronModel, subnet: Subnet):
             return None
         config.n_inner = width
         return config
+    if config.hidden_size % heads:
+        return None  # transformers validates hidden_size % num_attention_heads == 0 on save and load
     config.intermediate_size = width
     config.num_attention_heads = heads
     config.num_key_value_heads = heads // a.group_size

@@ -75,3 +75,18 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_load_rejects_non_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="path"):
         FlextronModel.from_pretrained(tmp_path)
+
+
+def test_uniform_subnet_with_heads_not_dividing_hidden_exports_slim(tmp_path):
+    """6 heads of 8 on hidden 48 kept as 5: no transformers config expresses it, so the export is a slim flextron
+    model that saves, loads and computes the subnet."""
+    fm = FlextronModel.from_hf(tiny_model("llama"))
+    subnet = Subnet(mlp=[72, 72], heads=[5, 5])
+    fm.set_subnet(subnet)
+    out = fm.extract(subnet)
+    assert isinstance(out, FlextronModel)
+    out.save_pretrained(tmp_path / "slim")
+    back = FlextronModel.from_pretrained(tmp_path / "slim")
+    x = tokens(seed=7)
+    with torch.no_grad():
+        assert rel(back(input_ids=x).logits, fm(input_ids=x).logits) < 1e-5

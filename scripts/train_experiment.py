@@ -1,0 +1,193 @@
+"""Elastic training evidence on the real stories260K (docs/training.md): one elastic run vs dedicated baselines.
+
+(a) the parent, ranked and permuted but not trained; (b) one elastic run (full + smallest + k random subnets per
+step, distillation from the frozen parent); (c) each uniform subnet (25/50/75%) extracted as a plain Llama model and
+trained alone, with the same loss, on as many tokens as the elastic run drew. All evaluated by validation perplexity
+(the last 10% of the TinyStories stories, held out) at uniform 25/50/75/100% widths.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_experiment.py --out runs/train_experiment
+
+Run without TRITON_INTERPRET on a CPU (the kernels fall back to plain torch). Each stage writes its result to
+``<out>/results.json`` and is skipped when rerun (``--force`` reruns everything); ``docs/training.png`` is redrawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from flextron.data import perplexity
+from flextron.export import slim
+from flextron.model import FlextronModel
+from flextron.space import ElasticSpace
+from flextron.tokens import tokenize_files
+from flextron.train import TrainConfig, Trainer, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+WIDTHS = (0.25, 0.5, 0.75, 1.0)
+# llama2.c doc/stories260K.md: batch_size=128, max_seq_len=512, gradient_accumulation_steps=1, max_iters=100000.
+PRETRAIN_TOKENS = 128 * 512 * 100_000
+
+
+def evaluate(fm: FlextronModel, windows: torch.Tensor, widths=WIDTHS) -> dict:
+    fm.eval()
+    out = {}
+    with torch.no_grad():
+        for w in widths:
+            fm.set_subnet(fm.uniform_subnet(mlp=w, heads=w))
+            out[f"{w:g}"] = perplexity(fm, windows, 32)
+    fm.set_subnet(None)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT / "runs" / "train_experiment"))
+    p.add_argument("--model", default=str(SHARED / "models" / "stories260K" / "hf"))
+    p.add_argument("--text", default=str(SHARED / "tinystories" / "TinyStories-train.part-A.txt"))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--k-random", type=int, default=2)
+    p.add_argument("--distill", default="parent")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--stages", default="parent,elastic,baselines")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plot", default=str(ROOT / "docs" / "training.png"))
+    p.add_argument("--baseline-widths", type=lambda s: tuple(float(x) for x in s.split(",")), default=WIDTHS[:-1],
+                   help="uniform widths trained alone (1.0: the full model trained alone, a dense control)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res_path = out / "results.json"
+    results = {} if args.force or not res_path.is_file() else json.loads(res_path.read_text())
+
+    def save():
+        res_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = tokenize_files(args.text, tokenizer, out / "tokens", val_fraction=0.1)
+    val = data.val_windows(args.seq_len + 1)  # the whole held-out split
+    print(data, f"validation: {val.shape[0]} windows of {val.shape[1]}")
+    space = ElasticSpace(mlp=WIDTHS, heads=WIDTHS)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=20,
+                      k_random=args.k_random, distill=args.distill, alpha=args.alpha, eval_every=100,
+                      eval_windows=64, log_every=10, save_every=100)
+    tokens = cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    results["setup"] = {
+        "train_tokens_available": int(len(data.train)), "val_tokens": int(len(data.val)),
+        "val_windows": list(val.shape), "documents": data.meta["documents"], "config": vars(args),
+        "tokens_per_run": tokens, "pretrain_tokens_upper_bound": PRETRAIN_TOKENS,
+        "fraction_of_pretraining": tokens / PRETRAIN_TOKENS,
+    }
+    save()
+    stages = args.stages.split(",")
+    parent_dir = out / "parent_ranked"
+    if "parent" in stages and ("parent" not in results or args.force):
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        fm = load_model(args.model, space=space, data=data, rank_windows=64, seq_len=args.seq_len)
+        fm.save_pretrained(parent_dir)
+        unranked = load_model(args.model, space=space)  # same weights, not permuted: what ranking buys
+        results["parent"] = {"ppl": evaluate(fm, val), "ppl_unranked": evaluate(unranked, val),
+                             "params": {f"{w:g}": fm.num_parameters(fm.uniform_subnet(w, w)) for w in WIDTHS},
+                             "subnets": {f"{w:g}": fm.uniform_subnet(w, w).to_dict() for w in WIDTHS},
+                             "seconds": time.perf_counter() - t0}
+        save()
+        print("parent", results["parent"]["ppl"])
+
+    if "elastic" in stages and ("elastic" not in results or args.force):
+        run = out / "elastic"
+        shutil.rmtree(run, ignore_errors=True)
+        fm = FlextronModel.from_pretrained(parent_dir)
+        t0 = time.perf_counter()
+        trainer = Trainer(fm, data, cfg, run)
+        history = trainer.fit()
+        secs = time.perf_counter() - t0
+        results["elastic"] = {"ppl": evaluate(trainer.fm, val), "seconds": secs, "tokens": tokens,
+                              "subnet_passes_per_step": 2 + cfg.k_random,
+                              "history": [r for r in history if "losses" in r or "eval" in r]}
+        save()
+        print("elastic", results["elastic"]["ppl"], f"{secs:.0f} s")
+
+    if "baselines" in stages:
+        results.setdefault("baselines", {})
+        for w in args.baseline_widths:
+            key = f"{w:g}"
+            if key in results["baselines"] and not args.force:
+                continue
+            parent = FlextronModel.from_pretrained(parent_dir)
+            # The subnet cut out physically (its weights are copies of the prefixes): the same function as
+            # ``parent.extract`` (a plain LlamaForCausalLM), which transformers 5.24 cannot save_pretrained at 6 of 8
+            # heads (its config validator wants hidden_size % num_attention_heads == 0 even with head_dim given).
+            alone = slim(parent, parent.uniform_subnet(w, w))
+            run = out / f"baseline_{key}"
+            shutil.rmtree(run, ignore_errors=True)
+            bcfg = TrainConfig(**{**vars(cfg), "sampling": "full", "eval_widths": (1.0,), "save_every": 0})
+            t0 = time.perf_counter()
+            trainer = Trainer(alone, data, bcfg, run, teacher=parent)
+            history = trainer.fit()
+            secs = time.perf_counter() - t0
+            results["baselines"][key] = {"ppl": evaluate(trainer.fm, val, (1.0,))["1"], "seconds": secs,
+                                         "tokens": tokens,
+                                         "history": [r for r in history if "losses" in r or "eval" in r]}
+            save()
+            print("baseline", key, results["baselines"][key]["ppl"], f"{secs:.0f} s")
+    plot(results, Path(args.plot))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [int(w * 100) for w in WIDTHS]
+    if "parent" in results:
+        ax.plot(xs, [results["parent"]["ppl"][f"{w:g}"] for w in WIDTHS], "o-", label="(a) parent, ranked, not trained")
+    if "elastic" in results:
+        ax.plot(xs, [results["elastic"]["ppl"][f"{w:g}"] for w in WIDTHS], "s-", label="(b) one elastic run")
+    base = results.get("baselines", {})
+    if base:
+        bx = [int(float(k) * 100) for k in sorted(base, key=float)]
+        ax.plot(bx, [base[k]["ppl"] for k in sorted(base, key=float)], "^--", label="(c) dedicated, trained alone")
+    ax.set_yscale("log")
+    ax.set_xlabel("uniform width (% of MLP neurons and heads)")
+    ax.set_ylabel("validation perplexity (log scale)")
+    ax.set_title("stories260K on held-out TinyStories")
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    if "elastic" in results:
+        hist = [r for r in results["elastic"]["history"] if "losses" in r]
+        steps = [r["step"] for r in hist]
+        for name in hist[0]["losses"]:
+            ax2.plot(steps, [r["losses"][name] for r in hist], label=f"elastic: {name}")
+        for k in sorted(base, key=float):
+            h = [r for r in base[k]["history"] if "losses" in r]
+            ax2.plot([r["step"] for r in h], [r["losses"]["full"] for r in h], "--", label=f"dedicated {float(k):.0%}")
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("training loss (CE/KD mix)")
+        ax2.set_title("training loss per sampled subnet")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Two gloo processes (DDP, then FSDP2) train exactly what one process trains with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from flextron import FlextronModel
+from flextron.train import TrainConfig, Trainer
+
+from .train_utils import tiny_fm, token_data
+
+STEPS = 2
+
+
+def _cfg(parallel: str, batch_size: int) -> TrainConfig:
+    return TrainConfig(steps=STEPS, batch_size=batch_size, seq_len=16, warmup=1, k_random=0, distill="parent",
+                       log_every=1, eval_every=0, eval_widths=(1.0,), eval_windows=1, parallel=parallel,
+                       progress=False)
+
+
+def _worker(rank: int, world: int, port: int, parallel: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        history = Trainer(tiny_fm(), token_data(), _cfg(parallel, batch_size=1), out).fit()
+        if rank == 0:
+            torch.save(history, os.path.join(out, "history.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, the whole global batch of 2 blocks per step."""
+    out = tmp_path_factory.mktemp("single")
+    history = Trainer(tiny_fm(), token_data(), _cfg("none", batch_size=2), out).fit()
+    return history, FlextronModel.from_pretrained(out / "model").model.state_dict()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one(parallel, single, tmp_path):
+    mp.start_processes(_worker, args=(2, _free_port(), parallel, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    history = torch.load(tmp_path / "history.pt", weights_only=True)
+    ref_history, ref_state = single
+    losses = [r["losses"] for r in history if "losses" in r]
+    ref_losses = [r["losses"] for r in ref_history if "losses" in r]
+    assert len(losses) == STEPS and losses[0].keys() == ref_losses[0].keys()
+    for got, ref in zip(losses, ref_losses):
+        for name in ref:
+            assert got[name] == pytest.approx(ref[name], rel=1e-5), name
+    evals = [r["eval"]["1"] for r in history if "eval" in r]
+    assert evals == pytest.approx([r["eval"]["1"] for r in ref_history if "eval" in r], rel=1e-5)
+    # rank 0 exported the trained model (gathered from the shards under FSDP2)
+    state = FlextronModel.from_pretrained(tmp_path / "model").model.state_dict()
+    for k, ref in ref_state.items():
+        assert torch.allclose(state[k], ref, rtol=1e-4, atol=1e-6), k
+    assert any(not torch.equal(ref_state[k], v) for k, v in tiny_fm().model.state_dict().items())  # it trained
