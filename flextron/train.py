@@ -58,6 +58,9 @@ class TrainConfig:
     clip: float = 1.0
     sampling: str = "sandwich"  # "sandwich": full + smallest + k random subnets; "full": the full model only
     k_random: int = 2
+    # How the k random subnets are drawn: "layerwise" (each layer independently), "uniform" (one quantile of the
+    # space for every layer: the deployment targets a latency budget usually maps to), or "mixed" (alternating).
+    random_kind: str = "layerwise"
     distill: str = "none"  # "none" | "inplace" | "parent"
     alpha: float = 0.5
     temperature: float = 1.0
@@ -78,6 +81,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas, self.eval_widths = tuple(self.betas), tuple(self.eval_widths)
         choices = {"sampling": ("sandwich", "full"), "distill": ("none", "inplace", "parent"),
+                   "random_kind": ("layerwise", "uniform", "mixed"),
                    "data_mode": ("random", "sequential"), "parallel": ("none", "ddp", "fsdp")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -120,13 +124,23 @@ def random_subnet(fm: FlextronModel, rng: np.random.Generator) -> Subnet:
     return Subnet(mlp=mlp, heads=heads)
 
 
+def quantile_subnet(fm: FlextronModel, rng: np.random.Generator) -> Subnet:
+    """One quantile of the space per axis, the same in every layer: with a uniform space, a uniform subnet."""
+    qm, qh = rng.random(), rng.random()
+    pick = lambda choices, q: choices[min(len(choices) - 1, int(q * len(choices)))]
+    return Subnet(mlp=[pick(fm.mlp_choices(i), qm) for i in range(fm.num_layers)],
+                  heads=[pick(fm.head_choices(i), qh) for i in range(fm.num_layers)])
+
+
 def sample_subnets(fm: FlextronModel, step: int, cfg: TrainConfig) -> list[tuple[str, Subnet | None]]:
     """The ``(name, subnet)`` pairs of step ``step`` (``None``: the full model), a pure function of (seed, step)."""
     if cfg.sampling == "full":
         return [("full", None)]
     rng = np.random.default_rng([cfg.seed, step, 0x5B])
     out = [("full", None), ("smallest", smallest_subnet(fm))]
-    out += [(f"random{j}", random_subnet(fm, rng)) for j in range(cfg.k_random)]
+    for j in range(cfg.k_random):
+        uniform = cfg.random_kind == "uniform" or (cfg.random_kind == "mixed" and j % 2 == 0)
+        out.append((f"random{j}", quantile_subnet(fm, rng) if uniform else random_subnet(fm, rng)))
     return out
 
 
@@ -288,8 +302,8 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         if self.main:
             changed = {k: (v, getattr(self.cfg, k)) for k, v in trainer["config"].items()
-                       if k in ("seed", "seq_len", "batch_size", "grad_accum", "sampling", "k_random", "data_mode",
-                                "distill", "steps") and getattr(self.cfg, k) != v}
+                       if k in ("seed", "seq_len", "batch_size", "grad_accum", "sampling", "k_random", "random_kind",
+                                "data_mode", "distill", "steps") and getattr(self.cfg, k) != v}
             if changed or trainer["world_size"] != self.world:
                 print(f"resume: settings differ from the checkpoint, so the run is not a bit-exact continuation: "
                       f"{changed}, world size {trainer['world_size']} -> {self.world}")

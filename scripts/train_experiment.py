@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--k-random", type=int, default=2)
+    p.add_argument("--random-kind", default="layerwise", choices=("layerwise", "uniform", "mixed"))
     p.add_argument("--distill", default="parent")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--stages", default="parent,elastic,baselines")
@@ -82,7 +83,8 @@ def main() -> None:
     print(data, f"validation: {val.shape[0]} windows of {val.shape[1]}")
     space = ElasticSpace(mlp=WIDTHS, heads=WIDTHS)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=20,
-                      k_random=args.k_random, distill=args.distill, alpha=args.alpha, eval_every=100,
+                      k_random=args.k_random, random_kind=args.random_kind, distill=args.distill, alpha=args.alpha,
+                      eval_every=100,
                       eval_windows=64, log_every=10, save_every=100)
     tokens = cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
     results["setup"] = {

@@ -91,6 +91,24 @@ def test_subnets_are_a_function_of_seed_and_step():
     assert any(sample_subnets(fm, s, cfg)[2:] != a[2:] for s in range(8))
 
 
+def test_uniform_and_mixed_random_subnets():
+    """random_kind="uniform" draws one quantile of the space for every layer; "mixed" alternates with layerwise."""
+    fm = tiny_fm()
+    seen = set()
+    for step in range(20):
+        for _, s in sample_subnets(fm, step, _cfg(k_random=2, random_kind="uniform"))[2:]:
+            fm.check_subnet(s)
+            mq = {fm.mlp_choices(i).index(w) for i, w in enumerate(s.mlp)}
+            hq = {fm.head_choices(i).index(h) for i, h in enumerate(s.heads)}
+            assert len(mq) == 1 and len(hq) == 1, s
+            seen.add((mq.pop(), hq.pop()))
+    assert len(seen) > 3  # more than a fixed few subnets
+    mixed = [sample_subnets(fm, step, _cfg(k_random=2, random_kind="mixed")) for step in range(20)]
+    assert any(len(set(x[3][1].mlp)) > 1 or len(set(x[3][1].heads)) > 1 for x in mixed)  # random1 is layerwise
+    with pytest.raises(ValueError, match="random_kind"):
+        _cfg(random_kind="sometimes")
+
+
 def test_seq_len_longer_than_model_allows(tmp_path):
     with pytest.raises(ValueError, match=rf"seq_len={MAX_POS + 1} is longer than the model allows \({MAX_POS}"):
         Trainer(tiny_fm(), token_data(), _cfg(seq_len=MAX_POS + 1), tmp_path / "run")
