@@ -63,6 +63,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .latency import add_profile_parser
+    from .router import add_route_parser
     from .train import add_train_parser
 
     parser = argparse.ArgumentParser(prog="flextron", description=__doc__.splitlines()[0])
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_demo)
     add_train_parser(sub)
+    add_profile_parser(sub)
+    add_route_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -63,6 +63,9 @@ def save_pretrained(fm: FlextronModel, path) -> None:
             "subnet": None if fm.subnet is None else fm.subnet.to_dict(),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        from .budget import save_routing  # routers and latency table, if any (issue 7)
+
+        save_routing(fm, tmp)
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -111,5 +114,8 @@ def load_pretrained(path) -> FlextronModel:
     if meta["ranked"]:
         fm.importance = {k: [state[f"importance.{k}.{i}"] for i in range(n)] for k in ("mlp", "heads")}
     fm.set_subnet(None if meta["subnet"] is None else Subnet.from_dict(meta["subnet"]))
+    from .budget import load_routing  # routers and latency table, if any (issue 7)
+
+    load_routing(fm, path)
     fm.eval()
     return fm

@@ -235,6 +235,13 @@ class FlextronModel(nn.Module):
             for a in blocks:
                 a.head_budgets = None
 
+    # -- latency budgets (issue 7; logic in flextron/budget.py) ------------------------------------
+    def set_budget(self, target: float | None, *, adaptive: bool = False, guarantee: bool = False):
+        """Run within a latency budget (a fraction of the full latency); see :func:`flextron.budget.set_budget`."""
+        from .budget import set_budget
+
+        return set_budget(self, target, adaptive=adaptive, guarantee=guarantee)
+
     # -- ranking, permutation, export, checkpoints --------------------------------------------------
     def rank(self, batches, *, progress: bool = False) -> dict:
         """Rank neurons and heads on calibration ``batches``, then permute; see :func:`flextron.ranking.rank`."""
