@@ -89,9 +89,10 @@ class ElasticMLP(nn.Module):
             if widths.shape != x.shape[:-1]:
                 raise ValueError(
                     f"widths must have shape {tuple(x.shape[:-1])} (one per token), got {tuple(widths.shape)}")
+            # Clamped into [1, width] here, so the kernel's range check (a host sync per layer) can be skipped.
             y = nested_mlp(
-                x, self.up_weight(), self.down_weight(), widths.clamp(max=self.width), gate_weight=self.gate_weight(),
-                up_bias=up.bias, down_bias=down.bias, activation=self.activation,
+                x, self.up_weight(), self.down_weight(), widths.clamp(1, self.width), gate_weight=self.gate_weight(),
+                up_bias=up.bias, down_bias=down.bias, activation=self.activation, check_widths=False,
             )
         else:
             w = self.width
