@@ -1,6 +1,6 @@
 """Latency-table accuracy and budgets held on a GPU, for a Llama-2-7B-shaped model with random weights (issue 7).
 
-GPU only; NOT RUN YET (no GPU time was left when it was written; docs/routers.md says so). For each phase
+GPU only. For each phase
 (prefill: ``--prefill-batch x --prefill-len`` tokens; decode: ``--decode-batch`` sequences, one token each, after
 ``--decode-len`` cached tokens) it
 
@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--subnets", type=int, default=24)
     p.add_argument("--prefill-batch", type=int, default=4)
     p.add_argument("--prefill-len", type=int, default=1024)
-    p.add_argument("--decode-batch", type=int, default=32)
+    p.add_argument("--decode-batch", type=int, default=16)
     p.add_argument("--decode-len", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--checkpoint", default=None, help="a Llama-2-7B-shaped flextron checkpoint with routers")

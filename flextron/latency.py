@@ -424,6 +424,17 @@ def _runner(fm: FlextronModel, subnet: Subnet | None, batch_size: int, seq_len: 
     return step, rewind
 
 
+def _decode_group_cap(fm: FlextronModel, batch_size: int, seq_len: int, device, dtype) -> int:
+    """How many full-model decode caches fit in half the free device memory (at least 1): a group's caches are
+    alive together, and a Llama-2-7B cache of 32 x 2048 tokens alone is 34 GB."""
+    if device.type != "cuda":
+        return 1 << 30
+    per = sum(2 * batch_size * (seq_len + 1) * a.num_kv_heads * a.head_dim for a in fm.attention_blocks)
+    per *= torch.empty((), dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int(0.5 * free // max(per, 1)))
+
+
 def measure_many(fm: FlextronModel, subnets: Sequence[Subnet | None], *, batch_size: int, seq_len: int,
                  phase: str = "prefill", warmup: int = 3, repeats: int = 10, seed: int = 0,
                  group: int = 8) -> list[dict]:
@@ -433,7 +444,9 @@ def measure_many(fm: FlextronModel, subnets: Sequence[Subnet | None], *, batch_s
     are alive together). Returns ``[{"median_ms", "min_ms"}]``."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    device, _ = _device_and_dtype(fm)
+    device, dtype = _device_and_dtype(fm)
+    if phase == "decode":
+        group = min(group, _decode_group_cap(fm, batch_size, seq_len, device, dtype))
     previous, was_training = fm.subnet, fm.training
     fm.eval()
     out = []

@@ -72,8 +72,27 @@ def check_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None 
         raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
 
 
-def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    if t.dtype != ref.dtype:
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` asks for on ``t``'s device, or None when autocast is off there.
+
+    The ops follow ``F.linear``/SDPA under autocast: float inputs are cast to it (a weight only over the prefix
+    a call reads), so a bf16-autocast training step with fp32 master weights runs the kernels in bf16.
+    """
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        return None
+    dev = t.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def cast_to(dtype: torch.dtype | None, *tensors):
+    """``tensors`` cast to ``dtype`` (None entries and ``dtype=None`` pass through)."""
+    return tuple(t if dtype is None or t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, dtype: bool = True) -> None:
+    if dtype and t.dtype != ref.dtype:
         raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")

@@ -25,6 +25,8 @@ import triton.language as tl
 
 from ._runtime import (
     INTERPRET,
+    autocast_dtype,
+    cast_to,
     check_same,
     check_tensor,
     cpu_do_bench,
@@ -476,6 +478,7 @@ def elastic_attention(
     ``D`` must be a power of two in ``[16, 256]``. Returns ``[B, Hq, Sq, D]`` in ``q``'s dtype with zeros in
     heads past each budget; those heads cost no attention work, forward or backward. Differentiable in q, k, v.
     """
+    q, k, v = cast_to(autocast_dtype(q), q, k, v)  # as SDPA under autocast
     heads = _check(q, k, v, num_heads, causal, scale, validate)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not use_triton(q):

@@ -24,6 +24,8 @@ import triton.language as tl
 
 from ._runtime import (
     INTERPRET,
+    autocast_dtype,
+    cast_to,
     check_same,
     check_tensor,
     cpu_do_bench,
@@ -218,6 +220,7 @@ def elastic_attention_decode(
     Returns ``[B, Hq, D]`` in ``q``'s dtype; heads past a sequence's budget are zeros and read no cache.
     Inference only (no autograd).
     """
+    q, k_cache, v_cache = cast_to(autocast_dtype(q), q, k_cache, v_cache)  # as SDPA under autocast
     heads = _check(q, k_cache, v_cache, cache_lens, num_heads, scale, validate)
     B, HQ, D = q.shape
     HKV, S_MAX = k_cache.shape[1], k_cache.shape[2]

@@ -33,7 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRET, check_same, check_tensor, dot_precision, upcast_flag, use_triton
+from ._runtime import (
+    INTERPRET,
+    autocast_dtype,
+    cast_to,
+    check_same,
+    check_tensor,
+    dot_precision,
+    upcast_flag,
+    use_triton,
+)
 from .reference import ACTIVATIONS, nested_mlp_ref
 from .routing import nested_mlp_routing, wider_counts
 
@@ -446,29 +455,29 @@ class _NestedMLP(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------- public op
 
 
-def _check(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, activation) -> int:
+def _check(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, activation, same_dtype=True) -> int:
     if activation not in _ACT_ID:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     check_tensor("x", x, min_ndim=1)
     check_tensor("up_weight", up_weight, ndim=2)
-    check_same("up_weight", up_weight, "x", x)
+    check_same("up_weight", up_weight, "x", x, same_dtype)
     inter, H = up_weight.shape
     if x.shape[-1] != H:
         raise ValueError(f"x.shape[-1] must equal up_weight.shape[1] = {H}, got {x.shape[-1]}")
     check_tensor("down_weight", down_weight, ndim=2)
-    check_same("down_weight", down_weight, "x", x)
+    check_same("down_weight", down_weight, "x", x, same_dtype)
     if tuple(down_weight.shape) != (H, inter):
         raise ValueError(f"down_weight must have shape {(H, inter)} (up_weight's transposed), "
                          f"got {tuple(down_weight.shape)}")
     if gate_weight is not None:
         check_tensor("gate_weight", gate_weight, ndim=2)
-        check_same("gate_weight", gate_weight, "x", x)
+        check_same("gate_weight", gate_weight, "x", x, same_dtype)
         if gate_weight.shape != up_weight.shape:
             raise ValueError(f"gate_weight must have up_weight's shape {(inter, H)}, got {tuple(gate_weight.shape)}")
     for name, b, n in (("up_bias", up_bias, inter), ("down_bias", down_bias, H)):
         if b is not None:
             check_tensor(name, b, ndim=1)
-            check_same(name, b, "x", x)
+            check_same(name, b, "x", x, same_dtype)
             if b.shape[0] != n:
                 raise ValueError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
     if not isinstance(widths, torch.Tensor):
@@ -510,12 +519,20 @@ def nested_mlp(
     Differentiable in ``x`` and every weight and bias; their gradients have full shapes, exactly zero
     outside the neurons any token used. Tokens are sorted by width on the device, with no host sync.
     """
-    inter = _check(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, activation)
+    amp = autocast_dtype(x)
+    inter = _check(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, activation, amp is None)
     capturing = widths.is_cuda and torch.cuda.is_current_stream_capturing()
+    used = inter
     if check_widths and not capturing and widths.numel() > 0:
         lo, hi = (int(v) for v in torch.aminmax(widths))
         if lo < 1 or hi > inter:
             raise ValueError(f"widths must be in [1, {inter}] (up_weight.shape[0]), got values in [{lo}, {hi}]")
+        used = hi
+    if amp is not None:  # as F.linear under autocast; only the neurons this call can read are cast
+        x, up_weight, down_weight, gate_weight, up_bias = cast_to(
+            amp, x, up_weight[:used], down_weight[:, :used], None if gate_weight is None else gate_weight[:used],
+            None if up_bias is None else up_bias[:used])
+        (down_bias,) = cast_to(amp, down_bias)
     if not use_triton(x) or x.numel() == 0:
         return nested_mlp_ref(x, up_weight, down_weight, widths, gate_weight=gate_weight, up_bias=up_bias,
                               down_bias=down_bias, activation=activation)

@@ -20,6 +20,8 @@ import triton.language as tl
 
 from ._runtime import (
     INTERPRET,
+    autocast_dtype,
+    cast_to,
     check_same,
     check_tensor,
     check_width,
@@ -193,16 +195,16 @@ class _SlicedLinear(torch.autograd.Function):
         return dx, dw, db, None
 
 
-def _check(x, weight, bias, out_features) -> int:
+def _check(x, weight, bias, out_features, same_dtype: bool = True) -> int:
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
-    check_same("weight", weight, "x", x)
+    check_same("weight", weight, "x", x, same_dtype)
     N, K = weight.shape
     check_width("x.shape[-1]", x.shape[-1], 1, K)
     n = N if out_features is None else check_width("out_features", out_features, 1, N)
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
-        check_same("bias", bias, "x", x)
+        check_same("bias", bias, "x", x, same_dtype)
         if bias.shape[0] != N:
             raise ValueError(f"bias must have shape ({N},) to match weight's rows, got {tuple(bias.shape)}")
     return n
@@ -222,7 +224,11 @@ def sliced_linear(
     Returns ``[..., n]`` in ``x``'s dtype. Differentiable in ``x``, ``weight`` and ``bias``; the weight and
     bias gradients have their full shapes, zero outside the prefix.
     """
-    n = _check(x, weight, bias, out_features)
+    amp = autocast_dtype(x)
+    n = _check(x, weight, bias, out_features, same_dtype=amp is None)
+    if amp is not None:  # as F.linear under autocast; only the prefix this call reads is cast
+        k = x.shape[-1]
+        x, weight, bias = cast_to(amp, x, weight[:n, :k], None if bias is None else bias[:n])
     if not use_triton(x):
         return sliced_linear_ref(x, weight, bias, n)
     needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
