@@ -76,13 +76,15 @@ class TrainConfig:
     stop_at: int | None = None  # stop (after saving) at this step; the schedule still runs to ``steps``
     parallel: str = "none"  # "none" | "ddp" | "fsdp"
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on a CPU)
+    device: str = "auto"  # "auto" (this rank's GPU when there is one, else the CPU) | "cuda" | "cpu"
     progress: bool = True
 
     def __post_init__(self) -> None:
         self.betas, self.eval_widths = tuple(self.betas), tuple(self.eval_widths)
         choices = {"sampling": ("sandwich", "full"), "distill": ("none", "inplace", "parent"),
                    "random_kind": ("layerwise", "uniform", "mixed"),
-                   "data_mode": ("random", "sequential"), "parallel": ("none", "ddp", "fsdp")}
+                   "data_mode": ("random", "sequential"), "parallel": ("none", "ddp", "fsdp"),
+                   "device": ("auto", "cuda", "cpu")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -179,19 +181,27 @@ def _signature_diff(a: dict, b: dict) -> str:
 
 
 # -- distributed ------------------------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int, torch.device]:
-    """``(rank, world_size, device)``; initialises the process group under ``torchrun`` (NCCL on GPUs, else gloo)."""
+def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)``; initialises the process group under ``torchrun`` (NCCL on GPUs, else gloo).
+
+    ``device="cpu"`` keeps a run on the CPU (gloo) even where GPUs exist; ``"cuda"`` requires one GPU per local rank.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if cuda:
-        torch.cuda.set_device(device)
+        count = torch.cuda.device_count()
+        if local >= count:
+            raise ValueError(f"LOCAL_RANK={local} needs GPU {local} but this machine has {count} GPU(s): "
+                             f"start at most {count} processes per node, or pass device='cpu'")
+    dev = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
+        return dist.get_rank(), dist.get_world_size(), dev
+    return 0, 1, dev
 
 
 def _mean_across_ranks(values: list[float], device) -> list[float]:
@@ -213,7 +223,7 @@ class Trainer:
     def __init__(self, fm: FlextronModel, data: TokenData, cfg: TrainConfig, out_dir: str | Path,
                  resume: str | Path | None = None, teacher: torch.nn.Module | None = None) -> None:
         self.cfg, self.data, self.out = cfg, data, Path(out_dir)
-        self.rank, self.world, self.device = init_distributed()
+        self.rank, self.world, self.device = init_distributed(cfg.device)
         self.main = self.rank == 0
         limit = max_positions(fm.config)
         if limit is not None and cfg.seq_len > limit:

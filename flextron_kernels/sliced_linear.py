@@ -31,6 +31,24 @@ from ._runtime import (
 )
 from .reference import sliced_linear_ref
 
+try:  # Hopper's TMA descriptors (triton >= 3.4); the interpreter emulates them
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
+
+@functools.cache
+def _tma_sms(device: torch.device) -> int:
+    """The device's SM count where the TMA path may run (Hopper or later, or the interpreter), else 0.
+    Asked lazily, not at import: importing must not initialise CUDA (forked workers could not use it)."""
+    if TensorDescriptor is None:
+        return 0
+    if INTERPRET or device.type != "cuda":
+        return 4 if INTERPRET else 0
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
 
 @functools.lru_cache(maxsize=4096)
 def _pick_blocks(M: int, N: int, K: int, elem_bytes: int) -> tuple[dict, int]:
@@ -46,8 +64,9 @@ def _pick_blocks(M: int, N: int, K: int, elem_bytes: int) -> tuple[dict, int]:
     elif M <= 16:
         # Decode: a weight stream. Narrow N tiles give >= 2 programs per SM so enough loads are in flight;
         # small tiles keep 4+ programs resident per SM.
-        bn = 32 if triton.cdiv(N, 32) >= 264 else 16
-        cfg = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=5)
+        # H200 sweep (benchmarks/explore_sliced_linear.py): 16x32x256 tiles, 4 stages, were the best pointer
+        # config at 16 tokens (0.97-1.12x cuBLAS in a CUDA graph), ahead of the 16x(16|32)x128, 5 stages used before.
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4)
     else:
         # fp32 tiles take twice the shared memory per stage: halve BLOCK_K to stay under 228 KB.
         bk = 64 if elem_bytes <= 2 else 32
@@ -120,6 +139,104 @@ def _strided_matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def _tile_of(tile_id, num_m, num_n, GROUP_M: tl.constexpr):
+    in_group = GROUP_M * num_n
+    first_m = (tile_id // in_group) * GROUP_M
+    gm = min(num_m - first_m, GROUP_M)
+    return first_m + (tile_id % in_group) % gm, (tile_id % in_group) // gm
+
+
+@triton.jit
+def _tma_matmul_kernel(
+    a_desc, b_desc, c_desc, bias_ptr, M, N, K,
+    HAS_BIAS: tl.constexpr, TRANS_A: tl.constexpr, B_NK: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+):
+    """C[M, N] = A @ B (+ bias) with every tile moved by the TMA engine (Hopper's bulk tensor copies).
+
+    The descriptors carry each operand's own shape and row stride, so a weight prefix is a [n, k] box over the
+    full weight (no copy) and out-of-range rows/columns read as zeros and are never stored. A is stored [M, K]
+    (or [K, M] with TRANS_A), B [K, N] (or [N, K] with B_NK). With NUM_PROGRAMS below the tile count the
+    kernel is persistent: each program walks tiles NUM_PROGRAMS apart, and the pipeliner overlaps the next
+    tile's loads with this tile's epilogue.
+    """
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+        om = pid_m * BLOCK_M
+        on = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            ok = ki * BLOCK_K
+            a = a_desc.load([ok, om]).T if TRANS_A else a_desc.load([om, ok])
+            b = b_desc.load([on, ok]).T if B_NK else b_desc.load([ok, on])
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            rn = on + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        c_desc.store([om, on], acc.to(c_desc.dtype))
+
+
+def _aligned(t: torch.Tensor, row_stride: int) -> bool:
+    return t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0 and row_stride > 0
+
+
+def _tma_blocks(M: int, N: int, sms: int):
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs)`` for the TMA kernel, or None; ``programs``
+    None means one program per tile, else a persistent grid of that many programs."""
+    if INTERPRET:  # small tiles and few programs: cheap on a CPU, and persistence is exercised
+        return 64, 64, 32, 4, 1, sms
+    if triton.cdiv(M, 128) * triton.cdiv(N, 256) >= 2 * sms:
+        return 128, 256, 64, 8, 3, sms
+    if triton.cdiv(M, 128) * triton.cdiv(N, 128) >= sms - 4:
+        return 128, 128, 64, 4, 4, None
+    return None
+
+
+def _tma_plan(a, b, out, M, N, K, sam, sak, sbk, sbn, scm, scn):
+    """Block config and descriptors for the TMA kernel, or None where the pointer kernel must serve.
+
+    Chosen from an H200 sweep (benchmarks/explore_sliced_linear.py): persistent 128x256 tiles when there are at
+    least two waves of them (0.85-0.98x cuBLAS at 4096 tokens, where the pointer kernel made 0.66-0.77x), one
+    128x128 tile per program at a wave or so, the pointer kernel below that (it wins with few tiles)."""
+    sms = _tma_sms(out.device)
+    if not sms or a.element_size() != 2 or M < 128 or scn != 1 or not _aligned(out, scm):
+        return None
+    if sak == 1 and _aligned(a, sam):
+        trans_a = False
+    elif sam == 1 and _aligned(a, sak):
+        trans_a = True
+    else:
+        return None
+    if sbk == 1 and _aligned(b, sbn):
+        b_nk = True
+    elif sbn == 1 and _aligned(b, sbk):
+        b_nk = False
+    else:
+        return None
+    blocks = _tma_blocks(M, N, sms)
+    if blocks is None:
+        return None
+    bm, bn, bk, warps, stages, programs = blocks
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    programs = tiles if programs is None else min(programs, tiles)
+    a_desc = (TensorDescriptor(a, [K, M], [sak, 1], [bk, bm]) if trans_a
+              else TensorDescriptor(a, [M, K], [sam, 1], [bm, bk]))
+    b_desc = (TensorDescriptor(b, [N, K], [sbn, 1], [bn, bk]) if b_nk
+              else TensorDescriptor(b, [K, N], [sbk, 1], [bk, bn]))
+    c_desc = TensorDescriptor(out, [M, N], [scm, 1], [bm, bn])
+    cfg = dict(TRANS_A=trans_a, B_NK=b_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NUM_PROGRAMS=programs,
+               num_warps=warps, num_stages=stages)
+    return a_desc, b_desc, c_desc, cfg
+
+
 def matmul_strided(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn) -> None:
     """``out[M, N] = A[M, K] @ B[K, N] (+ bias[:N])`` with every operand given by base tensor and strides.
 
@@ -131,6 +248,14 @@ def matmul_strided(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn) -> No
     if K == 0:
         view = out.as_strided((M, N), (scm, scn))
         view.zero_() if bias is None else view.copy_(bias[:N].expand(M, N))
+        return
+    plan = _tma_plan(a, b, out, M, N, K, sam, sak, sbk, sbn, scm, scn)
+    if plan is not None:
+        a_desc, b_desc, c_desc, cfg = plan
+        _tma_matmul_kernel[(cfg["NUM_PROGRAMS"],)](
+            a_desc, b_desc, c_desc, bias if bias is not None else out, M, N, K,
+            HAS_BIAS=bias is not None, UPCAST=upcast_flag(a.dtype), **cfg,
+        )
         return
     cfg, grid = _pick_blocks(M, N, K, a.element_size())
     _strided_matmul_kernel[(grid,)](

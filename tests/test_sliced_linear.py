@@ -48,6 +48,70 @@ def test_forward_backward(lead, N, K, n, k, dtype, with_bias):
         assert torch.count_nonzero(b.grad[n:]) == 0
 
 
+# The TMA kernel's production block configs, forced onto small shapes (by size they would go to the pointer
+# kernel on a GPU): persistent 128x256 tiles with fewer programs than tiles, and one 128x128 tile per program.
+TMA_BLOCKS = {"persistent": (128, 256, 64, 8, 3, 2), "per_tile": (128, 128, 64, 4, 4, None)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(300,), (2, 150)])
+@pytest.mark.parametrize("blocks", ["persistent", "per_tile"])
+def test_tma_path_forward_backward(dtype, lead, blocks, monkeypatch):
+    """Shapes whose strides suit TMA descriptors (16-byte rows, >= 128 rows): the forward and both backward
+    products take the descriptor kernel (dW reads dy transposed through its descriptor); x is a column prefix
+    of a wider tensor and the weight a prefix of a bigger one."""
+    import importlib
+
+    from flextron_kernels.sliced_linear import _tma_plan
+
+    sl = importlib.import_module("flextron_kernels.sliced_linear")  # the package exports the function by that name
+    if not sl._tma_sms(torch.device(DEVICE)):
+        pytest.skip("no TMA on this GPU")
+    monkeypatch.setattr(sl, "_tma_blocks", lambda M, N, sms: TMA_BLOCKS[blocks])
+
+    N, K, n, k = 264, 200, 136, 120
+    w = randn(N, K, dtype=dtype, scale=K**-0.5, requires_grad=True)
+    b = randn(N, dtype=dtype, requires_grad=True)
+    xbig = randn(*lead, 200, dtype=dtype)
+    x = xbig[..., :k].detach().requires_grad_()  # a leaf; its view below keeps the wide row stride
+    xv = xbig[..., :k]
+    M = xv.numel() // k
+    x2 = xv.reshape(M, k)
+    out = torch.empty(M, n, dtype=dtype, device=DEVICE)
+    assert _tma_plan(x2, w, out, M, n, k, *x2.stride(), w.stride(1), w.stride(0), n, 1) is not None
+    with poisoned_allocations():
+        y = sliced_linear(xv.detach().requires_grad_(), w, b, out_features=n)
+        y_leaf = sliced_linear(x, w, b, out_features=n)
+        dy = randn(*y.shape, dtype=dtype)
+        y_leaf.backward(dy)
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yr = sliced_linear_ref(xr, wr, br, n)
+    yr.backward(dy.double())
+    assert_close(y, yr, dtype, "y (strided x)")
+    assert_close(y_leaf, yr, dtype, "y")
+    assert_close(x.grad, xr.grad, dtype, "dx")
+    assert_close(w.grad, wr.grad, dtype, "dweight")
+    assert_close(b.grad, br.grad, dtype, "dbias")
+    assert torch.count_nonzero(w.grad[n:]) == 0 and torch.count_nonzero(w.grad[:, k:]) == 0
+
+
+def test_tma_plan_refuses_unaligned_and_small():
+    from flextron_kernels.sliced_linear import _tma_plan
+
+    x = randn(300, 121, dtype=torch.bfloat16)  # 242-byte rows: not 16-byte aligned
+    w = randn(64, 121, dtype=torch.bfloat16)
+    out = torch.empty(300, 64, dtype=torch.bfloat16, device=DEVICE)
+    assert _tma_plan(x, w, out, 300, 64, 121, *x.stride(), w.stride(1), w.stride(0), 64, 1) is None
+    x = randn(100, 128, dtype=torch.bfloat16)  # fewer rows than one 128-row tile: the pointer kernel
+    w = randn(64, 128, dtype=torch.bfloat16)
+    out = torch.empty(100, 64, dtype=torch.bfloat16, device=DEVICE)
+    assert _tma_plan(x, w, out, 100, 64, 128, *x.stride(), w.stride(1), w.stride(0), 64, 1) is None
+    x = randn(300, 128)  # fp32: the pointer kernel
+    w = randn(64, 128)
+    out = torch.empty(300, 64, device=DEVICE)
+    assert _tma_plan(x, w, out, 300, 64, 128, *x.stride(), w.stride(1), w.stride(0), 64, 1) is None
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_inputs(dtype):
     """A non-contiguous x (a column slice of a wider tensor, transposed batch) and a weight that is itself a view."""

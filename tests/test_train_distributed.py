@@ -21,7 +21,7 @@ STEPS = 2
 def _cfg(parallel: str, batch_size: int) -> TrainConfig:
     return TrainConfig(steps=STEPS, batch_size=batch_size, seq_len=16, warmup=1, k_random=0, distill="parent",
                        log_every=1, eval_every=0, eval_widths=(1.0,), eval_windows=1, parallel=parallel,
-                       progress=False)
+                       progress=False, device="cpu")  # gloo on the CPU, also on a machine with one GPU
 
 
 def _worker(rank: int, world: int, port: int, parallel: str, out: str) -> None:
