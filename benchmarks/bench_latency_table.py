@@ -14,8 +14,11 @@ GPU only. For each phase
 
 Writes one JSON file (GPU, versions, commit, date, tables, every row) to ``--out``. Shapes: hidden 4096, MLP 11008,
 32 heads of 128 (MHA), ``--layers`` layers (default 32; fewer to save time; the fixed cost is measured either
-way), bf16. Space: MLP widths and head counts in 10% steps. Eager PyTorch (no CUDA graphs): decode latencies
-include Python launch cost, which is part of what a user of ``generate`` sees.
+way), bf16. Space: MLP widths and head counts in 10% steps. Prefill is timed eagerly (launch cost is small
+against the work). Decode is timed both ways unless ``--decode-timing`` picks one: ``cuda_graph`` (each block and
+each whole step captured and replayed: the device time a served, graph-captured decode step sees) and ``eager``
+(what a Python ``generate`` loop sees; for a 7B model at batch 16 it is mostly launch cost, flat in width).
+A guarantee target below the smallest reachable latency is recorded as unreachable (the error names it).
 
 Usage: ``python benchmarks/bench_latency_table.py --out benchmarks/results [--layers 32] [--quick]``.
 """
@@ -69,6 +72,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--checkpoint", default=None, help="a Llama-2-7B-shaped flextron checkpoint with routers")
     p.add_argument("--quick", action="store_true", help="8 layers, 12 subnets, 10 repeats")
+    p.add_argument("--decode-timing", choices=("cuda_graph", "eager", "both"), default="both")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_latency_table.py needs a CUDA GPU")
@@ -83,17 +87,27 @@ def main() -> None:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "model": {"layers": fm.num_layers, "hidden": 4096, "mlp": 11008, "heads": 32, "dtype": "bfloat16"},
               "phases": {}}
-    for phase, bs, sl in (("prefill", args.prefill_batch, args.prefill_len),
-                          ("decode", args.decode_batch, args.decode_len)):
-        table = profile(fm, batch_size=bs, seq_len=sl, phase=phase, warmup=3, repeats=args.repeats)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"latency_table_{torch.cuda.get_device_name().replace(' ', '_')}_{_commit()}.json"
+    runs = [("prefill", "eager", args.prefill_batch, args.prefill_len)]
+    runs += [("decode", t, args.decode_batch, args.decode_len)
+             for t in ("cuda_graph", "eager") if args.decode_timing in (t, "both")]
+    for phase, timing, bs, sl in runs:
+        graphs = timing == "cuda_graph"
+        table = profile(fm, batch_size=bs, seq_len=sl, phase=phase, warmup=3, repeats=args.repeats, graphs=graphs)
         v = validate(fm, table, args.subnets, warmup=3, repeats=args.repeats)
-        print(f"{phase}: {table.describe()}\n  median |err| {v['median_abs_rel_error']:.1%}, "
+        print(f"{phase} ({timing}): {table.describe()}\n  median |err| {v['median_abs_rel_error']:.1%}, "
               f"worst {v['max_abs_rel_error']:.1%} (targets 5% / 10%); "
-              f"noise floor {v['noise_floor_full_vs_full']:+.1%}")
-        subnets, modes = [], []
+              f"noise floor {v['noise_floor_full_vs_full']:+.1%}", flush=True)
+        subnets, modes, unreachable = [], [], []
         for t in TARGETS:
-            subnets.append(project(fm, fm.full_subnet(), table, t))
-            modes.append(("guarantee", t))
+            try:
+                subnets.append(project(fm, fm.full_subnet(), table, t))
+                modes.append(("guarantee", t))
+            except ValueError as e:  # the documented refusal: no subnet of the space is fast enough
+                unreachable.append({"target": t, "error": str(e)})
+                print(f"  guarantee target {t:.1f}: unreachable ({str(e)[:90]}...)")
             uni = min((fm.uniform_subnet(mlp=f / 20, heads=f / 20) for f in range(1, 21)),
                       key=lambda s, t=t: abs(table.predict_fraction(s) - t))
             subnets.append(uni)
@@ -104,7 +118,7 @@ def main() -> None:
                 modes.append(("static", t))
             fm.set_budget(None)
         meas = measure_many(fm, [None] + subnets, batch_size=bs, seq_len=sl, phase=phase, warmup=3,
-                            repeats=args.repeats, group=len(subnets) + 1 if phase == "prefill" else 4)
+                            repeats=args.repeats, group=len(subnets) + 1 if phase == "prefill" else 4, graphs=graphs)
         full = meas[0]["median_ms"]
         budgets = [{"mode": m, "target": t, "subnet": s.to_dict(), "predicted_fraction": table.predict_fraction(s),
                     "measured_ms": r["median_ms"], "measured_fraction": r["median_ms"] / full}
@@ -112,12 +126,12 @@ def main() -> None:
         for b in budgets:
             print(f"  {b['mode']:>15} target {b['target']:.1f}: predicted {b['predicted_fraction']:.3f}, "
                   f"measured {b['measured_fraction']:.3f}")
-        result["phases"][phase] = {"table": table.to_dict(), "validation": v, "budgets": budgets,
-                                   "full_measured_ms": full}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"latency_table_{torch.cuda.get_device_name().replace(' ', '_')}_{_commit()}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+        result["phases"][f"{phase}_{timing}"] = {"timing": timing, "table": table.to_dict(), "validation": v,
+                                                 "budgets": budgets, "unreachable": unreachable,
+                                                 "full_measured_ms": full}
+        tmp = path.with_suffix(".json.tmp")  # written after every phase: a later failure keeps what was measured
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(path)
     print(f"wrote {path}")
 
 

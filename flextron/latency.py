@@ -226,22 +226,53 @@ def _short(v) -> str:
 
 # -- timing -----------------------------------------------------------------------------------------
 def time_ms(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10, device="cpu",
-            before: Callable[[], object] | None = None) -> float:
+            before: Callable[[], object] | None = None, graphs: bool = False) -> float:
     """Median milliseconds of ``fn()`` over ``repeats`` runs after ``warmup``; CUDA events on a GPU, a monotonic
     clock on a CPU. ``before`` (untimed) runs before each call (e.g. rewinding a KV cache)."""
     return statistics.median(time_interleaved([fn], warmup=warmup, repeats=repeats, device=device,
-                                              before=[before])[0])
+                                              before=[before], graphs=graphs)[0])
+
+
+def _captured(fn: Callable[[], object], before: Callable[[], object] | None, pool) -> Callable[[], object]:
+    """``fn`` captured once in a CUDA graph (after a warm-up run on a side stream); returns the replay.
+
+    ``before`` runs before the warm-up and before the capture; what it returns (e.g. the cache tensors the step
+    reads) is kept alive with the graph, which reads those addresses on every replay."""
+    if before:
+        before()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    keep = before() if before else None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+
+    def replay(graph=graph, keep=keep):
+        graph.replay()
+    return replay
 
 
 def time_interleaved(fns: Sequence[Callable[[], object]], *, warmup: int = 3, repeats: int = 10, device="cpu",
-                     before: Sequence[Callable[[], object] | None] | None = None) -> list[list[float]]:
+                     before: Sequence[Callable[[], object] | None] | None = None,
+                     graphs: bool = False) -> list[list[float]]:
     """Times of every ``fns[k]()`` (ms), ``repeats`` rounds each, interleaved: round ``r`` times every function
     once. On a machine whose load drifts (a shared CPU, clocks that change) each entry then sees the same mix of
     conditions, instead of one row of a table being timed in a quiet minute and the next in a busy one.
+
+    ``graphs=True`` (CUDA only): each function is captured once in a CUDA graph and its replays are timed, so
+    the figure is the device's time without Python's launch cost, as a served decode step (replayed from a
+    graph) sees it. The graphs share one memory pool (their outputs are never read).
     Returns ``times[k]`` (``repeats`` values)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     before = list(before) if before is not None else [None] * len(fns)
+    if graphs and cuda:
+        pool = torch.cuda.graph_pool_handle()
+        fns = [_captured(fn, b, pool) for fn, b in zip(fns, before)]
+        before = [None] * len(fns)
     for fn, b in zip(fns, before):
         for _ in range(warmup):
             if b:
@@ -312,13 +343,16 @@ def _device_and_dtype(fm: FlextronModel):
 
 
 def profile(fm: FlextronModel, *, batch_size: int, seq_len: int, phase: str = "prefill", warmup: int = 3,
-            repeats: int = 10, seed: int = 0) -> LatencyTable:
+            repeats: int = 10, seed: int = 0, graphs: bool = False) -> LatencyTable:
     """Measure ``fm``'s latency table on the device and dtype it is on (see the module docstring).
 
     ``phase="prefill"``: ``batch_size`` sequences of ``seq_len`` tokens; ``"decode"``: ``batch_size`` sequences
     of one new token each, attending to ``seq_len`` cached tokens. Blocks are timed one at a time on random hidden
     states of the right shape (position embeddings and a KV cache of the kept heads included), interleaved in
     rounds (:func:`time_interleaved`); the fixed cost is the whole model with every block a no-op.
+    ``graphs=True`` (CUDA): every entry is timed as a CUDA-graph replay, the device time a served, graph-captured
+    decode step sees; eager timings of a large model's decode step are dominated by Python's launch cost, which
+    does not shrink with width. :func:`validate` then measures the whole model the same way.
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
@@ -364,12 +398,12 @@ def profile(fm: FlextronModel, *, batch_size: int, seq_len: int, phase: str = "p
     ids = torch.randint(0, fm.config.vocab_size, (batch_size, q_len), generator=g).to(device)
     try:
         with torch.inference_mode():
-            times = time_interleaved(fns, warmup=warmup, repeats=repeats, device=device)
+            times = time_interleaved(fns, warmup=warmup, repeats=repeats, device=device, graphs=graphs)
             for m, a in zip(fm.mlp_blocks, fm.attention_blocks):
                 m.width, a.heads = m.full_width, a.num_heads
             with _blocks_skipped(fm):
                 fixed_times = time_interleaved([lambda: fm(input_ids=ids, use_cache=False)], warmup=warmup,
-                                               repeats=repeats, device=device)[0]
+                                               repeats=repeats, device=device, graphs=graphs)[0]
     finally:
         fm.set_subnet(previous)
         fm.train(was_training)
@@ -385,6 +419,7 @@ def profile(fm: FlextronModel, *, batch_size: int, seq_len: int, phase: str = "p
         "phase": phase, "batch_size": batch_size, "seq_len": seq_len, "dtype": str(dtype).replace("torch.", ""),
         "device_type": device.type, "device_name": device_name(device), "warmup": warmup, "repeats": repeats,
         "statistic": "median", "clock": "cuda_events" if device.type == "cuda" else "perf_counter",
+        "timing": "cuda_graph" if graphs and device.type == "cuda" else "eager",
         "versions": _versions(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": model_signature(fm),
     }
@@ -394,6 +429,14 @@ def profile(fm: FlextronModel, *, batch_size: int, seq_len: int, phase: str = "p
 
 
 # -- whole-model measurement and validation ---------------------------------------------------------
+def _cache_tensors(cache) -> list:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56
+        return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                if t is not None]
+    return list(getattr(cache, "key_cache", [])) + list(getattr(cache, "value_cache", []))
+
+
 def _runner(fm: FlextronModel, subnet: Subnet | None, batch_size: int, seq_len: int, phase: str, seed: int):
     """``(fn, before)``: one timed whole-model run of ``subnet`` (activated inside ``fn``, so runners of several
     subnets can be interleaved) and the untimed step before it (rewinding the decode cache)."""
@@ -417,6 +460,7 @@ def _runner(fm: FlextronModel, subnet: Subnet | None, batch_size: int, seq_len: 
         extra = cache.get_seq_length() - seq_len
         if extra > 0:
             cache.crop(-extra)
+        return _cache_tensors(cache)  # what a captured step reads: kept alive with its graph
 
     def step():
         fm.set_subnet(subnet)
@@ -437,16 +481,18 @@ def _decode_group_cap(fm: FlextronModel, batch_size: int, seq_len: int, device, 
 
 def measure_many(fm: FlextronModel, subnets: Sequence[Subnet | None], *, batch_size: int, seq_len: int,
                  phase: str = "prefill", warmup: int = 3, repeats: int = 10, seed: int = 0,
-                 group: int = 8) -> list[dict]:
+                 group: int = 8, graphs: bool = False) -> list[dict]:
     """Measured whole-model latency of each subnet for the work a table describes (a prefill of ``batch_size x
     seq_len`` tokens, or one decode step of ``batch_size`` tokens after ``seq_len`` cached ones in the real HF
     cache, rewound before each run). Subnets are timed interleaved, ``group`` at a time (decode caches of a group
-    are alive together). Returns ``[{"median_ms", "min_ms"}]``."""
+    are alive together). ``graphs=True`` (CUDA): each run is timed as a CUDA-graph replay (see :func:`profile`).
+    Returns ``[{"median_ms", "min_ms"}]``."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     device, dtype = _device_and_dtype(fm)
     if phase == "decode":
-        group = min(group, _decode_group_cap(fm, batch_size, seq_len, device, dtype))
+        # A captured decode step also holds its own copy of the grown cache (the concatenation's output).
+        group = min(group, _decode_group_cap(fm, batch_size, seq_len, device, dtype) // (2 if graphs else 1) or 1)
     previous, was_training = fm.subnet, fm.training
     fm.eval()
     out = []
@@ -455,7 +501,7 @@ def measure_many(fm: FlextronModel, subnets: Sequence[Subnet | None], *, batch_s
             for k in range(0, len(subnets), group):
                 runs = [_runner(fm, s, batch_size, seq_len, phase, seed) for s in subnets[k:k + group]]
                 times = time_interleaved([r[0] for r in runs], before=[r[1] for r in runs], warmup=warmup,
-                                         repeats=repeats, device=device)
+                                         repeats=repeats, device=device, graphs=graphs)
                 out += [{"median_ms": statistics.median(t), "min_ms": min(t)} for t in times]
                 del runs
     finally:
@@ -501,7 +547,8 @@ def validate(fm: FlextronModel, table: LatencyTable, subnets: Sequence[Subnet] |
     subnets = [fm.full_subnet()] + list(subnets) + [fm.full_subnet()]
     m = table.meta
     meas = measure_many(fm, subnets, batch_size=m["batch_size"], seq_len=m["seq_len"], phase=m["phase"],
-                        warmup=warmup, repeats=repeats, seed=seed, group=len(subnets))
+                        warmup=warmup, repeats=repeats, seed=seed, group=len(subnets),
+                        graphs=m.get("timing") == "cuda_graph")
     tmin = None
     if "min" in table.extra:
         e = table.extra["min"]
@@ -550,6 +597,8 @@ def add_profile_parser(subparsers):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--graphs", action="store_true",
+                   help="time CUDA-graph replays (device time, as a graph-captured decode step sees it)")
     p.add_argument("--validate", type=int, default=0, help="also validate on this many random subnets")
     p.add_argument("--attach", action="store_true", help="store the table in the checkpoint as well")
     p.set_defaults(func=run_profile)
@@ -580,7 +629,7 @@ def run_profile(args) -> int:
         fm = FlextronModel.from_pretrained(args.model)
     fm.to(device=device, dtype=dtype)
     table = profile(fm, batch_size=args.batch_size, seq_len=args.seq_len, phase=args.phase, warmup=args.warmup,
-                    repeats=args.repeats)
+                    repeats=args.repeats, graphs=args.graphs)
     if args.validate:
         table.extra["validation"] = validate(fm, table, args.validate)
         v = table.extra["validation"]
