@@ -13,6 +13,8 @@ import torch
 
 
 def commit() -> str:
+    if os.environ.get("FLEXTRON_COMMIT"):  # a copied working tree may carry a stale .git
+        return os.environ["FLEXTRON_COMMIT"]
     try:
         out = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL)
         return out.strip()

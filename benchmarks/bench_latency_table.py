@@ -14,8 +14,8 @@ GPU only. For each phase
 
 Writes one JSON file (GPU, versions, commit, date, tables, every row) to ``--out``. Shapes: hidden 4096, MLP 11008,
 32 heads of 128 (MHA), ``--layers`` layers (default 32; fewer to save time; the fixed cost is measured either
-way), bf16. Space: MLP widths and head counts in 10% steps. Prefill is timed eagerly (launch cost is small
-against the work). Decode is timed both ways unless ``--decode-timing`` picks one: ``cuda_graph`` (each block and
+way), bf16. Space: MLP widths and head counts in 10% steps. Each phase is timed both ways unless
+``--prefill-timing``/``--decode-timing`` picks one: ``cuda_graph`` (each block and
 each whole step captured and replayed: the device time a served, graph-captured decode step sees) and ``eager``
 (what a Python ``generate`` loop sees; for a 7B model at batch 16 it is mostly launch cost, flat in width).
 A guarantee target below the smallest reachable latency is recorded as unreachable (the error names it).
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -42,6 +43,8 @@ TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def _commit() -> str:
+    if os.environ.get("FLEXTRON_COMMIT"):  # a copied working tree may carry a stale .git
+        return os.environ["FLEXTRON_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except Exception:
@@ -73,6 +76,7 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="a Llama-2-7B-shaped flextron checkpoint with routers")
     p.add_argument("--quick", action="store_true", help="8 layers, 12 subnets, 10 repeats")
     p.add_argument("--decode-timing", choices=("cuda_graph", "eager", "both"), default="both")
+    p.add_argument("--prefill-timing", choices=("cuda_graph", "eager", "both"), default="both")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_latency_table.py needs a CUDA GPU")
@@ -90,7 +94,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"latency_table_{torch.cuda.get_device_name().replace(' ', '_')}_{_commit()}.json"
-    runs = [("prefill", "eager", args.prefill_batch, args.prefill_len)]
+    runs = [("prefill", t, args.prefill_batch, args.prefill_len)
+            for t in ("eager", "cuda_graph") if args.prefill_timing in (t, "both")]
     runs += [("decode", t, args.decode_batch, args.decode_len)
              for t in ("cuda_graph", "eager") if args.decode_timing in (t, "both")]
     for phase, timing, bs, sl in runs:

@@ -10,6 +10,8 @@ KV heads reach the cache: HF's caches store whatever k/v they are given.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,24 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     """RoPE as Llama/Mistral/Qwen2 apply it (``cos``/``sin`` ``[B, S, D]``); it acts within each head."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+_NO_PADDING = False
+
+
+@contextmanager
+def no_padding():
+    """Tell attention that the masks transformers builds in this block are plain causal masks (no padding).
+
+    While a CUDA graph is being captured transformers materialises the causal mask it would otherwise skip (it
+    cannot look at the values then), which would send attention to SDPA; inside this block the mask is dropped
+    and the Triton kernels (causal by construction) run. Only for inputs without padding: the caller vouches."""
+    global _NO_PADDING
+    previous, _NO_PADDING = _NO_PADDING, True
+    try:
+        yield
+    finally:
+        _NO_PADDING = previous
 
 
 def _kernel_fits(q: torch.Tensor, attention_mask, dropout: float) -> bool:
@@ -53,6 +73,8 @@ def attention_core(
     """
     b, h, sq, _ = q.shape
     sk = k.shape[2]
+    if _NO_PADDING:
+        attention_mask = None
     if _kernel_fits(q, attention_mask, dropout) and sk >= sq:
         if sq == 1:
             lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)

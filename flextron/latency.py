@@ -238,16 +238,18 @@ def _captured(fn: Callable[[], object], before: Callable[[], object] | None, poo
 
     ``before`` runs before the warm-up and before the capture; what it returns (e.g. the cache tensors the step
     reads) is kept alive with the graph, which reads those addresses on every replay."""
+    from flextron.attention import no_padding  # timed inputs never carry padding
+
     if before:
         before()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), no_padding():
         fn()
     torch.cuda.current_stream().wait_stream(side)
     keep = before() if before else None
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool), no_padding():
         fn()
 
     def replay(graph=graph, keep=keep):

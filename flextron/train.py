@@ -246,17 +246,20 @@ class Trainer:
             self.teacher.eval().requires_grad_(False)
         self._export_template = None
         if cfg.parallel == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            # The mesh on this run's device type (FSDP2's default mesh is CUDA whenever a GPU exists).
+            mesh = init_device_mesh(self.device.type, (self.world,))
             if self.main:  # FSDP2 shards the parameters in place: keep a CPU copy to export the final model into
                 self._export_template = copy.deepcopy(fm).cpu()
             for m in [self.teacher] if self.teacher is not None else []:
                 for layer in m.layers:
-                    fully_shard(layer)
-                fully_shard(m)
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(m, mesh=mesh)
             for layer in fm.layers:
-                fully_shard(layer)
-            fully_shard(fm)
+                fully_shard(layer, mesh=mesh)
+            fully_shard(fm, mesh=mesh)
             self.engine = fm
         elif cfg.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel

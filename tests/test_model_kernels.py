@@ -129,3 +129,19 @@ def test_per_token_mlp_widths(calls):
     assert rel(routed, uniform) < 1e-5
     with pytest.raises(ValueError, match="widths"):
         mlp(x, widths[:, :3])
+
+
+def test_no_padding_drops_a_materialised_causal_mask(calls):
+    """Under ``no_padding()`` a plain causal mask (what transformers builds during CUDA-graph capture) no longer
+    sends attention to SDPA: the causal kernel runs, with the same result."""
+    from flextron.attention import attention_core, no_padding
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16, device=DEVICE) for _ in range(3))
+    mask = torch.ones(9, 9, dtype=torch.bool, device=DEVICE).tril()[None, None].expand(2, 1, 9, 9)
+    ref = attention_core(q, k, v, mask, scaling=0.25)
+    assert calls["prefill"] == 0  # a mask: SDPA
+    with no_padding():
+        out = attention_core(q, k, v, mask, scaling=0.25)
+    assert calls["prefill"] == 1
+    assert rel(out, ref) < 1e-5
