@@ -250,5 +250,42 @@ def main() -> None:
     print("wrote", path)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "--backward" not in sys.argv:
     main()
+
+
+def explore_backward() -> None:
+    """fwd+bwd of sliced_linear at 4096 tokens with each backward product on the TMA kernel or not: which of
+    dX (A = dy) and dW (A = dy transposed through its descriptor) loses time at narrow widths."""
+    import importlib
+
+    from flextron_kernels import sliced_linear
+
+    sl = importlib.import_module("flextron_kernels.sliced_linear")
+    plan = sl._tma_plan
+    modes = {
+        "tma_all": plan,
+        "no_trans_a": lambda a, b, out, M, N, K, sam, sak, *r: None if sam == 1 and sak != 1 else plan(
+            a, b, out, M, N, K, sam, sak, *r),
+        "fwd_only": lambda a, b, out, M, N, K, sam, sak, sbk, sbn, *r: plan(a, b, out, M, N, K, sam, sak, sbk, sbn,
+                                                                            *r) if sbk == 1 else None,
+    }
+    for wname, N, K, side in WEIGHTS[:2]:
+        W = (torch.randn(N, K, device="cuda", dtype=DT) * 0.02).requires_grad_()
+        for frac in (0.25, 1.0):
+            n, k = (int(N * frac), K) if side == "out" else (N, int(K * frac))
+            x = torch.randn(4096, k, device="cuda", dtype=DT, requires_grad=True)
+            dy = torch.randn(4096, n, device="cuda", dtype=DT)
+            Wc = W[:n, :k].detach().contiguous().requires_grad_()
+            res = {"cublas_copy": bench_ms(lambda x=x, Wc=Wc, dy=dy: F.linear(x, Wc).backward(dy),
+                                           grad_to_none=[x, Wc])}
+            for name, fn in modes.items():
+                sl._tma_plan = fn
+                res[name] = bench_ms(lambda x=x, W=W, n=n, dy=dy: sliced_linear(x, W, None, n).backward(dy),
+                                     grad_to_none=[x, W])
+            sl._tma_plan = plan
+            print(f"bwd {wname:15} {frac:4} " + " ".join(f"{kk}={v * 1e3:.0f}us" for kk, v in res.items()), flush=True)
+
+
+if __name__ == "__main__" and "--backward" in sys.argv:
+    explore_backward()
