@@ -75,8 +75,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--checkpoint", default=None, help="a Llama-2-7B-shaped flextron checkpoint with routers")
     p.add_argument("--quick", action="store_true", help="8 layers, 12 subnets, 10 repeats")
-    p.add_argument("--decode-timing", choices=("cuda_graph", "eager", "both"), default="both")
-    p.add_argument("--prefill-timing", choices=("cuda_graph", "eager", "both"), default="both")
+    p.add_argument("--decode-timing", choices=("cuda_graph", "eager", "both", "none"), default="both")
+    p.add_argument("--prefill-timing", choices=("cuda_graph", "eager", "both", "none"), default="both")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_latency_table.py needs a CUDA GPU")

@@ -431,12 +431,27 @@ def profile(fm: FlextronModel, *, batch_size: int, seq_len: int, phase: str = "p
 
 
 # -- whole-model measurement and validation ---------------------------------------------------------
-def _cache_tensors(cache) -> list:
+def _cache_slots(cache) -> list:
+    """``(holder, key)`` of every tensor a transformers cache keeps (layer objects in transformers >= 4.56, lists
+    before), so a measurement can put the tensors it saved back in place."""
     layers = getattr(cache, "layers", None)
-    if layers is not None:  # transformers >= 4.56
-        return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-                if t is not None]
-    return list(getattr(cache, "key_cache", [])) + list(getattr(cache, "value_cache", []))
+    if layers is not None:
+        return [(layer, name) for layer in layers for name in ("keys", "values")
+                if getattr(layer, name, None) is not None]
+    return [(lst, i) for lst in (cache.key_cache, cache.value_cache) for i in range(len(lst))]
+
+
+def _get(slot):
+    holder, key = slot
+    return holder[key] if isinstance(holder, list) else getattr(holder, key)
+
+
+def _put(slot, value) -> None:
+    holder, key = slot
+    if isinstance(holder, list):
+        holder[key] = value
+    else:
+        setattr(holder, key, value)
 
 
 def _runner(fm: FlextronModel, subnet: Subnet | None, batch_size: int, seq_len: int, phase: str, seed: int):
@@ -458,11 +473,15 @@ def _runner(fm: FlextronModel, subnet: Subnet | None, batch_size: int, seq_len: 
     fm.set_subnet(subnet)  # the cache holds this subnet's KV heads
     fm(input_ids=ids[:, :seq_len], cache=cache, use_cache=True)
 
+    # Rewinding puts the prefilled tensors back (no copy). ``crop`` would leave strided views, and concatenating
+    # onto a strided view is a slow copy a real decode loop never makes: on the H200 it tripled a 7B decode step.
+    slots = _cache_slots(cache)
+    saved = [_get(slot) for slot in slots]
+
     def rewind():
-        extra = cache.get_seq_length() - seq_len
-        if extra > 0:
-            cache.crop(-extra)
-        return _cache_tensors(cache)  # what a captured step reads: kept alive with its graph
+        for slot, t in zip(slots, saved):
+            _put(slot, t)
+        return saved  # what a captured step reads: kept alive with its graph
 
     def step():
         fm.set_subnet(subnet)

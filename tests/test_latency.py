@@ -138,3 +138,19 @@ def test_decode_table_in_cuda_graphs_on_the_kernels():
     assert all(v > 0 for row in t.mlp + t.attn for v in row)
     v = validate(fmg, t, 3, warmup=1, repeats=3)
     assert len(v["rows"]) == 4 and all(r["measured_ms"] > 0 for r in v["rows"])
+
+
+def test_decode_rewind_restores_the_contiguous_prefill_cache(fm):
+    """Each timed decode step starts from the prefilled cache tensors themselves (contiguous, seq_len long), not
+    from cropped views: concatenating onto a strided view is a slow copy that a real decode loop never makes."""
+    from flextron.latency import _runner
+
+    with torch.inference_mode():
+        step, rewind = _runner(fm, None, 2, 7, "decode", 0)
+        first = rewind()
+        for _ in range(2):
+            step()
+            again = rewind()
+            assert all(a is b for a, b in zip(again, first))
+    assert len(first) == 2 * fm.num_layers
+    assert all(t.shape[2] == 7 and t.is_contiguous() for t in first)
