@@ -2,6 +2,8 @@
 # One call on a CUDA machine: install (no deps: keep the machine's torch/triton), run the whole test suite
 # on CUDA with the interpreter off, then every benchmark. Results land in $OUT (device tool) or
 # benchmarks/results/. Usage: bash benchmarks/gpu_check.sh [tests|bench|all] [bench-name-filter]
+# Result files are named by commit: where the machine's copy of .git may be stale (the device tool copies the
+# working tree), pass FLEXTRON_COMMIT=<short sha> in the environment; the benchmarks prefer it to git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-all}
