@@ -114,7 +114,7 @@ def test_target_outside_unit_interval_is_refused(fm):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_timing_replays_the_captured_work():
-    from flextron.latency import time_interleaved
+    from flextron.measure import time_interleaved
 
     out = torch.zeros(4, device="cuda")
     times = time_interleaved([lambda: out.add_(1.0)], warmup=2, repeats=5, device="cuda", graphs=True)
@@ -143,7 +143,7 @@ def test_decode_table_in_cuda_graphs_on_the_kernels():
 def test_decode_rewind_restores_the_contiguous_prefill_cache(fm):
     """Each timed decode step starts from the prefilled cache tensors themselves (contiguous, seq_len long), not
     from cropped views: concatenating onto a strided view is a slow copy that a real decode loop never makes."""
-    from flextron.latency import _runner
+    from flextron.measure import _runner
 
     with torch.inference_mode():
         step, rewind = _runner(fm, None, 2, 7, "decode", 0)
