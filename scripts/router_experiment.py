@@ -9,6 +9,9 @@ Stages (each writes into ``--out``/results.json, so a later stage can be re-run 
   its own CPU table (prefill ``32 x 256``: enough tokens that its MLP and attention costs grow with width),
   validated; static and dynamic routers trained through the surrogate; budgets held (static, guarantee) measured;
   perplexity of router-chosen subnets vs uniform subnets of equal predicted latency, and dynamic vs static.
+- ``dynamic_long``: a longer dynamic-router run on the routed checkpoint (LLM frozen).
+- ``joint``: static and dynamic routers each trained with the LLM fine-tuned in the joint phase (``--lr-model``),
+  as the paper describes, each on its own copy of the LLM; dynamic vs static on those weights.
 - ``plots``: the PNGs in ``--docs``.
 
 Run without ``TRITON_INTERPRET`` (the torch reference paths run on a CPU) and, on a shared machine, with one thread.
@@ -155,14 +158,7 @@ def stage_stories(args, out: Path, results: dict) -> None:
 
     # Static routing over a dense set of targets (the curve), and the 5 evidence targets in detail.
     _log("stories: static router perplexity")
-    static = []
-    for t in np.round(np.arange(0.35, 1.001, 0.05), 2).tolist():
-        s = static_subnet(routing(fm).static, t, table)
-        fm.set_subnet(s)
-        static.append({"target": t, "subnet": s.to_dict(), "predicted_fraction": table.predict_fraction(s),
-                       "raw_subnet": routing(fm).static.choose(t).to_dict(),
-                       "raw_predicted_fraction": table.predict_fraction(routing(fm).static.choose(t)),
-                       "ppl": _ppl(fm, held)})
+    static = _eval_static(fm, table, held)
     res["static"] = static
     same_keys = set()  # uniform subnets keeping one common fraction of neurons and heads
     for f in np.linspace(0.02, 1.0, 50).tolist():
@@ -206,6 +202,19 @@ def stage_stories(args, out: Path, results: dict) -> None:
     _log("stories: done")
 
 
+def _eval_static(fm: FlextronModel, table, held: torch.Tensor) -> list[dict]:
+    static = []
+    for t in np.round(np.arange(0.35, 1.001, 0.05), 2).tolist():
+        s = static_subnet(routing(fm).static, t, table)
+        fm.set_subnet(s)
+        static.append({"target": t, "subnet": s.to_dict(), "predicted_fraction": table.predict_fraction(s),
+                       "raw_subnet": routing(fm).static.choose(t).to_dict(),
+                       "raw_predicted_fraction": table.predict_fraction(routing(fm).static.choose(t)),
+                       "ppl": _ppl(fm, held)})
+    fm.set_subnet(None)
+    return static
+
+
 def _eval_dynamic(fm: FlextronModel, held: torch.Tensor) -> list[dict]:
     dynamic = []
     for t in np.round(np.arange(0.35, 1.001, 0.05), 2).tolist():
@@ -244,6 +253,41 @@ def stage_dynamic_long(args, out: Path, results: dict) -> None:
     fm.save_pretrained(out / "stories_routed_long")
     _save(out, results)
     _log("dynamic_long: done")
+
+
+def stage_joint(args, out: Path, results: dict) -> None:
+    """The paper's full recipe: the surrogate phase, then LLM and routers fine-tuned together (``--lr-model`` > 0).
+    The static and the dynamic router each get their own copy of the routed stories checkpoint's LLM (the same
+    starting weights, steps, data and table) and are evaluated on the weights they were tuned with."""
+    _, tok = load_stories260k()
+    train, held = _data(tok)
+    joint = {"lr_model": args.lr_model}
+    for kind in ("static", "dynamic"):
+        torch.manual_seed(0)
+        fm = FlextronModel.from_pretrained(out / "stories_routed")
+        table = routing(fm).table
+        choices = ([fm.mlp_choices(i) for i in range(fm.num_layers)],
+                   [fm.head_choices(i) for i in range(fm.num_layers)])
+        cfg = RouterTrainConfig(sm_steps=args.long_sm_steps, sm_warmup=args.sm_warmup,
+                                joint_steps=args.long_joint_steps, batch_size=args.batch_size, lr_model=args.lr_model)
+        router = (StaticRouter(*choices) if kind == "static"
+                  else DynamicRouter(*choices, hidden_size=fm.config.hidden_size))
+        _log(f"joint: training the {kind} router with the LLM ({cfg.sm_steps} SM + {cfg.joint_steps} joint steps, "
+             f"lr_model {cfg.lr_model})")
+        t0 = time.perf_counter()
+        log = train_routers(fm, router, table, train, cfg)
+        attach_router(fm, router)
+        fm.set_subnet(None)
+        entry = {"seconds": time.perf_counter() - t0, "config": vars(cfg), "full_ppl": _ppl(fm, held),
+                 "router_steps": sum(1 for r in log if r.get("router_step"))}
+        _log(f"joint: {kind} trained in {entry['seconds']:.0f} s; full model ppl {entry['full_ppl']:.3f}")
+        entry["curve"] = _eval_static(fm, table, held) if kind == "static" else _eval_dynamic(fm, held)
+        joint[kind] = entry
+        results.setdefault("stories", {})["joint"] = joint
+        _save(out, results)
+    joint["dynamic_vs_static"] = _dyn_vs_static(joint["dynamic"]["curve"], joint["static"]["curve"])
+    _save(out, results)
+    _log("joint: done")
 
 
 def stage_recheck(args, out: Path, results: dict) -> None:
@@ -419,6 +463,7 @@ def main() -> None:
     p.add_argument("--long-sm-steps", type=int, default=900, help="SM steps of the dynamic_long stage")
     p.add_argument("--long-joint-steps", type=int, default=400, help="joint steps of the dynamic_long stage")
     p.add_argument("--batch-size", type=int, default=8, help="router training sequences per step")
+    p.add_argument("--lr-model", type=float, default=1e-4, help="LLM learning rate in the joint phase (stage joint)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -428,7 +473,7 @@ def main() -> None:
     results["args"] = vars(args)
     for stage in args.stages.split(","):
         {"llama": stage_llama, "stories": stage_stories, "dynamic_long": stage_dynamic_long,
-         "recheck": stage_recheck,
+         "recheck": stage_recheck, "joint": stage_joint,
          "plots": stage_plots}[stage](args, out, results)
     _save(out, results)
 
