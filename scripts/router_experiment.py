@@ -261,15 +261,16 @@ def stage_joint(args, out: Path, results: dict) -> None:
     starting weights, steps, data and table) and are evaluated on the weights they were tuned with."""
     _, tok = load_stories260k()
     train, held = _data(tok)
-    joint = {"lr_model": args.lr_model}
+    joint = {"lr_model": args.lr_model, "seed": args.seed}
     for kind in ("static", "dynamic"):
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         fm = FlextronModel.from_pretrained(out / "stories_routed")
         table = routing(fm).table
         choices = ([fm.mlp_choices(i) for i in range(fm.num_layers)],
                    [fm.head_choices(i) for i in range(fm.num_layers)])
         cfg = RouterTrainConfig(sm_steps=args.long_sm_steps, sm_warmup=args.sm_warmup,
-                                joint_steps=args.long_joint_steps, batch_size=args.batch_size, lr_model=args.lr_model)
+                                joint_steps=args.long_joint_steps, batch_size=args.batch_size, lr_model=args.lr_model,
+                                seed=args.seed)
         router = (StaticRouter(*choices) if kind == "static"
                   else DynamicRouter(*choices, hidden_size=fm.config.hidden_size))
         _log(f"joint: training the {kind} router with the LLM ({cfg.sm_steps} SM + {cfg.joint_steps} joint steps, "
@@ -464,6 +465,7 @@ def main() -> None:
     p.add_argument("--long-joint-steps", type=int, default=400, help="joint steps of the dynamic_long stage")
     p.add_argument("--batch-size", type=int, default=8, help="router training sequences per step")
     p.add_argument("--lr-model", type=float, default=1e-4, help="LLM learning rate in the joint phase (stage joint)")
+    p.add_argument("--seed", type=int, default=0, help="router initialisation and data order of stage joint")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
