@@ -25,17 +25,10 @@ from _common import bench_graph_ms, bench_ms, run_info
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flextron_kernels.sliced_linear import _strided_matmul_kernel
+from flextron_kernels.sliced_linear import _tile_of as _tile
 
 DT = torch.bfloat16
 NUM_SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
-
-
-@triton.jit
-def _tile(tile_id, num_m, num_n, GROUP_M: tl.constexpr):
-    in_group = GROUP_M * num_n
-    first_m = (tile_id // in_group) * GROUP_M
-    gm = min(num_m - first_m, GROUP_M)
-    return first_m + (tile_id % in_group) % gm, (tile_id % in_group) // gm
 
 
 @triton.jit
@@ -157,24 +150,30 @@ def P(bm, bn, bk, g, w, s):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s)
 
 
+def T(bm, bn, bk, w, s):
+    """One tile per program, TMA loads."""
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=s, num_warps=w)
+
+
+def PT(bm, bn, bk, w, s, ws):
+    """Persistent TMA (one program per SM), optionally warp-specialised."""
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, WS=ws, FLATTEN=not ws, num_warps=w, num_stages=s)
+
+
 PREFILL = {
     "ptr128x256x64w8s3": (run_ptr, P(128, 256, 64, 8, 8, 3)),
     "ptr128x256x64w8s4": (run_ptr, P(128, 256, 64, 8, 8, 4)),
     "ptr128x128x64w8s4": (run_ptr, P(128, 128, 64, 8, 8, 4)),
     "ptr128x128x64w4s4": (run_ptr, P(128, 128, 64, 8, 4, 4)),
     "ptr256x128x64w8s3": (run_ptr, P(256, 128, 64, 8, 8, 3)),
-    "tma128x256x64w8s3": (run_tma, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, STAGES=3, num_warps=8)),
-    "tma128x256x64w8s4": (run_tma, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, STAGES=4, num_warps=8)),
-    "tma128x128x64w8s4": (run_tma, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, STAGES=4, num_warps=8)),
-    "tma128x128x64w4s4": (run_tma, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, STAGES=4, num_warps=4)),
-    "ptma128x256x64w8s3": (run_ptma, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, WS=False, FLATTEN=True,
-                                          num_warps=8, num_stages=3)),
-    "ptma128x128x64w8s4": (run_ptma, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, WS=False, FLATTEN=True,
-                                          num_warps=8, num_stages=4)),
-    "ptma128x256x64ws": (run_ptma, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, WS=True, FLATTEN=False,
-                                        num_warps=8, num_stages=3)),
-    "ptma128x128x64ws": (run_ptma, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, WS=True, FLATTEN=False,
-                                        num_warps=4, num_stages=4)),
+    "tma128x256x64w8s3": (run_tma, T(128, 256, 64, 8, 3)),
+    "tma128x256x64w8s4": (run_tma, T(128, 256, 64, 8, 4)),
+    "tma128x128x64w8s4": (run_tma, T(128, 128, 64, 8, 4)),
+    "tma128x128x64w4s4": (run_tma, T(128, 128, 64, 4, 4)),
+    "ptma128x256x64w8s3": (run_ptma, PT(128, 256, 64, 8, 3, False)),
+    "ptma128x128x64w8s4": (run_ptma, PT(128, 128, 64, 8, 4, False)),
+    "ptma128x256x64ws": (run_ptma, PT(128, 256, 64, 8, 3, True)),
+    "ptma128x128x64ws": (run_ptma, PT(128, 128, 64, 4, 4, True)),
 }
 
 

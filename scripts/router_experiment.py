@@ -334,6 +334,19 @@ def _dyn_vs_static(dynamic: list[dict], static: list[dict]) -> list[dict]:
     return out
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+
+
+def _save_fig(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def stage_plots(args, out: Path, results: dict) -> None:
     import matplotlib
 
@@ -372,9 +385,7 @@ def stage_plots(args, out: Path, results: dict) -> None:
                 ax.set_xlabel(f"measured ({unit})")
                 ax.set_ylabel(f"predicted ({unit})")
                 ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(docs / "routers_table_accuracy.png", dpi=110)
-        plt.close(fig)
+        _save_fig(plt, fig, docs / "routers_table_accuracy.png")
     # 2. budgets held
     rows = []
     if "llama" in results:
@@ -391,13 +402,9 @@ def stage_plots(args, out: Path, results: dict) -> None:
                     ax.plot(*zip(*pts), marker=marker, label=f"{name}, {mode} (measured)")
         ax.plot([0.45, 0.95], [0.45, 0.95], "k--", lw=0.8, label="target")
         ax.fill_between([0.45, 0.95], [0.405, 0.855], [0.495, 1.045], color="g", alpha=0.1, label="±10%")
-        ax.set_xlabel("latency target (fraction of full)")
-        ax.set_ylabel("measured latency (fraction of measured full)")
-        ax.legend(fontsize=7)
-        ax.set_title("Budgets held on this CPU (2-core, shared)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(docs / "routers_budgets.png", dpi=110)
-        plt.close(fig)
+        _label(ax, "latency target (fraction of full)", "measured latency (fraction of measured full)",
+               "Budgets held on this CPU (2-core, shared)")
+        _save_fig(plt, fig, docs / "routers_budgets.png")
     # 3. quality
     s = results.get("stories", {})
     if "uniform" in s:
@@ -422,13 +429,9 @@ def stage_plots(args, out: Path, results: dict) -> None:
                 ax.plot(*zip(*d), mk, ms=3, label=name + (" (guarantee cap)" if g else ""))
         ax.axhline(s.get("full_ppl", float("nan")), color="k", lw=0.6, ls=":", label="full model")
         ax.set_yscale("log")
-        ax.set_xlabel("predicted latency (fraction of full, stories260K CPU prefill table)")
-        ax.set_ylabel("held-out TinyStories perplexity")
-        ax.legend(fontsize=7)
-        ax.set_title("Quality at equal predicted latency (stories260K)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(docs / "routers_quality.png", dpi=110)
-        plt.close(fig)
+        _label(ax, "predicted latency (fraction of full, stories260K CPU prefill table)",
+               "held-out TinyStories perplexity", "Quality at equal predicted latency (stories260K)")
+        _save_fig(plt, fig, docs / "routers_quality.png")
     # 4. training curves
     if "static_training" in s:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -444,9 +447,7 @@ def stage_plots(args, out: Path, results: dict) -> None:
         for ax in axes:
             ax.set_xlabel("step")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(docs / "routers_training.png", dpi=110)
-        plt.close(fig)
+        _save_fig(plt, fig, docs / "routers_training.png")
 
 
 def main() -> None:

@@ -21,6 +21,18 @@ def _logits(model, x):
         return model(input_ids=x).logits
 
 
+def _pair(family):
+    """A tiny HF model of the family and a FlextronModel made from a copy of it."""
+    orig = tiny_model(family)
+    return orig, FlextronModel.from_hf(copy.deepcopy(orig))
+
+
+def _at_half(fm):
+    subnet = fm.uniform_subnet(mlp=0.5, heads=0.5)
+    fm.set_subnet(subnet)
+    return subnet
+
+
 def _plain(orig, fm):
     """A plain HF model with fm's (possibly permuted) weights: state dicts map 1:1."""
     plain = copy.deepcopy(orig)
@@ -34,8 +46,7 @@ def family(request):
 
 
 def test_full_width_and_state_dict(family):
-    orig = tiny_model(family)
-    fm = FlextronModel.from_hf(copy.deepcopy(orig))
+    orig, fm = _pair(family)
     x = tokens()
     assert rel(_logits(fm, x), _logits(orig, x)) < TOL
     sd, ref = fm.model.state_dict(), orig.state_dict()
@@ -44,8 +55,7 @@ def test_full_width_and_state_dict(family):
 
 
 def test_subnet_matches_masked_reference(family):
-    orig = tiny_model(family)
-    fm = FlextronModel.from_hf(copy.deepcopy(orig))
+    orig, fm = _pair(family)
     x = tokens()
     g = fm.attention_blocks[0].group_size
     # heterogeneous: a different width and head count in each layer, widths off the tile grid
@@ -57,8 +67,7 @@ def test_subnet_matches_masked_reference(family):
 
 
 def test_rank_preserves_function_and_orders_prefixes(family):
-    orig = tiny_model(family)
-    fm = FlextronModel.from_hf(copy.deepcopy(orig))
+    orig, fm = _pair(family)
     x = tokens()
     before = _logits(fm, x)
     fm.rank([x, tokens(seed=2)])
@@ -86,10 +95,8 @@ def test_rank_preserves_function_and_orders_prefixes(family):
 
 
 def test_generate_with_kv_cache_at_subnet(family):
-    orig = tiny_model(family)
-    fm = FlextronModel.from_hf(copy.deepcopy(orig))
-    subnet = fm.uniform_subnet(mlp=0.5, heads=0.5)
-    fm.set_subnet(subnet)
+    orig, fm = _pair(family)
+    subnet = _at_half(fm)
     x = tokens(batch=1, seq=5)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     cached = fm.generate(x, **kw)
@@ -104,8 +111,7 @@ def test_generate_with_kv_cache_at_subnet(family):
 
 
 def test_extract_uniform_is_plain_transformers_model(family, tmp_path):
-    orig = tiny_model(family)
-    fm = FlextronModel.from_hf(copy.deepcopy(orig))
+    orig, fm = _pair(family)
     fm.rank([tokens()])
     x = tokens(seed=3)
     heads = 1.0 if family == "gpt2" else 0.5  # GPT-2 can express MLP-only shrinking (see flextron.export)
@@ -122,8 +128,7 @@ def test_extract_uniform_is_plain_transformers_model(family, tmp_path):
 
 
 def test_extract_heterogeneous_is_slim_flextron_model(family):
-    orig = tiny_model(family)
-    fm = FlextronModel.from_hf(copy.deepcopy(orig))
+    orig, fm = _pair(family)
     g = fm.attention_blocks[0].group_size
     subnet = Subnet(mlp=[fm.mlp_choices(0)[0], fm.mlp_choices(1)[-1]], heads=[fm.head_choices(0)[-1], g])
     fm.set_subnet(subnet)
@@ -158,10 +163,8 @@ def test_per_token_widths_hook(family):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
 def test_padding_mask_at_subnet(family):
-    orig = tiny_model(family)
-    fm = FlextronModel.from_hf(copy.deepcopy(orig))
-    subnet = fm.uniform_subnet(mlp=0.5, heads=0.5)
-    fm.set_subnet(subnet)
+    orig, fm = _pair(family)
+    subnet = _at_half(fm)
     x = tokens(batch=2, seq=10)
     mask = torch.ones_like(x)
     mask[0, :4] = 0  # left padding in the first sequence
