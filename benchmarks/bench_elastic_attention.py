@@ -81,10 +81,12 @@ def graph_ms(fn, reps: int = 20) -> float:
 
 
 def commit() -> str:
+    if os.environ.get("FLEXTRON_COMMIT"):  # the device's copy of .git may be stale
+        return os.environ["FLEXTRON_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], stderr=subprocess.DEVNULL, text=True).strip()
     except Exception:
-        return os.environ.get("FLEXTRON_COMMIT", "unknown")
+        return "unknown"
 
 
 def sdpa_flash(q, k, v, causal=True):
@@ -202,6 +204,37 @@ def decode_rows(hkv, bandwidth):
     return rows
 
 
+# --decode-sweep: the split kernel's chunking policy (programs per SM, minimum chunk) on the cases that
+# decide the decode target (contexts >= 4K at batch 1 and 8), flextron only.
+SWEEP_PPS = [2, 4, 8]
+SWEEP_MIN_CHUNK = [128, 512, 1024]
+
+
+def decode_sweep(bandwidth):
+    dec = sys.modules["flextron_kernels.elastic_attention_decode"]
+    base = (dec._PROGRAMS_PER_SM, dec._MIN_CHUNK)
+    rows = []
+    for hkv in HKVS:
+        for ctx in DECODE_CTX[1:]:
+            for b in (1, 8):
+                q = torch.randn(b, HQ, D, device="cuda", dtype=DTYPE)
+                kc = torch.randn(b, hkv, ctx, D, device="cuda", dtype=DTYPE)
+                vc = torch.randn(b, hkv, ctx, D, device="cuda", dtype=DTYPE)
+                lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+                heads = torch.full((b,), HQ, device="cuda", dtype=torch.int32)
+                floor = 2 * kc.numel() * kc.element_size() / bandwidth * 1e3
+                for pps in SWEEP_PPS:
+                    for mc in SWEEP_MIN_CHUNK:
+                        dec._PROGRAMS_PER_SM, dec._MIN_CHUNK = pps, mc
+                        chunk, nsplit = dec._chunking(b, hkv, ctx, q.device)
+                        t = graph_ms(lambda a=(q, kc, vc, lens, heads): elastic_attention_decode(*a))
+                        rows.append(dict(hkv=hkv, B=b, ctx=ctx, programs_per_sm=pps, min_chunk=mc, chunk=chunk,
+                                         splits=nsplit, flextron_ms=t, ratio_to_floor=t / floor))
+                        print(rows[-1], flush=True)
+                dec._PROGRAMS_PER_SM, dec._MIN_CHUNK = base
+    return rows
+
+
 def best_configs():
     from flextron_kernels import elastic_attention as ea_mod  # noqa: F401
     from flextron_kernels import elastic_attention_decode as dec_mod  # noqa: F401
@@ -239,6 +272,7 @@ def targets(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--decode-sweep", action="store_true", help="only sweep the decode chunking policy")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_elastic_attention needs a CUDA GPU")
@@ -248,6 +282,12 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"elastic_attention_{now.strftime('%Y%m%dT%H%M%S')}.json")
     bw = copy_bandwidth()
+    if args.decode_sweep:
+        sweep = decode_sweep(bw)
+        with open(path.replace("elastic_attention_", "elastic_attention_decode_sweep_"), "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), commit=commit(), copy_bandwidth_gbps=bw / 1e9,
+                           timing="CUDA graph replay, L2 flushed (graph_ms)", rows=sweep), f, indent=1)
+        return
     rows = []
     # Saved after every section, so a run cut short still leaves its figures.
     for hkv in HKVS:

@@ -5,6 +5,7 @@ over {25, 50, 75, 100}% of I, ``skewed`` (70% of tokens at 25%, 10% at each othe
 
 Providers (forward, and forward+backward):
 - ``flextron``: ``flextron_kernels.nested_mlp`` (routing included; ``check_widths=False``, the eager decode setting).
+- ``flextron_ptr`` (T > 64, the sorted path): the same op with its pointer-loaded tiles instead of TMA.
 - ``dense``: the full-width MLP with cuBLAS ``F.linear`` (what every token would cost without nesting).
 - ``loop``: plain torch, per width group: gather the tokens, ``F.linear`` on weight views, scatter back
   (group index lists are computed outside the timing, which favours this baseline).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import subprocess
@@ -34,6 +36,8 @@ import triton
 from triton.testing import do_bench
 
 from flextron_kernels import nested_mlp
+
+NM = importlib.import_module("flextron_kernels.nested_mlp")  # the module (the package exports the function)
 
 MODELS = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
 T_FWD = [1, 16, 256, 2048, 8192, 16384]
@@ -50,10 +54,12 @@ def _bench(fn, grad_to_none=None) -> float:
 
 
 def _commit() -> str:
+    if os.environ.get("FLEXTRON_COMMIT"):  # the device's copy of .git may be stale
+        return os.environ["FLEXTRON_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], stderr=subprocess.DEVNULL, text=True).strip()
     except Exception:
-        return os.environ.get("FLEXTRON_COMMIT", "unknown")
+        return "unknown"
 
 
 def _widths(mix: str, T: int, inter: int, gen: torch.Generator) -> torch.Tensor:
@@ -113,6 +119,13 @@ def run_case(H, inter, T, mix, backward, gen, quick):
     def flex():
         return nested_mlp(x, wu, wd, w, gate_weight=wg, check_widths=False)
 
+    def flex_ptr():
+        NM._TMA = False
+        try:
+            return flex()
+        finally:
+            NM._TMA = True
+
     def dense():
         return _mlp(x, wg, wu, wd)
 
@@ -154,6 +167,8 @@ def run_case(H, inter, T, mix, backward, gen, quick):
     providers = {"flextron": flex, "dense": dense, "loop": loop, "grouped_mm": grouped}
     if quick:
         providers = {"flextron": flex, "dense": dense}
+    if T > 64:
+        providers["flextron_ptr"] = flex_ptr
     for name, fn in providers.items():
         try:
             if backward:
@@ -201,7 +216,7 @@ def run_case(H, inter, T, mix, backward, gen, quick):
     ms = rec["ms"]
     if "flextron" in ms:
         rec["tflops_flextron"] = flops / (ms["flextron"] * 1e-3) / 1e12
-        for base_name in ("dense", "ideal", "loop", "grouped_mm"):
+        for base_name in ("dense", "ideal", "loop", "grouped_mm", "flextron_ptr"):
             if base_name in ms:
                 rec[f"speedup_vs_{base_name}"] = ms[base_name] / ms["flextron"]
     if "flextron_graph" in ms and "dense_graph" in ms:
@@ -209,11 +224,60 @@ def run_case(H, inter, T, mix, backward, gen, quick):
     return rec
 
 
+# --explore: block configs of the sorted path, forward and forward+backward, uniform mix (flextron only).
+EXPLORE = {
+    "base": {},
+    "up_s4": {"up": {"num_stages": 4}},
+    "down_128x128_s4": {"down": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 4}},
+    "up_s4_down_s4": {"up": {"num_stages": 4}, "down": {"num_stages": 4}},
+    "m64_w4": {"up": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
+               "down": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4}},
+    "m128_w8": {"up": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+                "down": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}},
+}
+
+
+def explore(H, inter, gen):
+    rows = []
+    real_plan = NM._plan
+    for T in (256, 2048, 8192):
+        w = _widths("uniform", T, inter, gen)
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        ws = [torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in ((inter, H), (inter, H), (H, inter))]
+        dy = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        for name, over in EXPLORE.items():
+            def plan(T_, dtype, over=over):
+                p = real_plan(T_, dtype)
+                return dict(p, **{k: dict(p[k], **v) for k, v in over.items()})
+            NM._plan = plan
+            row = {"T": T, "variant": name}
+
+            def run(x=x, ws=ws, w=w):
+                return nested_mlp(x, ws[1], ws[2], w, gate_weight=ws[0], check_widths=False)
+            try:
+                with torch.no_grad():
+                    row["fwd_ms"] = _bench(run)
+                for p in ws + [x]:
+                    p.requires_grad_(True)
+                row["fwd_bwd_ms"] = _bench(lambda run=run, dy=dy: run().backward(dy), grad_to_none=ws + [x])
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            finally:
+                NM._plan = real_plan
+                for p in ws + [x]:
+                    p.requires_grad_(False)
+                    p.grad = None
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--quick", action="store_true", help="flextron and dense only, fewer T")
+    ap.add_argument("--explore", action="store_true", help="only sweep the sorted path's block configs")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_nested_mlp needs a CUDA GPU")
@@ -227,6 +291,12 @@ def main():
     }
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
+    if args.explore:
+        H, inter = MODELS[args.models.split(",")[0]]
+        result["explore"] = explore(H, inter, gen)
+        with open(path.replace("nested_mlp_", "nested_mlp_explore_"), "w") as f:
+            json.dump(result, f, indent=1)
+        return
     t_fwd = [1, 256, 8192] if args.quick else T_FWD
     for model in args.models.split(","):
         H, inter = MODELS[model]
@@ -241,7 +311,7 @@ def main():
                         json.dump(result, f, indent=1)
                     torch.cuda.empty_cache()
     print(f"wrote {path} ({time.time() - t0:.0f} s)")
-    cols = ["flextron", "dense", "loop", "grouped_mm", "ideal", "flextron_graph", "dense_graph"]
+    cols = ["flextron", "flextron_ptr", "dense", "loop", "grouped_mm", "ideal", "flextron_graph", "dense_graph"]
     print(f"{'model':10} {'pass':8} {'T':>6} {'mix':8} " + " ".join(f"{c:>10}" for c in cols) + "  x_dense x_ideal")
     for r in result["cases"]:
         ms = r["ms"]

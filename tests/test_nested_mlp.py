@@ -1,5 +1,7 @@
 """nested_mlp against a float64 per-token reference: width mixes, odd shapes, dtypes, gradients, routing, bad input."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -103,6 +105,25 @@ def test_gated_with_biases_leading_dims(dtype):
     x = randn(2, 3, 11, H, dtype=dtype, requires_grad=True)
     w = _widths("mixed", 66).to(torch.int32).view(2, 3, 11)
     _run(x, w, _params(dtype, gated=True, biases=True), "silu", dtype)
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("gated", [True, False])
+def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
+    """The sorted path in both forms: TMA tiles (x gathered to sorted order, weight boxes) and pointer loads;
+    a spy checks which form ran, every call."""
+    nm = importlib.import_module("flextron_kernels.nested_mlp")  # the package exports the function by that name
+    if tma and not nm._tma_sms(torch.device(DEVICE)):
+        pytest.skip("no TMA on this device")
+    monkeypatch.setattr(nm, "_TMA", tma)
+    seen = []
+    real = nm._tma_ok
+    monkeypatch.setattr(nm, "_tma_ok", lambda *a: seen.append(real(*a)) or seen[-1])
+    T = 150  # sorted on every device, not a multiple of any row tile
+    x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
+    _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=gated, biases=not gated),
+         "silu" if gated else "gelu_tanh", torch.bfloat16)
+    assert len(seen) == 2 and all(s == tma for s in seen)  # forward, backward
 
 
 def test_strided_input_and_weight_views():
