@@ -5,7 +5,8 @@ over {25, 50, 75, 100}% of I, ``skewed`` (70% of tokens at 25%, 10% at each othe
 
 Providers (forward, and forward+backward):
 - ``flextron``: ``flextron_kernels.nested_mlp`` (routing included; ``check_widths=False``, the eager decode setting).
-- ``flextron_ptr`` (T > 64, the sorted path): the same op with its pointer-loaded tiles instead of TMA.
+- ``flextron_ptr`` (T > 1024, where the op uses TMA tiles): the same op with its pointer-loaded tiles;
+  ``flextron_tma`` (64 < T <= 1024, where it uses pointer tiles): the same op forced onto TMA tiles.
 - ``dense``: the full-width MLP with cuBLAS ``F.linear`` (what every token would cost without nesting).
 - ``loop``: plain torch, per width group: gather the tokens, ``F.linear`` on weight views, scatter back
   (group index lists are computed outside the timing, which favours this baseline).
@@ -126,6 +127,14 @@ def run_case(H, inter, T, mix, backward, gen, quick):
         finally:
             NM._TMA = True
 
+    def flex_tma():
+        real = NM._plan
+        NM._plan = lambda T_, dtype: dict(real(T_, dtype), tma=True)
+        try:
+            return flex()
+        finally:
+            NM._plan = real
+
     def dense():
         return _mlp(x, wg, wu, wd)
 
@@ -167,8 +176,10 @@ def run_case(H, inter, T, mix, backward, gen, quick):
     providers = {"flextron": flex, "dense": dense, "loop": loop, "grouped_mm": grouped}
     if quick:
         providers = {"flextron": flex, "dense": dense}
-    if T > 64:
+    if T > 1024:
         providers["flextron_ptr"] = flex_ptr
+    elif T > 64:
+        providers["flextron_tma"] = flex_tma
     for name, fn in providers.items():
         try:
             if backward:
@@ -216,7 +227,7 @@ def run_case(H, inter, T, mix, backward, gen, quick):
     ms = rec["ms"]
     if "flextron" in ms:
         rec["tflops_flextron"] = flops / (ms["flextron"] * 1e-3) / 1e12
-        for base_name in ("dense", "ideal", "loop", "grouped_mm", "flextron_ptr"):
+        for base_name in ("dense", "ideal", "loop", "grouped_mm", "flextron_ptr", "flextron_tma"):
             if base_name in ms:
                 rec[f"speedup_vs_{base_name}"] = ms[base_name] / ms["flextron"]
     if "flextron_graph" in ms and "dense_graph" in ms:
@@ -311,7 +322,8 @@ def main():
                         json.dump(result, f, indent=1)
                     torch.cuda.empty_cache()
     print(f"wrote {path} ({time.time() - t0:.0f} s)")
-    cols = ["flextron", "flextron_ptr", "dense", "loop", "grouped_mm", "ideal", "flextron_graph", "dense_graph"]
+    cols = ["flextron", "flextron_ptr", "flextron_tma", "dense", "loop", "grouped_mm", "ideal", "flextron_graph",
+            "dense_graph"]
     print(f"{'model':10} {'pass':8} {'T':>6} {'mix':8} " + " ".join(f"{c:>10}" for c in cols) + "  x_dense x_ideal")
     for r in result["cases"]:
         ms = r["ms"]

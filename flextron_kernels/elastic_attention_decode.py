@@ -151,25 +151,28 @@ def _sm_count(device: torch.device) -> int:
 
 # Chunking policy (see _chunking); module constants so the benchmark can sweep them.
 _PROGRAMS_PER_SM = 8
-_MIN_CHUNK = 128
+_MIN_CHUNK = 1024
 
 
 def _chunking(batch: int, hkv: int, s_max: int, device: torch.device) -> tuple[int, int]:
-    """Chunk length and count: about ``_PROGRAMS_PER_SM`` programs per SM, never a chunk shorter than
-    ``_MIN_CHUNK`` (or the cache) or than one tile.
+    """Chunk length and count: about ``_PROGRAMS_PER_SM`` programs per SM, but chunks of at least
+    ``_MIN_CHUNK`` keys wherever that still leaves about one program per SM.
 
-    Many short chunks rather than one wave of long ones: with two programs resident per SM, 344 long programs
-    ran as 1.3 waves (the last one 30 % full) and took 1.6x the memory floor; ~8 per SM bounds that tail loss.
-    But a short chunk is mostly prologue (q load, pipeline fill, partial store), which is what batch-1 decode
-    of a GQA cache runs into: the minimum chunk bounds that. The partials cost ``rep * D * 4`` bytes per chunk
-    against ``chunk * D * 4`` bytes of K and V read.
+    Many chunks rather than one wave of long ones: with two programs resident per SM, 344 long programs ran as
+    1.3 waves (the last one 30 % full) and took 1.6x the memory floor; ~8 per SM bounds that tail loss. But a
+    short chunk is mostly prologue (q load, pipeline fill, partial store): at batch 1 with 8 KV heads, 1024
+    programs of 256 keys took 1.91x the floor at 32K and 256 programs of 1024 keys 1.51x (H200 sweep,
+    ``bench_elastic_attention.py --decode-sweep``). The partials cost ``rep * D * 4`` bytes per chunk against
+    ``chunk * D * 4`` bytes of K and V read.
     """
     multiple = _INTERPRET_BLOCK_N if INTERPRET else _CHUNK_MULTIPLE
-    splits = max(1, min(triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device), max(1, batch * hkv)),
-                        triton.cdiv(s_max, multiple)))
+    sms = _sm_count(device)
+    groups = max(1, batch * hkv)
+    splits = max(1, min(triton.cdiv(_PROGRAMS_PER_SM * sms, groups), triton.cdiv(s_max, multiple)))
     chunk = triton.cdiv(triton.cdiv(s_max, splits), multiple) * multiple
     if not INTERPRET:
-        chunk = max(chunk, min(_MIN_CHUNK, triton.cdiv(s_max, multiple) * multiple))
+        fill = triton.cdiv(triton.cdiv(s_max * groups, sms), multiple) * multiple  # ~one program per SM
+        chunk = max(chunk, min(_MIN_CHUNK, fill))
     return chunk, triton.cdiv(s_max, chunk)
 
 

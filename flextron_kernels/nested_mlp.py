@@ -340,7 +340,8 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         # The interpreter's cost grows with the number of programs: big blocks.
         bm = 16 if small else 32
         up = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
-        return dict(sorted=not small, up=up, down=dict(up), wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
+        return dict(sorted=not small, tma=not small, up=up, down=dict(up),
+                    wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
     # fp32 tiles take twice the shared memory per stage: halve the K step instead of the stages.
     kdiv = 2 if dtype == torch.float32 else 1
     if small:
@@ -362,7 +363,9 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and
     # a weight-gradient neuron block must lie inside one up-kernel N block.
     assert up["BLOCK_M"] == down["BLOCK_M"] and up["BLOCK_N"] % wgrad["BLOCK_J"] == 0
-    return dict(sorted=not small, up=up, down=down, wgrad=wgrad)
+    # TMA tiles for prefill-sized batches only: at 256 tokens they were slower than the pointer tiles in every
+    # config tried (0.30-0.62 ms vs 0.22; benchmarks/NOTES.md); at 2048-8192 tokens 12-18 % faster.
+    return dict(sorted=not small, tma=T > 1024, up=up, down=down, wgrad=wgrad)
 
 
 def _grid(rows: int, cols: int, cfg: dict, bm: str = "BLOCK_M"):
@@ -370,10 +373,9 @@ def _grid(rows: int, cols: int, cfg: dict, bm: str = "BLOCK_M"):
 
 
 def _tma_ok(plan: dict, *tensors) -> bool:
-    """Whether the TMA forms of the up and down kernels serve this call: the sorted path (the unsorted decode
-    tile streams the weights with long pointer K tiles), 2-byte dtypes, Hopper or the interpreter, and
-    row-major operands whose rows are 16-byte aligned."""
-    if not (_TMA and plan["sorted"]):
+    """Whether the TMA forms of the up and down kernels serve this call: plans that ask for it (prefill-sized
+    batches), 2-byte dtypes, Hopper or the interpreter, and row-major operands with 16-byte aligned rows."""
+    if not (_TMA and plan["tma"]):
         return False
     ts = [t for t in tensors if t is not None]
     if not _tma_sms(ts[0].device):
