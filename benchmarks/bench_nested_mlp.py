@@ -235,8 +235,56 @@ def run_case(H, inter, T, mix, backward, gen, quick):
     return rec
 
 
+def host_cost(H, inter, gen):
+    """Host time per eager forward call (no sync in the loop, so the GPU queue absorbs the kernels), and where it
+    goes (cProfile, top functions by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    out = []
+    for T in (1, 16, 256, 2048):
+        w = _widths("uniform", T, inter, gen)
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        ws = [torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in ((inter, H), (inter, H), (H, inter))]
+
+        def flex(x=x, ws=ws, w=w):
+            return nested_mlp(x, ws[1], ws[2], w, gate_weight=ws[0], check_widths=False)
+
+        def dense(x=x, ws=ws):
+            return _mlp(x, ws[0], ws[1], ws[2])
+        with torch.no_grad():
+            for name, fn in (("flextron", flex), ("dense", dense)):
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+                n = 50
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                host_us = (time.perf_counter() - t0) / n * 1e6
+                torch.cuda.synchronize()
+                row = {"T": T, "provider": name, "host_us_per_call": host_us}
+                if name == "flextron":
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    for _ in range(n):
+                        fn()
+                    prof.disable()
+                    torch.cuda.synchronize()
+                    buf = io.StringIO()
+                    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+                    row["profile"] = buf.getvalue()[-4000:]
+                out.append(row)
+                print({k: v for k, v in row.items() if k != "profile"}, flush=True)
+                if T == 256 and name == "flextron":
+                    print(row["profile"], flush=True)
+    return out
+
+
 # --explore: block configs of the sorted path, forward and forward+backward, uniform mix (flextron only).
 EXPLORE = {
+    "pointer": None,  # the plan as it is, pointer tiles forced
     "base": {},
     "up_s4": {"up": {"num_stages": 4}},
     "down_128x128_s4": {"down": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 4}},
@@ -251,7 +299,7 @@ EXPLORE = {
 def explore(H, inter, gen):
     rows = []
     real_plan = NM._plan
-    for T in (256, 2048, 8192):
+    for T in (256, 1024, 2048, 8192):
         w = _widths("uniform", T, inter, gen)
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         ws = [torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in ((inter, H), (inter, H), (H, inter))]
@@ -259,7 +307,9 @@ def explore(H, inter, gen):
         for name, over in EXPLORE.items():
             def plan(T_, dtype, over=over):
                 p = real_plan(T_, dtype)
-                return dict(p, **{k: dict(p[k], **v) for k, v in over.items()})
+                if over is None:
+                    return dict(p, tma=False)
+                return dict(p, tma=True, **{k: dict(p[k], **v) for k, v in over.items()})
             NM._plan = plan
             row = {"T": T, "variant": name}
 
@@ -268,6 +318,10 @@ def explore(H, inter, gen):
             try:
                 with torch.no_grad():
                     row["fwd_ms"] = _bench(run)
+                    if T <= 1024:  # eager is host-bound here: the GPU time from a graph replay
+                        g = _graph(run)
+                        row["fwd_graph_ms"] = _bench(g.replay)
+                        del g
                 for p in ws + [x]:
                     p.requires_grad_(True)
                 row["fwd_bwd_ms"] = _bench(lambda run=run, dy=dy: run().backward(dy), grad_to_none=ws + [x])
@@ -289,6 +343,7 @@ def main():
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--quick", action="store_true", help="flextron and dense only, fewer T")
     ap.add_argument("--explore", action="store_true", help="only sweep the sorted path's block configs")
+    ap.add_argument("--host", action="store_true", help="only measure the host cost of a call")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_nested_mlp needs a CUDA GPU")
@@ -302,6 +357,12 @@ def main():
     }
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
+    if args.host:
+        H, inter = MODELS[args.models.split(",")[0]]
+        result["host"] = host_cost(H, inter, gen)
+        with open(path.replace("nested_mlp_", "nested_mlp_host_"), "w") as f:
+            json.dump(result, f, indent=1)
+        return
     if args.explore:
         H, inter = MODELS[args.models.split(",")[0]]
         result["explore"] = explore(H, inter, gen)
