@@ -5,8 +5,7 @@ over {25, 50, 75, 100}% of I, ``skewed`` (70% of tokens at 25%, 10% at each othe
 
 Providers (forward, and forward+backward):
 - ``flextron``: ``flextron_kernels.nested_mlp`` (routing included; ``check_widths=False``, the eager decode setting).
-- ``flextron_ptr`` (T > 1024, where the op uses TMA tiles): the same op with its pointer-loaded tiles;
-  ``flextron_tma`` (64 < T <= 1024, where it uses pointer tiles): the same op forced onto TMA tiles.
+- ``flextron_ptr`` (T > 64, where the op sorts tokens and uses TMA tiles): the same op with pointer-loaded tiles.
 - ``dense``: the full-width MLP with cuBLAS ``F.linear`` (what every token would cost without nesting).
 - ``loop``: plain torch, per width group: gather the tokens, ``F.linear`` on weight views, scatter back
   (group index lists are computed outside the timing, which favours this baseline).
@@ -14,7 +13,8 @@ Providers (forward, and forward+backward):
   (the MoE-style layout; the copies are made outside the timing, their bytes are recorded).
 - ``ideal``: each group alone on contiguous copies of its slices with cuBLAS, all groups replayed in one CUDA
   graph: the sum of per-group GEMM times with no launch or routing overhead (backward written out by hand).
-- ``flextron_graph`` / ``dense_graph`` (T <= 256, forward): both replayed from CUDA graphs, the decode setting.
+- ``flextron_graph`` / ``dense_graph`` / ``flextron_ptr_graph`` (T <= 256, forward): replayed from CUDA graphs,
+  the decode setting (and the GPU time where an eager call is bound by host time).
 
 Trimmed to stay under ~4 minutes on an H200: forward+backward runs T in {256, 2048, 8192} only (T = 16384
 backward is the 8192 case doubled; T <= 16 backward is not a training shape); do_bench uses warmup=10 ms,
@@ -127,13 +127,6 @@ def run_case(H, inter, T, mix, backward, gen, quick):
         finally:
             NM._TMA = True
 
-    def flex_tma():
-        real = NM._plan
-        NM._plan = lambda T_, dtype: dict(real(T_, dtype), tma=True)
-        try:
-            return flex()
-        finally:
-            NM._plan = real
 
     def dense():
         return _mlp(x, wg, wu, wd)
@@ -176,10 +169,8 @@ def run_case(H, inter, T, mix, backward, gen, quick):
     providers = {"flextron": flex, "dense": dense, "loop": loop, "grouped_mm": grouped}
     if quick:
         providers = {"flextron": flex, "dense": dense}
-    if T > 1024:
+    if T > 64:
         providers["flextron_ptr"] = flex_ptr
-    elif T > 64:
-        providers["flextron_tma"] = flex_tma
     for name, fn in providers.items():
         try:
             if backward:
@@ -205,7 +196,10 @@ def run_case(H, inter, T, mix, backward, gen, quick):
     except Exception as e:
         rec["errors"]["ideal"] = f"{type(e).__name__}: {str(e)[:200]}"
     if not backward and T <= 256:
-        for name, fn in (("flextron_graph", flex), ("dense_graph", dense)):
+        graphed = [("flextron_graph", flex), ("dense_graph", dense)]
+        if T > 64:
+            graphed.append(("flextron_ptr_graph", flex_ptr))
+        for name, fn in graphed:
             try:
                 with torch.no_grad():
                     g = _graph(fn)
@@ -227,11 +221,13 @@ def run_case(H, inter, T, mix, backward, gen, quick):
     ms = rec["ms"]
     if "flextron" in ms:
         rec["tflops_flextron"] = flops / (ms["flextron"] * 1e-3) / 1e12
-        for base_name in ("dense", "ideal", "loop", "grouped_mm", "flextron_ptr", "flextron_tma"):
+        for base_name in ("dense", "ideal", "loop", "grouped_mm", "flextron_ptr"):
             if base_name in ms:
                 rec[f"speedup_vs_{base_name}"] = ms[base_name] / ms["flextron"]
     if "flextron_graph" in ms and "dense_graph" in ms:
         rec["speedup_graph_vs_dense_graph"] = ms["dense_graph"] / ms["flextron_graph"]
+    if "flextron_graph" in ms and "flextron_ptr_graph" in ms:
+        rec["speedup_graph_vs_ptr_graph"] = ms["flextron_ptr_graph"] / ms["flextron_graph"]
     return rec
 
 
@@ -383,7 +379,7 @@ def main():
                         json.dump(result, f, indent=1)
                     torch.cuda.empty_cache()
     print(f"wrote {path} ({time.time() - t0:.0f} s)")
-    cols = ["flextron", "flextron_ptr", "flextron_tma", "dense", "loop", "grouped_mm", "ideal", "flextron_graph",
+    cols = ["flextron", "flextron_ptr", "dense", "loop", "grouped_mm", "ideal", "flextron_graph", "flextron_ptr_graph",
             "dense_graph"]
     print(f"{'model':10} {'pass':8} {'T':>6} {'mix':8} " + " ".join(f"{c:>10}" for c in cols) + "  x_dense x_ideal")
     for r in result["cases"]:

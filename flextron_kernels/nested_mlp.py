@@ -352,8 +352,10 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         down = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256 // kdiv, GROUP_M=1, num_warps=4, num_stages=3)
         wgrad = dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=8, num_warps=4, num_stages=2)
     elif T <= 1024:
+        # Four stages on both sides: with TMA tiles this took 0.172 ms at 256 tokens of the Llama-2-7B MLP
+        # (graph replay; three stages 0.192, 128-row tiles 0.197, pointer tiles 0.214).
         up = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=4)
-        down = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=3)
+        down = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=4)
         wgrad = dict(BLOCK_J=128, BLOCK_N=128, BLOCK_T=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
     else:
         # Prefill: wgmma-sized tiles; GROUP_M row tiles share each band of weight tiles through L2.
@@ -363,9 +365,9 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and
     # a weight-gradient neuron block must lie inside one up-kernel N block.
     assert up["BLOCK_M"] == down["BLOCK_M"] and up["BLOCK_N"] % wgrad["BLOCK_J"] == 0
-    # TMA tiles for prefill-sized batches only: at 256 tokens they were slower than the pointer tiles in every
-    # config tried (0.30-0.62 ms vs 0.22; benchmarks/NOTES.md); at 2048-8192 tokens 12-18 % faster.
-    return dict(sorted=not small, tma=T > 1024, up=up, down=down, wgrad=wgrad)
+    # TMA tiles wherever the batch is sorted: 1.24x the pointer tiles' speed at 256 tokens, 1.30x at 1024 and
+    # 1.17-1.20x at 2048-8192 (H200, benchmarks/NOTES.md).
+    return dict(sorted=not small, tma=not small, up=up, down=down, wgrad=wgrad)
 
 
 def _grid(rows: int, cols: int, cfg: dict, bm: str = "BLOCK_M"):
