@@ -340,7 +340,7 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         # The interpreter's cost grows with the number of programs: big blocks.
         bm = 16 if small else 32
         up = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
-        return dict(sorted=not small, tma=not small, up=up, down=dict(up),
+        return dict(sorted=not small, tma=not small, tma_bwd=not small, up=up, down=dict(up),
                     wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
     # fp32 tiles take twice the shared memory per stage: halve the K step instead of the stages.
     kdiv = 2 if dtype == torch.float32 else 1
@@ -365,9 +365,10 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and
     # a weight-gradient neuron block must lie inside one up-kernel N block.
     assert up["BLOCK_M"] == down["BLOCK_M"] and up["BLOCK_N"] % wgrad["BLOCK_J"] == 0
-    # TMA tiles wherever the batch is sorted: 1.24x the pointer tiles' speed at 256 tokens, 1.30x at 1024 and
-    # 1.17-1.20x at 2048-8192 (H200, benchmarks/NOTES.md).
-    return dict(sorted=not small, tma=not small, up=up, down=down, wgrad=wgrad)
+    # TMA tiles wherever the batch is sorted in the forward pass: 1.15-1.34x the pointer tiles' GPU speed at 256
+    # tokens, 1.30x at 1024, 1.17-1.37x at 2048-16384 (H200, benchmarks/NOTES.md). The backward's up and down
+    # products only from 1025 tokens: at 256 tokens forward+backward was 1.1-1.4x slower with them.
+    return dict(sorted=not small, tma=not small, tma_bwd=T > 1024, up=up, down=down, wgrad=wgrad)
 
 
 def _grid(rows: int, cols: int, cfg: dict, bm: str = "BLOCK_M"):
@@ -509,7 +510,7 @@ class _NestedMLP(torch.autograd.Function):
         dh = torch.empty_like(h)
         dg = torch.empty_like(h) if gate_w is not None else None
         a = torch.empty_like(h)
-        tma = _tma_ok(plan, dy2) and plan["tma"]
+        tma = _tma_ok(plan, dy2) and plan["tma_bwd"]
         # dA = dy Wd[:, :w], then the activation's derivative in the epilogue (a is recomputed there).
         src = dy2.index_select(0, order) if tma else dy2
         _launch_up(src, order, sw, down_w, None, False, None, h, g, a, dh, dg, inter, ctx.act_id, True, False,

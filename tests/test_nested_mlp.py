@@ -117,7 +117,7 @@ def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
         pytest.skip("no TMA on this device")
     monkeypatch.setattr(nm, "_TMA", tma)
     real_plan = nm._plan  # the GPU plan uses TMA from 1025 tokens: ask for it at this small size too
-    monkeypatch.setattr(nm, "_plan", lambda T, dtype: dict(real_plan(T, dtype), tma=True))
+    monkeypatch.setattr(nm, "_plan", lambda T, dtype: dict(real_plan(T, dtype), tma=True, tma_bwd=True))
     seen = []
     real = nm._tma_ok
     monkeypatch.setattr(nm, "_tma_ok", lambda *a: seen.append(real(*a)) or seen[-1])
