@@ -29,6 +29,8 @@ Kernels (all fp32 accumulation, weights read through their strides, never copied
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -332,9 +334,11 @@ _UNSORTED_MAX_T = 16 if INTERPRET else 64
 _TMA = TensorDescriptor is not None
 
 
+@functools.lru_cache(maxsize=4096)
 def _plan(T: int, dtype: torch.dtype) -> dict:
     """Block shapes per kernel. Fixed heuristics, not autotuning: every new (T, I, H) would otherwise
-    re-tune, and a decode loop sees a new T bucket often."""
+    re-tune, and a decode loop sees a new T bucket often. Cached (host time is the cost of a decode step);
+    callers copy before they change anything."""
     small = T <= _UNSORTED_MAX_T
     if INTERPRET:
         # The interpreter's cost grows with the number of programs: big blocks.
@@ -605,9 +609,8 @@ def nested_mlp(
     """
     amp = autocast_dtype(x)
     inter = _check(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, activation, amp is None)
-    capturing = widths.is_cuda and torch.cuda.is_current_stream_capturing()
     used = inter
-    if check_widths and not capturing and widths.numel() > 0:
+    if check_widths and widths.numel() > 0 and not (widths.is_cuda and torch.cuda.is_current_stream_capturing()):
         lo, hi = (int(v) for v in torch.aminmax(widths))
         if lo < 1 or hi > inter:
             raise ValueError(f"widths must be in [1, {inter}] (up_weight.shape[0]), got values in [{lo}, {hi}]")
