@@ -289,13 +289,39 @@ EXPLORE = {
                "down": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4}},
     "m128_w8": {"up": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
                 "down": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}},
+    "down_n64": {"down": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4}},
+    "down_n64_k128": {"down": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}},
+    "up_n64_down_n64": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4},
+                        "down": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4}},
 }
 
 
-def explore(H, inter, gen):
+def kernel_times(H, inter, gen, T=256):
+    """GPU time per kernel of one forward (torch.profiler), per width mix."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    ws = [torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in ((inter, H), (inter, H), (H, inter))]
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    for mix in ("uniform", "full"):
+        w = _widths(mix, T, inter, gen)
+        with torch.no_grad():
+            for _ in range(3):
+                nested_mlp(x, ws[1], ws[2], w, gate_weight=ws[0], check_widths=False)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    nested_mlp(x, ws[1], ws[2], w, gate_weight=ws[0], check_widths=False)
+                torch.cuda.synchronize()
+        out[mix] = {e.key[:60]: e.device_time_total / 20 for e in prof.key_averages()}
+        print(T, mix, {k: round(v, 1) for k, v in out[mix].items()}, flush=True)
+    return out
+
+
+def explore(H, inter, gen, sizes=(256, 1024, 2048, 8192)):
     rows = []
     real_plan = NM._plan
-    for T in (256, 1024, 2048, 8192):
+    for T in sizes:
         w = _widths("uniform", T, inter, gen)
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         ws = [torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in ((inter, H), (inter, H), (H, inter))]
@@ -340,6 +366,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="flextron and dense only, fewer T")
     ap.add_argument("--explore", action="store_true", help="only sweep the sorted path's block configs")
     ap.add_argument("--host", action="store_true", help="only measure the host cost of a call")
+    ap.add_argument("--explore-t", default="256,1024,2048,8192", help="token counts for --explore")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_nested_mlp needs a CUDA GPU")
@@ -361,7 +388,8 @@ def main():
         return
     if args.explore:
         H, inter = MODELS[args.models.split(",")[0]]
-        result["explore"] = explore(H, inter, gen)
+        result["kernel_us_T256"] = kernel_times(H, inter, gen)
+        result["explore"] = explore(H, inter, gen, tuple(int(t) for t in args.explore_t.split(",")))
         with open(path.replace("nested_mlp_", "nested_mlp_explore_"), "w") as f:
             json.dump(result, f, indent=1)
         return
