@@ -166,7 +166,11 @@ def test_routing_invariants(kind):
     T = 300
     w = _widths(kind, T)
     sw, order = nested_mlp_routing(w)
+    assert order.dtype == torch.int64 and sw.dtype == w.dtype
     assert torch.equal(torch.sort(order.cpu()).values, torch.arange(T))  # a permutation
+    # Exactly the stable descending sort (ties keep token order), computed independently by torch.
+    ref = torch.sort(w.cpu(), descending=True, stable=True)
+    assert torch.equal(order.cpu(), ref.indices) and torch.equal(sw.cpu(), ref.values)
     assert torch.equal(w[order], sw)  # sorted widths are the tokens' own
     assert bool((sw[:-1] >= sw[1:]).all())  # descending: a row tile's first row is its widest
     # Group offsets (histogram + cumsum) cover the batch exactly, each group contiguous in the order.
