@@ -58,6 +58,9 @@ class TrainConfig:
     clip: float = 1.0
     sampling: str = "sandwich"  # "sandwich": full + smallest + k random subnets; "full": the full model only
     k_random: int = 2
+    # Weight of the full model's loss in the sandwich sum (every other subnet weighs 1). Above 1 it protects the
+    # full model, whose gradient the smaller subnets' larger losses otherwise outweigh. Logged losses stay unweighted.
+    full_weight: float = 1.0
     # How the k random subnets are drawn: "layerwise" (each layer independently), "uniform" (one quantile of the
     # space for every layer: the deployment targets a latency budget usually maps to), or "mixed" (alternating).
     random_kind: str = "layerwise"
@@ -95,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
         if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0:
             raise ValueError(f"alpha must be in [0, 1] and temperature > 0, got {self.alpha}, {self.temperature}")
+        if not self.full_weight > 0:
+            raise ValueError(f"full_weight must be > 0, got {self.full_weight}")
         if self.k_random < 0:
             raise ValueError(f"k_random must be >= 0, got {self.k_random}")
 
@@ -366,7 +371,8 @@ class Trainer:
                     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1))
                     if teacher is not None and cfg.alpha > 0:
                         loss = (1 - cfg.alpha) * loss + cfg.alpha * distill_loss(logits, teacher, cfg.temperature)
-                    (loss / cfg.grad_accum).backward()
+                    weight = cfg.full_weight if name == "full" else 1.0
+                    (loss * (weight / cfg.grad_accum)).backward()
                 sums[name] += loss.item() / cfg.grad_accum
                 if cfg.distill == "inplace" and name == "full":
                     teacher = logits.detach()

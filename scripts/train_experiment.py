@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--random-kind", default="layerwise", choices=("layerwise", "uniform", "mixed"))
     p.add_argument("--distill", default="parent")
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--full-weight", type=float, default=1.0, help="weight of the full model's loss in the sum")
     p.add_argument("--stages", default="parent,elastic,baselines")
     p.add_argument("--force", action="store_true")
     p.add_argument("--threads", type=int, default=2)
@@ -84,6 +85,7 @@ def main() -> None:
     space = ElasticSpace(mlp=WIDTHS, heads=WIDTHS)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=20,
                       k_random=args.k_random, random_kind=args.random_kind, distill=args.distill, alpha=args.alpha,
+                      full_weight=args.full_weight,
                       eval_every=100,
                       eval_windows=64, log_every=10, save_every=100)
     tokens = cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len

@@ -109,6 +109,30 @@ def test_uniform_and_mixed_random_subnets():
         _cfg(random_kind="sometimes")
 
 
+def _first_step_grads(tmp_path, name, **kw):
+    """The gradients the optimizer sees at step 0 (clipping off, so they are the raw sum of subnet losses)."""
+    trainer = Trainer(tiny_fm(), token_data(), _cfg(distill="none", clip=0.0, **kw), tmp_path / name)
+    seen = []
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (seen.append([p.grad.clone() for p in trainer.fm.parameters()]),
+                                              step(*a, **k))[1]
+    trainer.train_step()
+    return seen[0]
+
+
+def test_full_weight_scales_only_the_full_models_gradient(tmp_path):
+    """Weighted sandwich = unweighted sandwich + (w - 1) x the full model's own gradient (from a run that trains the
+    full model alone on the same batch)."""
+    g1 = _first_step_grads(tmp_path, "w1", k_random=1)
+    g3 = _first_step_grads(tmp_path, "w3", k_random=1, full_weight=3.0)
+    full = _first_step_grads(tmp_path, "full", sampling="full")
+    assert any(float(f.abs().max()) > 0 for f in full)
+    for a, b, f in zip(g1, g3, full):
+        torch.testing.assert_close(b - a, 2.0 * f, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="full_weight"):
+        _cfg(full_weight=0.0)
+
+
 def test_seq_len_longer_than_model_allows(tmp_path):
     with pytest.raises(ValueError, match=rf"seq_len={MAX_POS + 1} is longer than the model allows \({MAX_POS}"):
         Trainer(tiny_fm(), token_data(), _cfg(seq_len=MAX_POS + 1), tmp_path / "run")
