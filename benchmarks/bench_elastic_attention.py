@@ -22,13 +22,13 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
+from _common import commit
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flextron_kernels import elastic_attention, elastic_attention_decode
@@ -78,15 +78,6 @@ def graph_ms(fn, reps: int = 20) -> float:
 
     with_fn, without = capture(True), capture(False)
     return max(replay_ms(with_fn) - replay_ms(without), 1e-6) / reps
-
-
-def commit() -> str:
-    if os.environ.get("FLEXTRON_COMMIT"):  # the device's copy of .git may be stale
-        return os.environ["FLEXTRON_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], stderr=subprocess.DEVNULL, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def sdpa_flash(q, k, v, causal=True):

@@ -28,12 +28,12 @@ import datetime
 import importlib
 import json
 import os
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
+from _common import commit
 from triton.testing import do_bench
 
 from flextron_kernels import nested_mlp
@@ -52,15 +52,6 @@ MIXES = {
 
 def _bench(fn, grad_to_none=None) -> float:
     return float(do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median"))
-
-
-def _commit() -> str:
-    if os.environ.get("FLEXTRON_COMMIT"):  # the device's copy of .git may be stale
-        return os.environ["FLEXTRON_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], stderr=subprocess.DEVNULL, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def _widths(mix: str, T: int, inter: int, gen: torch.Generator) -> torch.Tensor:
@@ -375,7 +366,7 @@ def main():
     path = os.path.join(args.out, f"nested_mlp_{stamp}.json")
     result = {
         "bench": "nested_mlp", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "commit": _commit(), "date": stamp, "dtype": "bfloat16",
+        "triton": triton.__version__, "commit": commit(), "date": stamp, "dtype": "bfloat16",
         "timing": "triton.testing.do_bench median, warmup=10ms rep=40ms", "cases": [],
     }
     gen = torch.Generator().manual_seed(0)
