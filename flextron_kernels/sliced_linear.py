@@ -188,6 +188,17 @@ def _aligned(t: torch.Tensor, row_stride: int) -> bool:
     return t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0 and row_stride > 0
 
 
+def _strided_by(t: torch.Tensor, s_first: int, s_second: int) -> bool | None:
+    """How a 2-D operand with strides ``(s_first, s_second)`` can be a TMA descriptor: False when the second dim is
+    the unit-stride one (rows along the first), True when the first is (stored transposed), None when neither is
+    or its rows are not 16-byte aligned. (A unit row stride is never aligned, so the order of the checks is moot.)"""
+    if s_second == 1 and _aligned(t, s_first):
+        return False
+    if s_first == 1 and _aligned(t, s_second):
+        return True
+    return None
+
+
 def _tma_blocks(M: int, N: int, sms: int):
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs)`` for the TMA kernel, or None; ``programs``
     None means one program per tile, else a persistent grid of that many programs."""
@@ -209,17 +220,9 @@ def _tma_plan(a, b, out, M, N, K, sam, sak, sbk, sbn, scm, scn):
     sms = _tma_sms(out.device)
     if not sms or a.element_size() != 2 or M < 128 or scn != 1 or not _aligned(out, scm):
         return None
-    if sak == 1 and _aligned(a, sam):
-        trans_a = False
-    elif sam == 1 and _aligned(a, sak):
-        trans_a = True
-    else:
-        return None
-    if sbk == 1 and _aligned(b, sbn):
-        b_nk = True
-    elif sbn == 1 and _aligned(b, sbk):
-        b_nk = False
-    else:
+    trans_a = _strided_by(a, sam, sak)  # A stored [M, K] (False) or [K, M] (True)
+    b_nk = _strided_by(b, sbk, sbn)  # B stored [K, N] (False) or [N, K] (True)
+    if trans_a is None or b_nk is None:
         return None
     blocks = _tma_blocks(M, N, sms)
     if blocks is None:
