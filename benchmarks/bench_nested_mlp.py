@@ -273,22 +273,39 @@ def host_cost(H, inter, gen):
 EXPLORE = {
     "pointer": None,  # the plan as it is, pointer tiles forced
     "base": {},
-    "up_s4": {"up": {"num_stages": 4}},
-    "down_128x128_s4": {"down": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 4}},
-    "up_s4_down_s4": {"up": {"num_stages": 4}, "down": {"num_stages": 4}},
-    "m64_w4": {"up": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
-               "down": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4}},
-    "m128_w8": {"up": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
-                "down": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}},
-    "down_n64": {"down": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4}},
-    "down_n64_k128": {"down": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}},
-    "up_n64_down_n64": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4},
-                        "down": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4}},
+    "split2": {"down": {"SPLIT_K": 2}},
+    "split4": {"down": {"SPLIT_K": 4}},
+    "split8": {"down": {"SPLIT_K": 8}},
+    "split4_n64": {"down": {"SPLIT_K": 4, "BLOCK_N": 64}},
+    "split4_n256_w8": {"down": {"SPLIT_K": 4, "BLOCK_N": 256, "num_warps": 8, "num_stages": 3}},
+    "up_m128_w8_s3": {"up": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3}},
+    "up_m128_w8_s4": {"up": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4}},
+    "up_m128_w8_s3_split4": {"up": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3}, "down": {"SPLIT_K": 4}},
+    "up_n256_w8_s3_split4": {"up": {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3}, "down": {"SPLIT_K": 4}},
 }
 
 
-def kernel_times(H, inter, gen, T=256):
-    """GPU time per kernel of one forward (torch.profiler), per width mix."""
+def _override(real_plan, over):
+    def plan(T_, dtype):
+        p = real_plan(T_, dtype)
+        if over is None:
+            return dict(p, tma=False)
+        return dict(p, tma=True, **{k: dict(p[k], **v) for k, v in over.items()})
+    return plan
+
+
+def kernel_times(H, inter, gen, T=256, over=None):
+    """GPU time per kernel of one forward (torch.profiler), per width mix; ``over``: an EXPLORE plan change."""
+    real_plan = NM._plan
+    if over is not None:
+        NM._plan = _override(real_plan, over)
+    try:
+        return _kernel_times(H, inter, gen, T)
+    finally:
+        NM._plan = real_plan
+
+
+def _kernel_times(H, inter, gen, T):
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
@@ -317,13 +334,14 @@ def explore(H, inter, gen, sizes=(256, 1024, 2048, 8192)):
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         ws = [torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in ((inter, H), (inter, H), (H, inter))]
         dy = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        if T <= 1024:  # the reference: cuBLAS dense MLP at full width, graph-timed
+            with torch.no_grad():
+                g = _graph(lambda x=x, ws=ws: _mlp(x, *ws))
+                rows.append({"T": T, "variant": "dense", "fwd_graph_ms": _bench(g.replay)})
+                del g
+            print(rows[-1], flush=True)
         for name, over in EXPLORE.items():
-            def plan(T_, dtype, over=over):
-                p = real_plan(T_, dtype)
-                if over is None:
-                    return dict(p, tma=False)
-                return dict(p, tma=True, **{k: dict(p[k], **v) for k, v in over.items()})
-            NM._plan = plan
+            NM._plan = _override(real_plan, over)
             row = {"T": T, "variant": name}
 
             def run(x=x, ws=ws, w=w):
@@ -380,6 +398,7 @@ def main():
     if args.explore:
         H, inter = MODELS[args.models.split(",")[0]]
         result["kernel_us_T256"] = kernel_times(H, inter, gen)
+        result["kernel_us_T256_split4"] = kernel_times(H, inter, gen, over=EXPLORE["split4"])
         result["explore"] = explore(H, inter, gen, tuple(int(t) for t in args.explore_t.split(",")))
         with open(path.replace("nested_mlp_", "nested_mlp_explore_"), "w") as f:
             json.dump(result, f, indent=1)

@@ -218,11 +218,12 @@ def _up_kernel(
 
 @triton.jit
 def _down_kernel(
-    a1_ptr, a2_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, out_ptr, a1_desc, a2_desc, b1_desc, b2_desc,
-    T, N, I, LDA,
+    a1_ptr, a2_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, out_ptr, ws_ptr, a1_desc, a2_desc, b1_desc,
+    b2_desc,
+    T, N, I, LDA, KC,
     stride_b1k, stride_b1n, stride_b2k, stride_b2n, stride_om, stride_on,
     SORTED: tl.constexpr, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, PAD: tl.constexpr, TMA: tl.constexpr, B_NK: tl.constexpr,
+    PRECISION: tl.constexpr, PAD: tl.constexpr, TMA: tl.constexpr, B_NK: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -234,22 +235,31 @@ def _down_kernel(
     # The K loop ends at the tile's width rounded up to the up kernel's N block (PAD): the buffer holds
     # zeros there past each row's width, and a multiple of PAD as the mask bound keeps vector loads.
     k_end = tl.cdiv(w_tile, PAD) * PAD
+    k_lo = 0
+    has_work = True
+    if SPLIT:
+        # Split-K: this program sums K chunk program_id(1) ([k_lo, k_lo + KC), KC a multiple of BLOCK_K) into
+        # its own fp32 slice of the workspace; _splitk_reduce_kernel adds the slices. A chunk at or past the
+        # tile's width runs no iteration and stores nothing (the reduction reads only chunks below k_end).
+        k_lo = tl.program_id(1) * KC
+        has_work = k_lo < k_end
+        k_end = tl.minimum(k_end, k_lo + KC)
     if TMA:
         # BLOCK_K divides PAD (checked at launch), so no box reaches past k_end into unwritten columns.
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
-        for ki in range(0, tl.cdiv(k_end, BLOCK_K)):
+        for ki in range(k_lo // BLOCK_K, tl.cdiv(k_end, BLOCK_K)):
             ok = ki * BLOCK_K
             acc = _mma(a1_desc.load([om, ok]), _load_b(b1_desc, ok, on, B_NK), acc, UPCAST, PRECISION)
             if DUAL:
                 acc = _mma(a2_desc.load([om, ok]), _load_b(b2_desc, ok, on, B_NK), acc, UPCAST, PRECISION)
     else:
-        a1_ptrs = a1_ptr + t[:, None] * LDA + rk[None, :]
-        a2_ptrs = a2_ptr + t[:, None] * LDA + rk[None, :]
-        b1_ptrs = b1_ptr + rk[:, None] * stride_b1k + rn[None, :] * stride_b1n
-        b2_ptrs = b2_ptr + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
+        a1_ptrs = a1_ptr + t[:, None] * LDA + (k_lo + rk)[None, :]
+        a2_ptrs = a2_ptr + t[:, None] * LDA + (k_lo + rk)[None, :]
+        b1_ptrs = b1_ptr + (k_lo + rk)[:, None] * stride_b1k + rn[None, :] * stride_b1n
+        b2_ptrs = b2_ptr + (k_lo + rk)[:, None] * stride_b2k + rn[None, :] * stride_b2n
         row_in = t < T
-        for ki in range(0, tl.cdiv(k_end, BLOCK_K)):
+        for ki in range(k_lo // BLOCK_K, tl.cdiv(k_end, BLOCK_K)):
             k = ki * BLOCK_K + rk
             a_mask = row_in[:, None] & (k[None, :] < k_end)
             b_mask = (k[:, None] < k_end) & (k[:, None] < I) & n_in[None, :]
@@ -262,10 +272,40 @@ def _down_kernel(
                 b2_ptrs += BLOCK_K * stride_b2k
             a1_ptrs += BLOCK_K
             b1_ptrs += BLOCK_K * stride_b1k
+    if SPLIT:
+        w_ptrs = ws_ptr + (tl.program_id(1) * T + t)[:, None] * N + rn[None, :]
+        tl.store(w_ptrs, acc, mask=(t[:, None] < T) & n_in[None, :] & has_work)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :] * stride_on
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(t[:, None] < T) & n_in[None, :])
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    ws_ptr, order_ptr, sw_ptr, bias_ptr, out_ptr, T, N, I, KC, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, PAD: tl.constexpr, TILE_M: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``out[order[t]] = sum_s ws[s, t] + bias`` over the K chunks that row ``t``'s down tile (``TILE_M`` rows,
+    width = its first row's) ran; chunk order is fixed, so the sum is deterministic."""
+    t = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t_in = t < T
+    c_in = rc < N
+    first = (t // TILE_M) * TILE_M  # sorted descending: a tile's first row holds its width
+    w_tile = tl.minimum(tl.maximum(tl.load(sw_ptr + first, mask=t_in, other=0), 0), I).to(tl.int32)
+    n_chunks = tl.cdiv(tl.cdiv(w_tile, PAD) * PAD, KC)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        m = (t_in & (s < n_chunks))[:, None] & c_in[None, :]
+        acc += tl.load(ws_ptr + (s * T + t)[:, None].to(tl.int64) * N + rc[None, :], mask=m, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
-    o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :] * stride_on
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(t[:, None] < T) & n_in[None, :])
+        acc += tl.load(bias_ptr + rc, mask=c_in, other=0.0).to(tl.float32)[None, :]
+    rows = tl.load(order_ptr + t, mask=t_in, other=0).to(tl.int64)
+    tl.store(out_ptr + rows[:, None] * stride_om + rc[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=t_in[:, None] & c_in[None, :])
 
 
 @triton.jit
@@ -373,7 +413,7 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         wgrad = dict(BLOCK_J=128, BLOCK_N=128, BLOCK_T=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
     # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and
     # a weight-gradient neuron block must lie inside one up-kernel N block.
-    assert up["BLOCK_M"] == down["BLOCK_M"] and up["BLOCK_N"] % wgrad["BLOCK_J"] == 0
+    assert up["BLOCK_M"] % down["BLOCK_M"] == 0 and up["BLOCK_N"] % wgrad["BLOCK_J"] == 0
     # TMA tiles wherever the batch is sorted in the forward pass: 1.15-1.34x the pointer tiles' GPU speed at 256
     # tokens, 1.30x at 1024, 1.17-1.37x at 2048-16384 (H200, benchmarks/NOTES.md). The backward's up and down
     # products only from 1025 tokens: at 256 tokens forward+backward was 1.1-1.4x slower with them.
@@ -436,8 +476,14 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
     T, N = out.shape
     if a2 is not None:  # two A and two B tiles per stage: stay in shared memory
         cfg = dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 128), BLOCK_K=cfg["BLOCK_K"] // (2 if cfg["BLOCK_K"] > 64 else 1))
+    cfg = dict(cfg)
+    splits = cfg.pop("SPLIT_K", 1) if sorted_ else 1
     b1 = w1.t() if nk else w1
     b2 = (w2.t() if nk else w2) if w2 is not None else b1
+    # K chunks of whole BLOCK_Ks over the padded width; fewer chunks where the width is short.
+    kc = triton.cdiv(triton.cdiv(triton.cdiv(inter, pad) * pad, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    splits = triton.cdiv(triton.cdiv(inter, pad) * pad, kc)
+    ws = torch.empty((splits, T, N), dtype=torch.float32, device=out.device) if splits > 1 else out
     if tma:
         assert pad % cfg["BLOCK_K"] == 0
         box = [cfg["BLOCK_M"], cfg["BLOCK_K"]]
@@ -446,15 +492,22 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
                  _weight_desc(w2 if w2 is not None else w1, nk, cfg))
     else:
         descs = (a1, a1, b1, b2)
-    _down_kernel[_grid(T, N, cfg)](
+    _down_kernel[_grid(T, N, cfg) + (splits,)](
         a1, a2 if a2 is not None else a1, order if order is not None else sw, sw,
-        b1, b2, bias if bias is not None else out, out, *descs,
-        T, N, inter, a1.stride(0),
+        b1, b2, bias if bias is not None else out, out, ws, *descs,
+        T, N, inter, a1.stride(0), kc,
         b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
         out.stride(0), out.stride(1),
         SORTED=sorted_, DUAL=a2 is not None, HAS_BIAS=bias is not None, UPCAST=upcast_flag(out.dtype),
-        PRECISION=dot_precision(out.dtype), PAD=pad, TMA=tma, B_NK=nk, **cfg,
+        PRECISION=dot_precision(out.dtype), PAD=pad, TMA=tma, B_NK=nk, SPLIT=splits > 1, **cfg,
     )
+    if splits > 1:
+        br, bc = (32, 64) if INTERPRET else (16, 256)
+        _splitk_reduce_kernel[(triton.cdiv(T, br), triton.cdiv(N, bc))](
+            ws, order, sw, bias if bias is not None else out, out, T, N, inter, kc, out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, PAD=pad, TILE_M=cfg["BLOCK_M"], SPLITS=splits, BLOCK_R=br, BLOCK_C=bc,
+            num_warps=4,
+        )
 
 
 def _launch_wgrad(a1, a2, order, sw, cnt, src, c1, c2, db, inter, cfg, sorted_):

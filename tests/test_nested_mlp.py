@@ -128,6 +128,36 @@ def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
     assert len(seen) == 2 and all(s == tma for s in seen)  # forward, backward
 
 
+@pytest.mark.parametrize("tma", [True, False])
+def test_split_k_down_and_taller_up_tiles(tma, monkeypatch):
+    """The down product split along K into fp32 chunks summed by a second kernel (chunks past a tile's width
+    skipped), under up tiles twice as tall as the down tiles; forward and backward (dx) both split."""
+    nm = importlib.import_module("flextron_kernels.nested_mlp")
+    if tma and not nm._tma_sms(torch.device(DEVICE)):
+        pytest.skip("no TMA on this device")
+    monkeypatch.setattr(nm, "_TMA", tma)
+    real_plan = nm._plan
+
+    def plan(T, dtype):
+        p = real_plan(T, dtype)
+        up = dict(p["up"], BLOCK_M=2 * p["down"]["BLOCK_M"])
+        down = dict(p["down"], SPLIT_K=4, BLOCK_K=min(p["down"]["BLOCK_K"], 64))
+        return dict(p, tma=True, tma_bwd=True, up=up, down=down)
+    monkeypatch.setattr(nm, "_plan", plan)
+    launches = []
+    real_reduce = nm._splitk_reduce_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real_reduce[grid]
+    monkeypatch.setattr(nm, "_splitk_reduce_kernel", Spy())
+    T = 150
+    x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
+    _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=True, biases=True), "silu", torch.bfloat16)
+    assert len(launches) == 2  # forward y, backward dx
+
+
 def test_strided_input_and_weight_views():
     """A non-contiguous x and weights that are views with storage offsets: read through strides."""
     big = randn(40, 2 * H)
