@@ -270,18 +270,21 @@ def host_cost(H, inter, gen):
 
 
 # --explore: block configs of the sorted path, forward and forward+backward, uniform mix (flextron only).
+_N256 = {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3}
+_M128 = {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4}
 EXPLORE = {
     "pointer": None,  # the plan as it is, pointer tiles forced
     "base": {},
     "split2": {"down": {"SPLIT_K": 2}},
+    "split3": {"down": {"SPLIT_K": 3}},
     "split4": {"down": {"SPLIT_K": 4}},
-    "split8": {"down": {"SPLIT_K": 8}},
-    "split4_n64": {"down": {"SPLIT_K": 4, "BLOCK_N": 64}},
-    "split4_n256_w8": {"down": {"SPLIT_K": 4, "BLOCK_N": 256, "num_warps": 8, "num_stages": 3}},
-    "up_m128_w8_s3": {"up": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3}},
-    "up_m128_w8_s4": {"up": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4}},
-    "up_m128_w8_s3_split4": {"up": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3}, "down": {"SPLIT_K": 4}},
-    "up_n256_w8_s3_split4": {"up": {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3}, "down": {"SPLIT_K": 4}},
+    "up_n256": {"up": _N256},
+    "up_n256_split2": {"up": _N256, "down": {"SPLIT_K": 2}},
+    "up_n256_split3": {"up": _N256, "down": {"SPLIT_K": 3}},
+    "up_n256_split4": {"up": _N256, "down": {"SPLIT_K": 4}},
+    "up_n256_k32_s5_split2": {"up": dict(_N256, BLOCK_K=32, num_stages=5), "down": {"SPLIT_K": 2}},
+    "up_m128": {"up": _M128},
+    "up_m128_split2": {"up": _M128, "down": {"SPLIT_K": 2}},
 }
 
 
@@ -398,7 +401,7 @@ def main():
     if args.explore:
         H, inter = MODELS[args.models.split(",")[0]]
         result["kernel_us_T256"] = kernel_times(H, inter, gen)
-        result["kernel_us_T256_split4"] = kernel_times(H, inter, gen, over=EXPLORE["split4"])
+        result["kernel_us_T256_up_n256_split2"] = kernel_times(H, inter, gen, over=EXPLORE["up_n256_split2"])
         result["explore"] = explore(H, inter, gen, tuple(int(t) for t in args.explore_t.split(",")))
         with open(path.replace("nested_mlp_", "nested_mlp_explore_"), "w") as f:
             json.dump(result, f, indent=1)

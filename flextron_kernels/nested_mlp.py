@@ -218,8 +218,8 @@ def _up_kernel(
 
 @triton.jit
 def _down_kernel(
-    a1_ptr, a2_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, out_ptr, ws_ptr, a1_desc, a2_desc, b1_desc,
-    b2_desc,
+    a1_ptr, a2_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, a1_desc, a2_desc,
+    b1_desc, b2_desc,
     T, N, I, LDA, KC,
     stride_b1k, stride_b1n, stride_b2k, stride_b2n, stride_om, stride_on,
     SORTED: tl.constexpr, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
@@ -236,11 +236,12 @@ def _down_kernel(
     # zeros there past each row's width, and a multiple of PAD as the mask bound keeps vector loads.
     k_end = tl.cdiv(w_tile, PAD) * PAD
     k_lo = 0
+    n_chunks = 1
     has_work = True
     if SPLIT:
-        # Split-K: this program sums K chunk program_id(1) ([k_lo, k_lo + KC), KC a multiple of BLOCK_K) into
-        # its own fp32 slice of the workspace; _splitk_reduce_kernel adds the slices. A chunk at or past the
-        # tile's width runs no iteration and stores nothing (the reduction reads only chunks below k_end).
+        # Split-K: this program sums K chunk program_id(1) ([k_lo, k_lo + KC), KC a multiple of BLOCK_K). A
+        # chunk at or past the tile's width runs no iteration and takes no part in the sum.
+        n_chunks = tl.cdiv(k_end, KC)
         k_lo = tl.program_id(1) * KC
         has_work = k_lo < k_end
         k_end = tl.minimum(k_end, k_lo + KC)
@@ -272,40 +273,27 @@ def _down_kernel(
                 b2_ptrs += BLOCK_K * stride_b2k
             a1_ptrs += BLOCK_K
             b1_ptrs += BLOCK_K * stride_b1k
+    out_mask = (t[:, None] < T) & n_in[None, :]
+    last = True
     if SPLIT:
-        w_ptrs = ws_ptr + (tl.program_id(1) * T + t)[:, None] * N + rn[None, :]
-        tl.store(w_ptrs, acc, mask=(t[:, None] < T) & n_in[None, :] & has_work)
-    else:
+        # Each chunk stores its fp32 partial in its own workspace slice, then counts itself in (acq_rel: the
+        # store is visible to whoever counts in after). The tile's last chunk to arrive sums every slice in
+        # chunk order (the same order whichever arrives last: deterministic) and writes the output.
+        w_off = t[:, None] * N + rn[None, :]
+        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * T * N + w_off, acc, mask=out_mask & has_work)
+        arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, mask=has_work, sem="acq_rel", scope="gpu")
+        last = has_work & (arrived == n_chunks - 1)
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            p_ws = ws_ptr + w_off
+            for _ in range(0, n_chunks):
+                acc += tl.load(p_ws, mask=out_mask, other=0.0, cache_modifier=".cg")  # .cg: past L1, from L2
+                p_ws += T * N
+    if last:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
         o_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :] * stride_on
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(t[:, None] < T) & n_in[None, :])
-
-
-@triton.jit
-def _splitk_reduce_kernel(
-    ws_ptr, order_ptr, sw_ptr, bias_ptr, out_ptr, T, N, I, KC, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, PAD: tl.constexpr, TILE_M: tl.constexpr, SPLITS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """``out[order[t]] = sum_s ws[s, t] + bias`` over the K chunks that row ``t``'s down tile (``TILE_M`` rows,
-    width = its first row's) ran; chunk order is fixed, so the sum is deterministic."""
-    t = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    t_in = t < T
-    c_in = rc < N
-    first = (t // TILE_M) * TILE_M  # sorted descending: a tile's first row holds its width
-    w_tile = tl.minimum(tl.maximum(tl.load(sw_ptr + first, mask=t_in, other=0), 0), I).to(tl.int32)
-    n_chunks = tl.cdiv(tl.cdiv(w_tile, PAD) * PAD, KC)
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        m = (t_in & (s < n_chunks))[:, None] & c_in[None, :]
-        acc += tl.load(ws_ptr + (s * T + t)[:, None].to(tl.int64) * N + rc[None, :], mask=m, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rc, mask=c_in, other=0.0).to(tl.float32)[None, :]
-    rows = tl.load(order_ptr + t, mask=t_in, other=0).to(tl.int64)
-    tl.store(out_ptr + rows[:, None] * stride_om + rc[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=t_in[:, None] & c_in[None, :])
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -483,7 +471,11 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
     # K chunks of whole BLOCK_Ks over the padded width; fewer chunks where the width is short.
     kc = triton.cdiv(triton.cdiv(triton.cdiv(inter, pad) * pad, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     splits = triton.cdiv(triton.cdiv(inter, pad) * pad, kc)
-    ws = torch.empty((splits, T, N), dtype=torch.float32, device=out.device) if splits > 1 else out
+    if splits > 1:  # fp32 partial per chunk, and an arrival count per output tile
+        ws = torch.empty((splits, T, N), dtype=torch.float32, device=out.device)
+        cnt = torch.zeros(_grid(T, N, cfg)[0], dtype=torch.int32, device=out.device)
+    else:
+        ws = cnt = out
     if tma:
         assert pad % cfg["BLOCK_K"] == 0
         box = [cfg["BLOCK_M"], cfg["BLOCK_K"]]
@@ -494,20 +486,13 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
         descs = (a1, a1, b1, b2)
     _down_kernel[_grid(T, N, cfg) + (splits,)](
         a1, a2 if a2 is not None else a1, order if order is not None else sw, sw,
-        b1, b2, bias if bias is not None else out, out, ws, *descs,
+        b1, b2, bias if bias is not None else out, out, ws, cnt, *descs,
         T, N, inter, a1.stride(0), kc,
         b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
         out.stride(0), out.stride(1),
         SORTED=sorted_, DUAL=a2 is not None, HAS_BIAS=bias is not None, UPCAST=upcast_flag(out.dtype),
         PRECISION=dot_precision(out.dtype), PAD=pad, TMA=tma, B_NK=nk, SPLIT=splits > 1, **cfg,
     )
-    if splits > 1:
-        br, bc = (32, 64) if INTERPRET else (16, 256)
-        _splitk_reduce_kernel[(triton.cdiv(T, br), triton.cdiv(N, bc))](
-            ws, order, sw, bias if bias is not None else out, out, T, N, inter, kc, out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, PAD=pad, TILE_M=cfg["BLOCK_M"], SPLITS=splits, BLOCK_R=br, BLOCK_C=bc,
-            num_warps=4,
-        )
 
 
 def _launch_wgrad(a1, a2, order, sw, cnt, src, c1, c2, db, inter, cfg, sorted_):

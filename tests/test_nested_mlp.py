@@ -130,8 +130,8 @@ def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
 
 @pytest.mark.parametrize("tma", [True, False])
 def test_split_k_down_and_taller_up_tiles(tma, monkeypatch):
-    """The down product split along K into fp32 chunks summed by a second kernel (chunks past a tile's width
-    skipped), under up tiles twice as tall as the down tiles; forward and backward (dx) both split."""
+    """The down product split along K into fp32 chunks, summed by each tile's last chunk to finish (chunks past
+    a tile's width skipped), under up tiles twice as tall as the down tiles; forward and backward (dx) split."""
     nm = importlib.import_module("flextron_kernels.nested_mlp")
     if tma and not nm._tma_sms(torch.device(DEVICE)):
         pytest.skip("no TMA on this device")
@@ -145,17 +145,16 @@ def test_split_k_down_and_taller_up_tiles(tma, monkeypatch):
         return dict(p, tma=True, tma_bwd=True, up=up, down=down)
     monkeypatch.setattr(nm, "_plan", plan)
     launches = []
-    real_reduce = nm._splitk_reduce_kernel
+    real_down = nm._down_kernel
 
-    class Spy:
+    class Spy:  # records each launch's SPLIT flag
         def __getitem__(self, grid):
-            launches.append(grid)
-            return real_reduce[grid]
-    monkeypatch.setattr(nm, "_splitk_reduce_kernel", Spy())
+            return lambda *a, **k: launches.append(k["SPLIT"]) or real_down[grid](*a, **k)
+    monkeypatch.setattr(nm, "_down_kernel", Spy())
     T = 150
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=True, biases=True), "silu", torch.bfloat16)
-    assert len(launches) == 2  # forward y, backward dx
+    assert launches == [True, True]  # forward y, backward dx
 
 
 def test_strided_input_and_weight_views():
