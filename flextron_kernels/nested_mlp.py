@@ -389,10 +389,17 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         down = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256 // kdiv, GROUP_M=1, num_warps=4, num_stages=3)
         wgrad = dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=8, num_warps=4, num_stages=2)
     elif T <= 1024:
-        # Four stages on both sides: with TMA tiles this took 0.172 ms at 256 tokens of the Llama-2-7B MLP
-        # (graph replay; three stages 0.192, 128-row tiles 0.197, pointer tiles 0.214).
-        up = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=4)
-        down = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=4)
+        # Few row tiles: too few programs for 132 SMs. From graph-timed sweeps at 256/512/1024 tokens of the
+        # Llama-2-7B MLP (bench_nested_mlp.py --explore, benchmarks/NOTES.md):
+        # - up to 384 tokens, 64x256 up tiles (8 warps) and the down product in two K chunks: 256 tokens
+        #   0.126 ms (64x128 up tiles, one chunk: 0.152; cuBLAS dense 0.120);
+        # - above, 128-row up tiles over 64-row down tiles: 512 tokens 0.183 (0.204; dense 0.202), 1024 tokens
+        #   0.354 (0.375; dense 0.391). Splitting K there only added the partials' traffic.
+        few = T <= 384
+        up = dict(BLOCK_M=64 if few else 128, BLOCK_N=256 // kdiv if few else 128, BLOCK_K=64 // kdiv, GROUP_M=8,
+                  num_warps=8, num_stages=3 if few or kdiv == 2 else 4)  # fp32: halved tiles, fewer stages
+        down = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=4,
+                    SPLIT_K=2 if few else 1)
         wgrad = dict(BLOCK_J=128, BLOCK_N=128, BLOCK_T=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
     else:
         # Prefill: wgmma-sized tiles; GROUP_M row tiles share each band of weight tiles through L2.
