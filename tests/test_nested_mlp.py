@@ -157,6 +157,18 @@ def test_split_k_down_and_taller_up_tiles(tma, monkeypatch):
     assert launches == [True, True]  # forward y, backward dx
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the GPU's block plans (the interpreter has its own)")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [200, 520, 1100])
+def test_gpu_plan_buckets(T, dtype):
+    """Each token-count bucket of the GPU plan (split-K down + 256-wide up tiles; 128-row up tiles over 64-row
+    down tiles; prefill tiles) in every dtype, against the float64 reference."""
+    inter, hidden = 1000, 256
+    x = randn(T, hidden, dtype=dtype, requires_grad=True)
+    _run(x, _widths("mixed", T, inter), _params(dtype, gated=True, biases=True, inter=inter, hidden=hidden), "silu",
+         dtype)
+
+
 def test_strided_input_and_weight_views():
     """A non-contiguous x and weights that are views with storage offsets: read through strides."""
     big = randn(40, 2 * H)
