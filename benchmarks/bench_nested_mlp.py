@@ -270,21 +270,23 @@ def host_cost(H, inter, gen):
 
 
 # --explore: block configs of the sorted path, forward and forward+backward, uniform mix (flextron only).
-_N256 = {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3}
 _M128 = {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4}
+# Relative to the plan at each size (256 tokens: 64x256 up tiles, down in two K chunks).
 EXPLORE = {
     "pointer": None,  # the plan as it is, pointer tiles forced
     "base": {},
-    "split2": {"down": {"SPLIT_K": 2}},
+    "split1": {"down": {"SPLIT_K": 1}},
     "split3": {"down": {"SPLIT_K": 3}},
     "split4": {"down": {"SPLIT_K": 4}},
-    "up_n256": {"up": _N256},
-    "up_n256_split2": {"up": _N256, "down": {"SPLIT_K": 2}},
-    "up_n256_split3": {"up": _N256, "down": {"SPLIT_K": 3}},
-    "up_n256_split4": {"up": _N256, "down": {"SPLIT_K": 4}},
-    "up_n256_k32_s5_split2": {"up": dict(_N256, BLOCK_K=32, num_stages=5), "down": {"SPLIT_K": 2}},
-    "up_m128": {"up": _M128},
-    "up_m128_split2": {"up": _M128, "down": {"SPLIT_K": 2}},
+    "up_64x128_w4_s4": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4}},
+    "up_128x128_w8_s3": {"up": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}},
+    "up_64x256_gm1": {"up": {"GROUP_M": 1}},
+    "up_64x256_w4": {"up": {"num_warps": 4}},
+    "down_n256_w8_split4": {"down": {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3, "SPLIT_K": 4}},
+    "down_n128_w8": {"down": {"num_warps": 8}},
+    "down_128x128_w8_split4": {"up": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+                               "down": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3, "SPLIT_K": 4}},
+    "up_m128": {"up": dict(_M128, BLOCK_N=128), "down": {"SPLIT_K": 1}},
 }
 
 
@@ -329,23 +331,27 @@ def _kernel_times(H, inter, gen, T):
     return out
 
 
-def explore(H, inter, gen, sizes=(256, 1024, 2048, 8192)):
+def explore(H, inter, gen, sizes=(256, 1024, 2048, 8192), mix="uniform", names=None):
     rows = []
     real_plan = NM._plan
     for T in sizes:
-        w = _widths("uniform", T, inter, gen)
+        w = _widths(mix, T, inter, gen)
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         ws = [torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in ((inter, H), (inter, H), (H, inter))]
         dy = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         if T <= 1024:  # the reference: cuBLAS dense MLP at full width, graph-timed
             with torch.no_grad():
                 g = _graph(lambda x=x, ws=ws: _mlp(x, *ws))
-                rows.append({"T": T, "variant": "dense", "fwd_graph_ms": _bench(g.replay)})
+                rows.append({"T": T, "mix": mix, "variant": "dense", "fwd_graph_ms": _bench(g.replay)})
                 del g
             print(rows[-1], flush=True)
         for name, over in EXPLORE.items():
+            if names and name not in names:
+                continue
             NM._plan = _override(real_plan, over)
-            row = {"T": T, "variant": name}
+            if names and name not in names:
+                continue
+            row = {"T": T, "mix": mix, "variant": name}
 
             def run(x=x, ws=ws, w=w):
                 return nested_mlp(x, ws[1], ws[2], w, gate_weight=ws[0], check_widths=False)
@@ -379,6 +385,8 @@ def main():
     ap.add_argument("--explore", action="store_true", help="only sweep the sorted path's block configs")
     ap.add_argument("--host", action="store_true", help="only measure the host cost of a call")
     ap.add_argument("--explore-t", default="256,1024,2048,8192", help="token counts for --explore")
+    ap.add_argument("--explore-mix", default="uniform", help="width mixes for --explore (comma-separated)")
+    ap.add_argument("--explore-only", default="", help="EXPLORE variants to run (comma-separated; default all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_nested_mlp needs a CUDA GPU")
@@ -399,10 +407,14 @@ def main():
             json.dump(result, f, indent=1)
         return
     if args.explore:
-        H, inter = MODELS[args.models.split(",")[0]]
-        result["kernel_us_T256"] = kernel_times(H, inter, gen)
-        result["kernel_us_T256_up_n256_split2"] = kernel_times(H, inter, gen, over=EXPLORE["up_n256_split2"])
-        result["explore"] = explore(H, inter, gen, tuple(int(t) for t in args.explore_t.split(",")))
+        result["kernel_us_T256"], result["explore"] = {}, []
+        names = [n for n in args.explore_only.split(",") if n]
+        for model in args.models.split(","):
+            H, inter = MODELS[model]
+            result["kernel_us_T256"][model] = kernel_times(H, inter, gen)
+            for mix in args.explore_mix.split(","):
+                rows = explore(H, inter, gen, tuple(int(t) for t in args.explore_t.split(",")), mix, names)
+                result["explore"] += [dict(r, model=model) for r in rows]
         with open(path.replace("nested_mlp_", "nested_mlp_explore_"), "w") as f:
             json.dump(result, f, indent=1)
         return

@@ -140,7 +140,7 @@ def test_split_k_down_and_taller_up_tiles(tma, monkeypatch):
 
     def plan(T, dtype):
         p = real_plan(T, dtype)
-        up = dict(p["up"], BLOCK_M=2 * p["down"]["BLOCK_M"])
+        up = dict(p["up"], BLOCK_M=2 * p["down"]["BLOCK_M"], BLOCK_N=min(p["up"]["BLOCK_N"], 128))  # smem
         down = dict(p["down"], SPLIT_K=4, BLOCK_K=min(p["down"]["BLOCK_K"], 64))
         return dict(p, tma=True, tma_bwd=True, up=up, down=down)
     monkeypatch.setattr(nm, "_plan", plan)
