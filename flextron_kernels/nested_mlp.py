@@ -29,6 +29,8 @@ Kernels (all fp32 accumulation, weights read through their strides, never copied
 On Hopper (and under the interpreter) the sorted path's up and down products move every tile by TMA: the
 source rows are gathered once into sorted order (``index_select``, ~1% of the MLP's time at prefill sizes), so a
 row tile is a plain box, and each weight is a descriptor over its full tensor whose boxes past ``I`` read zeros.
+The descriptors are built on the device (``tl.make_tensor_descriptor``; scratch from torch's allocator), not
+on the host, where each cost launch time.
 The unsorted decode tile keeps pointer loads (one tile streams the weight prefix with long K tiles).
 """
 
@@ -47,12 +49,13 @@ from ._runtime import (
     check_same,
     check_tensor,
     dot_precision,
+    ensure_scratch_allocator,
     upcast_flag,
     use_triton,
 )
 from .reference import ACTIVATIONS, nested_mlp_ref
 from .routing import nested_mlp_routing, wider_counts
-from .sliced_linear import TensorDescriptor, _aligned, _tma_sms
+from .sliced_linear import _aligned, _tma_sms
 
 _ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2, relu 3
 
@@ -118,6 +121,16 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _b_desc(ptr, K, N, stride_k, stride_n, B_NK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A device-side descriptor over the whole of B ([K, N]), stored [N, K] (B = W^T) when ``B_NK``."""
+    if B_NK:
+        d = tl.make_tensor_descriptor(ptr, [N, K], [stride_n, 1], [BLOCK_N, BLOCK_K])
+    else:
+        d = tl.make_tensor_descriptor(ptr, [K, N], [stride_k, 1], [BLOCK_K, BLOCK_N])
+    return d
+
+
+@triton.jit
 def _load_b(desc, ok, on, B_NK: tl.constexpr):
     """A [BLOCK_K, BLOCK_N] tile of B through its TMA descriptor: the weight is stored [N, K] (B = W^T, read
     as a box and transposed in shared memory) or [K, N]."""
@@ -131,7 +144,7 @@ def _load_b(desc, ok, on, B_NK: tl.constexpr):
 @triton.jit
 def _up_kernel(
     src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr,
-    h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr, a_desc, b1_desc, b2_desc,
+    h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr,
     T, K, I, LDA,
     stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
     SORTED: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -155,7 +168,13 @@ def _up_kernel(
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if TMA:
         # The source is already in sorted order ([T, K], rows past T read as zeros) and the weights are
-        # boxes over their full tensors (past I: zeros): every tile moves by the TMA engine.
+        # boxes over their full tensors (past I: zeros): every tile moves by the TMA engine. The descriptors
+        # are built here, on the device (a host-built one costs ~12 us of launch time each).
+        a_desc = tl.make_tensor_descriptor(src_ptr, [T, K], [stride_sm, 1], [BLOCK_M, BLOCK_K])
+        b1_desc = _b_desc(b1_ptr, K, I, stride_b1k, stride_b1n, B_NK, BLOCK_K, BLOCK_N)
+        b2_desc = b1_desc
+        if GATED and not BACKWARD:
+            b2_desc = _b_desc(b2_ptr, K, I, stride_b2k, stride_b2n, B_NK, BLOCK_K, BLOCK_N)
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
         for ki in range(0, k_iters):
@@ -218,8 +237,7 @@ def _up_kernel(
 
 @triton.jit
 def _down_kernel(
-    a1_ptr, a2_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, a1_desc, a2_desc,
-    b1_desc, b2_desc,
+    a1_ptr, a2_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     T, N, I, LDA, KC,
     stride_b1k, stride_b1n, stride_b2k, stride_b2n, stride_om, stride_on,
     SORTED: tl.constexpr, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
@@ -247,6 +265,13 @@ def _down_kernel(
         k_end = tl.minimum(k_end, k_lo + KC)
     if TMA:
         # BLOCK_K divides PAD (checked at launch), so no box reaches past k_end into unwritten columns.
+        a1_desc = tl.make_tensor_descriptor(a1_ptr, [T, LDA], [LDA, 1], [BLOCK_M, BLOCK_K])
+        b1_desc = _b_desc(b1_ptr, I, N, stride_b1k, stride_b1n, B_NK, BLOCK_K, BLOCK_N)
+        a2_desc = a1_desc
+        b2_desc = b1_desc
+        if DUAL:
+            a2_desc = tl.make_tensor_descriptor(a2_ptr, [T, LDA], [LDA, 1], [BLOCK_M, BLOCK_K])
+            b2_desc = _b_desc(b2_ptr, I, N, stride_b2k, stride_b2n, B_NK, BLOCK_K, BLOCK_N)
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
         for ki in range(k_lo // BLOCK_K, tl.cdiv(k_end, BLOCK_K)):
@@ -364,7 +389,7 @@ def _wgrad_kernel(
 _UNSORTED_MAX_T = 16 if INTERPRET else 64
 # The sorted path's up and down products move their tiles by TMA where _tma_ok allows; the benchmark turns this
 # off to time the pointer form side by side.
-_TMA = TensorDescriptor is not None
+_TMA = hasattr(tl, "make_tensor_descriptor")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -430,15 +455,6 @@ def _tma_ok(plan: dict, *tensors) -> bool:
     return all(t.element_size() == 2 and t.stride(-1) == 1 and _aligned(t, t.stride(0)) for t in ts)
 
 
-def _desc(t: torch.Tensor, block: list[int]):
-    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
-
-
-def _weight_desc(w: torch.Tensor, nk: bool, cfg: dict):
-    """B = w^T (w stored [N, K]) when ``nk``, else B = w (stored [K, N]); the box covers the full weight."""
-    return _desc(w, [cfg["BLOCK_N"], cfg["BLOCK_K"]] if nk else [cfg["BLOCK_K"], cfg["BLOCK_N"]])
-
-
 def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id, backward, store_pre, cfg, sorted_,
                tma, gated):
     """``B = w^T`` (``w`` stored ``[I, K]``) when ``nk`` (forward), else ``B = w`` (``[K, I]``, backward).
@@ -449,14 +465,11 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
     b2 = (w2.t() if nk else w2) if w2 is not None else b1
     dummy = a
     if tma:
-        descs = (_desc(src, [cfg["BLOCK_M"], cfg["BLOCK_K"]]), _weight_desc(w1, nk, cfg),
-                 _weight_desc(w2 if w2 is not None else w1, nk, cfg))
-    else:
-        descs = (src, b1, b2)
+        ensure_scratch_allocator()
     _up_kernel[_grid(T, inter, cfg)](
         src, order if order is not None else sw, sw, b1, b2, bias if bias is not None else dummy,
         h if h is not None else dummy, g if g is not None else dummy, a,
-        dh if dh is not None else dummy, dg if dg is not None else dummy, *descs,
+        dh if dh is not None else dummy, dg if dg is not None else dummy,
         T, K, inter, a.stride(0),
         src.stride(0), src.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
         SORTED=sorted_, BACKWARD=backward, GATED=gated, HAS_BIAS=bias is not None,
@@ -485,15 +498,10 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
         ws = cnt = out
     if tma:
         assert pad % cfg["BLOCK_K"] == 0
-        box = [cfg["BLOCK_M"], cfg["BLOCK_K"]]
-        d1 = _desc(a1, box)
-        descs = (d1, _desc(a2, box) if a2 is not None else d1, _weight_desc(w1, nk, cfg),
-                 _weight_desc(w2 if w2 is not None else w1, nk, cfg))
-    else:
-        descs = (a1, a1, b1, b2)
+        ensure_scratch_allocator()
     _down_kernel[_grid(T, N, cfg) + (splits,)](
         a1, a2 if a2 is not None else a1, order if order is not None else sw, sw,
-        b1, b2, bias if bias is not None else out, out, ws, cnt, *descs,
+        b1, b2, bias if bias is not None else out, out, ws, cnt,
         T, N, inter, a1.stride(0), kc,
         b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
         out.stride(0), out.stride(1),
