@@ -55,7 +55,7 @@ from ._runtime import (
 )
 from .reference import ACTIVATIONS, nested_mlp_ref
 from .routing import nested_mlp_routing, wider_counts
-from .sliced_linear import _aligned, _tma_sms
+from .sliced_linear import TensorDescriptor, _aligned, _tma_sms
 
 _ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2, relu 3
 
@@ -144,12 +144,12 @@ def _load_b(desc, ok, on, B_NK: tl.constexpr):
 @triton.jit
 def _up_kernel(
     src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr,
-    h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr,
+    h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr, a_desc, b1_desc, b2_desc,
     T, K, I, LDA,
     stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
     SORTED: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    TMA: tl.constexpr, B_NK: tl.constexpr,
+    TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
@@ -168,13 +168,14 @@ def _up_kernel(
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if TMA:
         # The source is already in sorted order ([T, K], rows past T read as zeros) and the weights are
-        # boxes over their full tensors (past I: zeros): every tile moves by the TMA engine. The descriptors
-        # are built here, on the device (a host-built one costs ~12 us of launch time each).
-        a_desc = tl.make_tensor_descriptor(src_ptr, [T, K], [stride_sm, 1], [BLOCK_M, BLOCK_K])
-        b1_desc = _b_desc(b1_ptr, K, I, stride_b1k, stride_b1n, B_NK, BLOCK_K, BLOCK_N)
-        b2_desc = b1_desc
-        if GATED and not BACKWARD:
-            b2_desc = _b_desc(b2_ptr, K, I, stride_b2k, stride_b2n, B_NK, BLOCK_K, BLOCK_N)
+        # boxes over their full tensors (past I: zeros): every tile moves by the TMA engine. DEV_DESC: the
+        # descriptors are built here, on the device, instead of being passed from the host (see _forward).
+        if DEV_DESC:
+            a_desc = tl.make_tensor_descriptor(src_ptr, [T, K], [stride_sm, 1], [BLOCK_M, BLOCK_K])
+            b1_desc = _b_desc(b1_ptr, K, I, stride_b1k, stride_b1n, B_NK, BLOCK_K, BLOCK_N)
+            b2_desc = b1_desc
+            if GATED and not BACKWARD:
+                b2_desc = _b_desc(b2_ptr, K, I, stride_b2k, stride_b2n, B_NK, BLOCK_K, BLOCK_N)
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
         for ki in range(0, k_iters):
@@ -237,11 +238,13 @@ def _up_kernel(
 
 @triton.jit
 def _down_kernel(
-    a1_ptr, a2_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    a1_ptr, a2_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, a1_desc, a2_desc,
+    b1_desc, b2_desc,
     T, N, I, LDA, KC,
     stride_b1k, stride_b1n, stride_b2k, stride_b2n, stride_om, stride_on,
     SORTED: tl.constexpr, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, PAD: tl.constexpr, TMA: tl.constexpr, B_NK: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, PAD: tl.constexpr, TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -265,13 +268,14 @@ def _down_kernel(
         k_end = tl.minimum(k_end, k_lo + KC)
     if TMA:
         # BLOCK_K divides PAD (checked at launch), so no box reaches past k_end into unwritten columns.
-        a1_desc = tl.make_tensor_descriptor(a1_ptr, [T, LDA], [LDA, 1], [BLOCK_M, BLOCK_K])
-        b1_desc = _b_desc(b1_ptr, I, N, stride_b1k, stride_b1n, B_NK, BLOCK_K, BLOCK_N)
-        a2_desc = a1_desc
-        b2_desc = b1_desc
-        if DUAL:
-            a2_desc = tl.make_tensor_descriptor(a2_ptr, [T, LDA], [LDA, 1], [BLOCK_M, BLOCK_K])
-            b2_desc = _b_desc(b2_ptr, I, N, stride_b2k, stride_b2n, B_NK, BLOCK_K, BLOCK_N)
+        if DEV_DESC:
+            a1_desc = tl.make_tensor_descriptor(a1_ptr, [T, LDA], [LDA, 1], [BLOCK_M, BLOCK_K])
+            b1_desc = _b_desc(b1_ptr, I, N, stride_b1k, stride_b1n, B_NK, BLOCK_K, BLOCK_N)
+            a2_desc = a1_desc
+            b2_desc = b1_desc
+            if DUAL:
+                a2_desc = tl.make_tensor_descriptor(a2_ptr, [T, LDA], [LDA, 1], [BLOCK_M, BLOCK_K])
+                b2_desc = _b_desc(b2_ptr, I, N, stride_b2k, stride_b2n, B_NK, BLOCK_K, BLOCK_N)
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
         for ki in range(k_lo // BLOCK_K, tl.cdiv(k_end, BLOCK_K)):
@@ -389,7 +393,7 @@ def _wgrad_kernel(
 _UNSORTED_MAX_T = 16 if INTERPRET else 64
 # The sorted path's up and down products move their tiles by TMA where _tma_ok allows; the benchmark turns this
 # off to time the pointer form side by side.
-_TMA = hasattr(tl, "make_tensor_descriptor")
+_TMA = TensorDescriptor is not None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -402,7 +406,7 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         # The interpreter's cost grows with the number of programs: big blocks.
         bm = 16 if small else 32
         up = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
-        return dict(sorted=not small, tma=not small, tma_bwd=not small, up=up, down=dict(up),
+        return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, up=up, down=dict(up),
                     wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
     # fp32 tiles take twice the shared memory per stage: halve the K step instead of the stages.
     kdiv = 2 if dtype == torch.float32 else 1
@@ -437,22 +441,40 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # TMA tiles wherever the batch is sorted in the forward pass: 1.15-1.34x the pointer tiles' GPU speed at 256
     # tokens, 1.30x at 1024, 1.17-1.37x at 2048-16384 (H200, benchmarks/NOTES.md). The backward's up and down
     # products only from 1025 tokens: at 256 tokens forward+backward was 1.1-1.4x slower with them.
-    return dict(sorted=not small, tma=not small, tma_bwd=T > 1024, up=up, down=down, wgrad=wgrad)
+    # Descriptors: built on the device up to 1024 tokens, where an eager call is bound by host time (each host
+    # descriptor costs launch time: --host measured 222 us per call at 256 tokens against ~290-490 with host
+    # descriptors), on the host above (building them in every program cost 5-10% GPU time at 2048-16384).
+    return dict(sorted=not small, tma=not small, tma_bwd=T > 1024, dev_desc=T <= 1024, up=up, down=down,
+                wgrad=wgrad)
 
 
 def _grid(rows: int, cols: int, cfg: dict, bm: str = "BLOCK_M"):
     return (triton.cdiv(rows, cfg[bm]) * triton.cdiv(cols, cfg["BLOCK_N"]),)
 
 
-def _tma_ok(plan: dict, *tensors) -> bool:
-    """Whether the TMA forms of the up and down kernels serve this call: plans that ask for it (prefill-sized
-    batches), 2-byte dtypes, Hopper or the interpreter, and row-major operands with 16-byte aligned rows."""
+def _tma_ok(plan: dict, *tensors) -> str | bool:
+    """Whether the TMA forms of the up and down kernels serve this call (plans that ask for it: prefill-sized
+    batches; 2-byte dtypes, Hopper or the interpreter, row-major operands with 16-byte aligned rows), and where
+    their descriptors are built: ``"device"`` (in the kernel) where the plan asks for it, else ``"host"``. False:
+    the pointer form. (Not switched under CUDA-graph capture: a warm-up call must have compiled what the capture
+    runs.)"""
     if not (_TMA and plan["tma"]):
         return False
     ts = [t for t in tensors if t is not None]
     if not _tma_sms(ts[0].device):
         return False
-    return all(t.element_size() == 2 and t.stride(-1) == 1 and _aligned(t, t.stride(0)) for t in ts)
+    if not all(t.element_size() == 2 and t.stride(-1) == 1 and _aligned(t, t.stride(0)) for t in ts):
+        return False
+    return "device" if plan["dev_desc"] else "host"
+
+
+def _desc(t: torch.Tensor, block: list[int]):
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
+
+
+def _weight_desc(w: torch.Tensor, nk: bool, cfg: dict):
+    """B = w^T (w stored [N, K]) when ``nk``, else B = w (stored [K, N]); the box covers the full weight."""
+    return _desc(w, [cfg["BLOCK_N"], cfg["BLOCK_K"]] if nk else [cfg["BLOCK_K"], cfg["BLOCK_N"]])
 
 
 def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id, backward, store_pre, cfg, sorted_,
@@ -464,17 +486,22 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
     b1 = w1.t() if nk else w1
     b2 = (w2.t() if nk else w2) if w2 is not None else b1
     dummy = a
-    if tma:
+    if tma == "device":
         ensure_scratch_allocator()
+    if tma == "host":
+        descs = (_desc(src, [cfg["BLOCK_M"], cfg["BLOCK_K"]]), _weight_desc(w1, nk, cfg),
+                 _weight_desc(w2 if w2 is not None else w1, nk, cfg))
+    else:
+        descs = (src, b1, b2)
     _up_kernel[_grid(T, inter, cfg)](
         src, order if order is not None else sw, sw, b1, b2, bias if bias is not None else dummy,
         h if h is not None else dummy, g if g is not None else dummy, a,
-        dh if dh is not None else dummy, dg if dg is not None else dummy,
+        dh if dh is not None else dummy, dg if dg is not None else dummy, *descs,
         T, K, inter, a.stride(0),
         src.stride(0), src.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
         SORTED=sorted_, BACKWARD=backward, GATED=gated, HAS_BIAS=bias is not None,
         STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype), PRECISION=dot_precision(src.dtype),
-        TMA=tma, B_NK=nk, **cfg,
+        TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, **cfg,
     )
 
 
@@ -498,15 +525,24 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
         ws = cnt = out
     if tma:
         assert pad % cfg["BLOCK_K"] == 0
+    if tma == "device":
         ensure_scratch_allocator()
+    if tma == "host":
+        box = [cfg["BLOCK_M"], cfg["BLOCK_K"]]
+        d1 = _desc(a1, box)
+        descs = (d1, _desc(a2, box) if a2 is not None else d1, _weight_desc(w1, nk, cfg),
+                 _weight_desc(w2 if w2 is not None else w1, nk, cfg))
+    else:
+        descs = (a1, a1, b1, b2)
     _down_kernel[_grid(T, N, cfg) + (splits,)](
         a1, a2 if a2 is not None else a1, order if order is not None else sw, sw,
-        b1, b2, bias if bias is not None else out, out, ws, cnt,
+        b1, b2, bias if bias is not None else out, out, ws, cnt, *descs,
         T, N, inter, a1.stride(0), kc,
         b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
         out.stride(0), out.stride(1),
         SORTED=sorted_, DUAL=a2 is not None, HAS_BIAS=bias is not None, UPCAST=upcast_flag(out.dtype),
-        PRECISION=dot_precision(out.dtype), PAD=pad, TMA=tma, B_NK=nk, SPLIT=splits > 1, **cfg,
+        PRECISION=dot_precision(out.dtype), PAD=pad, TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk,
+        SPLIT=splits > 1, **cfg,
     )
 
 
@@ -548,7 +584,7 @@ def _forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths,
     y = torch.empty((T, H), dtype=x.dtype, device=x.device)
     _launch_down(a, None, order, sw, down_weight, None, True, down_bias, y, inter, plan["down"], plan["sorted"], pad,
                  tma)
-    return y.view(x.shape), (x2, sw, order, h, g, dict(plan, tma=tma))
+    return y.view(x.shape), (x2, sw, order, h, g, dict(plan, tma=bool(tma)))
 
 
 class _NestedMLP(torch.autograd.Function):
@@ -572,7 +608,7 @@ class _NestedMLP(torch.autograd.Function):
         dh = torch.empty_like(h)
         dg = torch.empty_like(h) if gate_w is not None else None
         a = torch.empty_like(h)
-        tma = _tma_ok(plan, dy2) and plan["tma_bwd"]
+        tma = plan["tma_bwd"] and _tma_ok(plan, dy2)  # "host", "device" or False
         # dA = dy Wd[:, :w], then the activation's derivative in the epilogue (a is recomputed there).
         src = dy2.index_select(0, order) if tma else dy2
         _launch_up(src, order, sw, down_w, None, False, None, h, g, a, dh, dg, inter, ctx.act_id, True, False,

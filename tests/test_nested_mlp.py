@@ -107,17 +107,18 @@ def test_gated_with_biases_leading_dims(dtype):
     _run(x, w, _params(dtype, gated=True, biases=True), "silu", dtype)
 
 
-@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("tma", ["host", "device", False])
 @pytest.mark.parametrize("gated", [True, False])
 def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
-    """The sorted path in both forms: TMA tiles (x gathered to sorted order, weight boxes) and pointer loads;
-    a spy checks which form ran, every call."""
+    """The sorted path in every form: TMA tiles (x gathered to sorted order, weight boxes) with descriptors from
+    the host or built in the kernel, and pointer loads; a spy checks which form ran, every call."""
     nm = importlib.import_module("flextron_kernels.nested_mlp")  # the package exports the function by that name
     if tma and not nm._tma_sms(torch.device(DEVICE)):
         pytest.skip("no TMA on this device")
-    monkeypatch.setattr(nm, "_TMA", tma)
-    real_plan = nm._plan  # the GPU plan uses TMA from 1025 tokens: ask for it at this small size too
-    monkeypatch.setattr(nm, "_plan", lambda T, dtype: dict(real_plan(T, dtype), tma=True, tma_bwd=True))
+    monkeypatch.setattr(nm, "_TMA", bool(tma))
+    real_plan = nm._plan  # the GPU plan's backward uses TMA from 1025 tokens: ask for it at this small size too
+    monkeypatch.setattr(nm, "_plan", lambda T, dtype: dict(real_plan(T, dtype), tma=True, tma_bwd=True,
+                                                           dev_desc=tma == "device"))
     seen = []
     real = nm._tma_ok
     monkeypatch.setattr(nm, "_tma_ok", lambda *a: seen.append(real(*a)) or seen[-1])
