@@ -241,15 +241,15 @@ def host_cost(H, inter, gen):
         def dense(x=x, ws=ws):
             return _mlp(x, ws[0], ws[1], ws[2])
 
-        def flex_host_desc(flex=flex):  # TMA descriptors built on the host (the plan's choice above 1024 tokens)
+        def flex_dev_desc(flex=flex):  # TMA descriptors built in the kernel (the plan builds them on the host)
             real_plan = NM._plan
-            NM._plan = lambda T_, dtype: dict(real_plan(T_, dtype), dev_desc=False)
+            NM._plan = lambda T_, dtype: dict(real_plan(T_, dtype), dev_desc=True)
             try:
                 return flex()
             finally:
                 NM._plan = real_plan
         with torch.no_grad():
-            for name, fn in (("flextron", flex), ("flextron_host_desc", flex_host_desc), ("dense", dense)):
+            for name, fn in (("flextron", flex), ("flextron_dev_desc", flex_dev_desc), ("dense", dense)):
                 for _ in range(5):
                     fn()
                 torch.cuda.synchronize()

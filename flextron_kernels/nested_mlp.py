@@ -29,8 +29,8 @@ Kernels (all fp32 accumulation, weights read through their strides, never copied
 On Hopper (and under the interpreter) the sorted path's up and down products move every tile by TMA: the
 source rows are gathered once into sorted order (``index_select``, ~1% of the MLP's time at prefill sizes), so a
 row tile is a plain box, and each weight is a descriptor over its full tensor whose boxes past ``I`` read zeros.
-The descriptors are built on the device (``tl.make_tensor_descriptor``; scratch from torch's allocator), not
-on the host, where each cost launch time.
+The descriptors come from the host; a plan may ask for them to be built in the kernel instead (``dev_desc``:
+``tl.make_tensor_descriptor``, scratch from torch's allocator), which measured slower on the GPU.
 The unsorted decode tile keeps pointer loads (one tile streams the weight prefix with long K tiles).
 """
 
@@ -441,10 +441,10 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # TMA tiles wherever the batch is sorted in the forward pass: 1.15-1.34x the pointer tiles' GPU speed at 256
     # tokens, 1.30x at 1024, 1.17-1.37x at 2048-16384 (H200, benchmarks/NOTES.md). The backward's up and down
     # products only from 1025 tokens: at 256 tokens forward+backward was 1.1-1.4x slower with them.
-    # Descriptors: built on the device up to 1024 tokens, where an eager call is bound by host time (each host
-    # descriptor costs launch time: --host measured 222 us per call at 256 tokens against ~290-490 with host
-    # descriptors), on the host above (building them in every program cost 5-10% GPU time at 2048-16384).
-    return dict(sorted=not small, tma=not small, tma_bwd=T > 1024, dev_desc=T <= 1024, up=up, down=down,
+    # Descriptors from the host. Building them in the kernel (dev_desc, tl.make_tensor_descriptor) cost GPU time
+    # in every program: graph replay at 256 tokens 0.134 ms against 0.126, and 5-10% at 8192-16384 tokens; the
+    # host time it saves was within the run-to-run noise of --host (+-40 us per call; benchmarks/NOTES.md).
+    return dict(sorted=not small, tma=not small, tma_bwd=T > 1024, dev_desc=False, up=up, down=down,
                 wgrad=wgrad)
 
 
