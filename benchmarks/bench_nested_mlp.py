@@ -318,6 +318,40 @@ def kernel_times(H, inter, gen, T=256, over=None):
         NM._plan = real_plan
 
 
+def backward_kernel_times(H, inter, gen, T=8192, mixes=("uniform", "skewed", "full")):
+    """GPU time per kernel name (torch.profiler) of a forward and of a forward+backward, per width mix: the
+    backward's share of each kernel is the difference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    ws = [torch.randn(*s, device="cuda", dtype=torch.bfloat16, requires_grad=True) for s in ((inter, H), (inter, H),
+                                                                                           (H, inter))]
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    for mix in mixes:
+        w = _widths(mix, T, inter, gen)
+        row = {}
+        for name, bwd in (("fwd", False), ("fwd_bwd", True)):
+            def step(bwd=bwd, w=w):
+                y = nested_mlp(x, ws[1], ws[2], w, gate_weight=ws[0], check_widths=False)
+                if bwd:
+                    y.backward(dy)
+                for p in ws + [x]:
+                    p.grad = None
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    step()
+                torch.cuda.synchronize()
+            row[name] = {e.key[:50]: round(e.device_time_total / 5, 1) for e in prof.key_averages()
+                         if e.device_time_total > 0}
+        out[mix] = row
+        print(T, mix, row, flush=True)
+    return out
+
+
 def _kernel_times(H, inter, gen, T):
     from torch.profiler import ProfilerActivity, profile
 
@@ -392,6 +426,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="flextron and dense only, fewer T")
     ap.add_argument("--explore", action="store_true", help="only sweep the sorted path's block configs")
     ap.add_argument("--host", action="store_true", help="only measure the host cost of a call")
+    ap.add_argument("--profile-bwd", type=int, default=0, metavar="T", help="only per-kernel times of fwd and "
+                    "fwd+bwd at T tokens")
     ap.add_argument("--explore-t", default="256,1024,2048,8192", help="token counts for --explore")
     ap.add_argument("--explore-mix", default="uniform", help="width mixes for --explore (comma-separated)")
     ap.add_argument("--explore-only", default="", help="EXPLORE variants to run (comma-separated; default all)")
@@ -412,6 +448,13 @@ def main():
         H, inter = MODELS[args.models.split(",")[0]]
         result["host"] = host_cost(H, inter, gen)
         with open(path.replace("nested_mlp_", "nested_mlp_host_"), "w") as f:
+            json.dump(result, f, indent=1)
+        return
+    if args.profile_bwd:
+        result["kernels"] = {}
+        for model in args.models.split(","):
+            result["kernels"][model] = backward_kernel_times(*MODELS[model], gen, args.profile_bwd)
+        with open(path.replace("nested_mlp_", "nested_mlp_profile_bwd_"), "w") as f:
             json.dump(result, f, indent=1)
         return
     if args.explore:

@@ -261,8 +261,15 @@ def stage_joint(args, out: Path, results: dict) -> None:
     starting weights, steps, data and table) and are evaluated on the weights they were tuned with."""
     _, tok = load_stories260k()
     train, held = _data(tok)
-    joint = {"lr_model": args.lr_model, "seed": args.seed}
-    for kind in ("static", "dynamic"):
+    kinds = args.kinds.split(",")
+    joint = {"lr_model": args.lr_model, "seed": args.seed, "lam": args.lam}
+    old = results.get("stories", {}).get("joint", {})
+    if "static" not in kinds:  # compare with the static router of an earlier run of the same settings
+        cfg_old = old.get("static", {}).get("config", {})
+        if not (cfg_old.get("lr_model") == args.lr_model and cfg_old.get("seed") == args.seed):
+            raise SystemExit("--kinds without static needs an earlier joint run with the same --lr-model and --seed")
+        joint["static"] = old["static"]
+    for kind in kinds:
         torch.manual_seed(args.seed)
         fm = FlextronModel.from_pretrained(out / "stories_routed")
         table = routing(fm).table
@@ -270,7 +277,7 @@ def stage_joint(args, out: Path, results: dict) -> None:
                    [fm.head_choices(i) for i in range(fm.num_layers)])
         cfg = RouterTrainConfig(sm_steps=args.long_sm_steps, sm_warmup=args.sm_warmup,
                                 joint_steps=args.long_joint_steps, batch_size=args.batch_size, lr_model=args.lr_model,
-                                seed=args.seed)
+                                seed=args.seed, lam=args.lam)
         router = (StaticRouter(*choices) if kind == "static"
                   else DynamicRouter(*choices, hidden_size=fm.config.hidden_size))
         _log(f"joint: training the {kind} router with the LLM ({cfg.sm_steps} SM + {cfg.joint_steps} joint steps, "
@@ -467,6 +474,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="router training sequences per step")
     p.add_argument("--lr-model", type=float, default=1e-4, help="LLM learning rate in the joint phase (stage joint)")
     p.add_argument("--seed", type=int, default=0, help="router initialisation and data order of stage joint")
+    p.add_argument("--kinds", default="static,dynamic", help="routers trained by stage joint (without static: the "
+                   "static curve of the earlier joint run in --out, same --lr-model and --seed)")
+    p.add_argument("--lam", type=float, default=RouterTrainConfig.lam, help="latency-loss weight (stage joint)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
