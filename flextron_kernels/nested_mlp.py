@@ -512,7 +512,7 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
     if a2 is not None:  # two A and two B tiles per stage: stay in shared memory
         cfg = dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 128), BLOCK_K=cfg["BLOCK_K"] // (2 if cfg["BLOCK_K"] > 64 else 1))
     cfg = dict(cfg)
-    splits = cfg.pop("SPLIT_K", 1) if sorted_ else 1
+    splits = cfg.pop("SPLIT_K", 1)
     b1 = w1.t() if nk else w1
     b2 = (w2.t() if nk else w2) if w2 is not None else b1
     # K chunks of whole BLOCK_Ks over the padded width; fewer chunks where the width is short.

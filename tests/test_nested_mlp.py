@@ -129,8 +129,8 @@ def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
     assert len(seen) == 2 and all(s == tma for s in seen)  # forward, backward
 
 
-@pytest.mark.parametrize("tma", [True, False])
-def test_split_k_down_and_taller_up_tiles(tma, monkeypatch):
+@pytest.mark.parametrize("tma,T", [(True, 150), (False, 150), (False, 7)])  # 7: the unsorted (decode) tile
+def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch):
     """The down product split along K into fp32 chunks, summed by each tile's last chunk to finish (chunks past
     a tile's width skipped), under up tiles twice as tall as the down tiles; forward and backward (dx) split."""
     nm = importlib.import_module("flextron_kernels.nested_mlp")
@@ -152,7 +152,6 @@ def test_split_k_down_and_taller_up_tiles(tma, monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **k: launches.append(k["SPLIT"]) or real_down[grid](*a, **k)
     monkeypatch.setattr(nm, "_down_kernel", Spy())
-    T = 150
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=True, biases=True), "silu", torch.bfloat16)
     assert launches == [True, True]  # forward y, backward dx
