@@ -153,8 +153,16 @@ def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch):
             return lambda *a, **k: launches.append(k["SPLIT"]) or real_down[grid](*a, **k)
     monkeypatch.setattr(nm, "_down_kernel", Spy())
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
-    _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=True, biases=True), "silu", torch.bfloat16)
+    w, params_ = _widths("mixed", T), _params(torch.bfloat16, gated=True, biases=True)
+    _run(x, w, params_, "silu", torch.bfloat16)
     assert launches == [True, True]  # forward y, backward dx
+    # Deterministic: the partials are summed in chunk order whichever chunk finishes last (a real check on a GPU,
+    # where chunks race; the interpreter runs programs in order).
+    with torch.no_grad():
+        args = (x, params_["up_weight"], params_["down_weight"], w)
+        kw = {k: v for k, v in params_.items() if k not in ("up_weight", "down_weight")}
+        ys = [nested_mlp(*args, **kw) for _ in range(3)]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the GPU's block plans (the interpreter has its own)")
