@@ -223,10 +223,12 @@ def set_budget(fm: FlextronModel, target: float | None, *, adaptive: bool = Fals
                          f"(flextron route) or load a checkpoint that has one")
     router.check(fm)
     _remove_hooks(r)
+    router_input = target
     if adaptive:
         cap = project(fm, fm.full_subnet(), r.table, target) if guarantee else fm.full_subnet()
         fm.set_subnet(cap)
-        _install_adaptive(fm, router, target)
+        router_input = adaptive_input(router, target)
+        _install_adaptive(fm, router, router_input)
         subnet = cap
     else:
         subnet = static_subnet(router, target, r.table)
@@ -234,6 +236,7 @@ def set_budget(fm: FlextronModel, target: float | None, *, adaptive: bool = Fals
             subnet = project(fm, subnet, r.table, target)
         fm.set_subnet(subnet)
     r.budget = {"target": target, "adaptive": adaptive, "guarantee": guarantee, "subnet": subnet.to_dict(),
+                "router_input": router_input,
                 "predicted_fraction": None if r.table is None else r.table.predict_fraction(subnet)}
     return subnet
 
@@ -271,6 +274,57 @@ def adaptive_fraction(fm: FlextronModel, counts: dict, table: LatencyTable | Non
             rows.append(share)
         shares[axis] = rows
     return table.predict_mixture(shares["mlp"], shares["heads"]) / table.full_ms()
+
+
+def adaptive_input(router: DynamicRouter, target: float) -> float:
+    """The dynamic router's input for ``target``: with a calibration (:func:`calibrate_adaptive`), the input whose
+    realised predicted latency was nearest ``target`` (ties: the faster); without one, ``target`` itself."""
+    if not router.calibration:
+        return target
+    return min(router.calibration, key=lambda p: (abs(p[1] - target), p[1]))[0]
+
+
+@torch.no_grad()
+def calibrate_adaptive(fm: FlextronModel, batches, grid=None) -> list[list[float]]:
+    """Measure what the dynamic router realises: for each router input ``t`` of ``grid`` (default 33 points in
+    [0.2, 1]), the predicted latency fraction of the choices it makes on ``batches`` (``input_ids`` tensors
+    ``[B, S]``), priced with the attached table (each token at its own MLP width, each sequence at its heads).
+
+    The curve is stored on the router (saved with the model) and ``set_budget(target, adaptive=True)`` then feeds
+    the router the input whose realised fraction is nearest ``target``: the router keeps deciding *which* tokens
+    get which width, the calibration pins the average latency, as the table does for the static router. Returns
+    the curve ``[[t, fraction], ...]``. Any active budget is restored afterwards.
+    """
+    r = routing(fm)
+    if r.dynamic is None:
+        raise ValueError("calibrate_adaptive needs a dynamic router: train one (flextron route) or load one")
+    if r.table is None:
+        raise ValueError("calibrate_adaptive needs a latency table: profile one (flextron profile) and attach it")
+    batches = list(batches)
+    if not batches or any(not isinstance(b, torch.Tensor) or b.dim() != 2 for b in batches):
+        raise ValueError("batches must be a non-empty sequence of input_ids tensors [B, S]")
+    grid = torch.linspace(ANCHORS[0], 1.0, 33).tolist() if grid is None else [check_target(t) for t in grid]
+    prev = r.budget
+    router = r.dynamic
+    old, router.calibration = router.calibration, None  # measure the raw router
+    device = next(fm.model.parameters()).device
+    curve = []
+    try:
+        set_budget(fm, None)
+        for t in grid:
+            _install_adaptive(fm, router, t)
+            with record_choices(fm) as counts:
+                for ids in batches:
+                    fm(input_ids=ids.to(device), use_cache=False)
+            curve.append([float(t), adaptive_fraction(fm, counts)])
+            _remove_hooks(r)
+    finally:
+        _remove_hooks(r)
+        router.calibration = curve if len(curve) == len(grid) else old  # a failed run keeps the old curve
+        set_budget(fm, None)
+        if prev is not None:
+            set_budget(fm, prev["target"], adaptive=prev["adaptive"], guarantee=prev["guarantee"])
+    return curve
 
 
 # -- persistence ------------------------------------------------------------------------------------

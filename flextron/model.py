@@ -236,6 +236,12 @@ class FlextronModel(nn.Module):
                 a.head_budgets = None
 
     # -- latency budgets (issue 7; logic in flextron/budget.py) ------------------------------------
+    def calibrate_adaptive(self, batches, grid=None):
+        """Pin the dynamic router's realised latency to its targets; see :func:`flextron.budget.calibrate_adaptive`."""
+        from .budget import calibrate_adaptive
+
+        return calibrate_adaptive(self, batches, grid)
+
     def set_budget(self, target: float | None, *, adaptive: bool = False, guarantee: bool = False):
         """Run within a latency budget (a fraction of the full latency); see :func:`flextron.budget.set_budget`."""
         from .budget import set_budget

@@ -132,15 +132,17 @@ class DynamicRouter(_Router):
 
     kind = "dynamic"
 
-    def __init__(self, mlp_choices, head_choices, hidden_size: int, hidden: int = 32) -> None:
+    def __init__(self, mlp_choices, head_choices, hidden_size: int, hidden: int = 32, calibration=None) -> None:
         super().__init__(mlp_choices, head_choices, hidden)
         self.hidden_size = hidden_size
+        # [[router input, realised predicted latency fraction], ...] from budget.calibrate_adaptive, or None.
+        self.calibration = None if calibration is None else [[float(a), float(b)] for a, b in calibration]
         d = hidden_size + len(ANCHORS)
         self.mlp_routers = nn.ModuleList(_mlp(d, hidden, len(c)) for c in self.mlp_choices)
         self.head_routers = nn.ModuleList(_mlp(d, hidden, len(c)) for c in self.head_choices)
 
     def _extra_config(self) -> dict:
-        return {"hidden_size": self.hidden_size}
+        return {"hidden_size": self.hidden_size, **({"calibration": self.calibration} if self.calibration else {})}
 
     def _inp(self, x: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(x.detach().float(), x.shape[-1:])
@@ -160,7 +162,8 @@ def build_router(config: dict) -> _Router:
     if kind == "static":
         return StaticRouter(config["mlp_choices"], config["head_choices"], config["hidden"])
     if kind == "dynamic":
-        return DynamicRouter(config["mlp_choices"], config["head_choices"], config["hidden_size"], config["hidden"])
+        return DynamicRouter(config["mlp_choices"], config["head_choices"], config["hidden_size"], config["hidden"],
+                             config.get("calibration"))
     raise ValueError(f"router config kind must be 'static' or 'dynamic', got {kind!r}")
 
 
@@ -408,6 +411,9 @@ def add_route_parser(subparsers):
     p.add_argument("--joint-steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr-model", type=float, default=0.0, help="> 0: fine-tune the LLM jointly in the last phase")
+    p.add_argument("--lam", type=float, default=RouterTrainConfig.lam, help="weight of the latency loss")
+    p.add_argument("--calibrate-windows", type=int, default=16,
+                   help="text windows on which the dynamic router's realised latency is calibrated (0: none)")
     p.add_argument("--out", default=None, help="write the checkpoint here (default: in place)")
     p.set_defaults(func=run_route)
     return p
@@ -418,7 +424,7 @@ def run_route(args) -> int:
 
     from transformers import AutoTokenizer
 
-    from .budget import attach_router, attach_table, routing
+    from .budget import attach_router, attach_table, calibrate_adaptive, routing
     from .data import STORIES260K_DIR, TINYSTORIES_EXCERPT, read_stories, token_windows
 
     fm = FlextronModel.from_pretrained(args.checkpoint)
@@ -435,7 +441,7 @@ def run_route(args) -> int:
     stories = [s for f in (args.text or [TINYSTORIES_EXCERPT]) for s in read_stories(f)]
     windows = token_windows(tok, stories, args.seq_len)
     cfg = RouterTrainConfig(sm_steps=args.sm_steps, sm_warmup=args.sm_warmup, joint_steps=args.joint_steps,
-                            batch_size=args.batch_size, lr_model=args.lr_model)
+                            batch_size=args.batch_size, lr_model=args.lr_model, lam=args.lam)
     mc = [fm.mlp_choices(i) for i in range(fm.num_layers)]
     hc = [fm.head_choices(i) for i in range(fm.num_layers)]
     kinds = ("static", "dynamic") if args.kind == "both" else (args.kind,)
@@ -446,6 +452,11 @@ def run_route(args) -> int:
         print(f"{kind} router: final LM loss {last['lm_loss']:.3f}, "
               f"expected - target latency {last['expected_minus_target']:+.3f}")
         attach_router(fm, router)
+        if kind == "dynamic" and args.calibrate_windows > 0:
+            n = min(args.calibrate_windows, windows.shape[0])
+            curve = calibrate_adaptive(fm, list(windows[:n].split(8)))
+            print("dynamic router calibrated on", n, "windows: router input -> realised latency fraction",
+                  ", ".join(f"{t:.2f}->{f:.3f}" for t, f in curve[::8]))
     fm.save_pretrained(args.out or args.checkpoint)
     print(f"saved routers and table with the model in {args.out or args.checkpoint}")
     return 0

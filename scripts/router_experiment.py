@@ -32,6 +32,7 @@ from flextron.budget import (
     adaptive_fraction,
     attach_router,
     attach_table,
+    calibrate_adaptive,
     project,
     record_choices,
     routing,
@@ -266,8 +267,10 @@ def stage_joint(args, out: Path, results: dict) -> None:
     old = results.get("stories", {}).get("joint", {})
     if "static" not in kinds:  # compare with the static router of an earlier run of the same settings
         cfg_old = old.get("static", {}).get("config", {})
-        if not (cfg_old.get("lr_model") == args.lr_model and cfg_old.get("seed") == args.seed):
-            raise SystemExit("--kinds without static needs an earlier joint run with the same --lr-model and --seed")
+        if not (cfg_old.get("lr_model") == args.lr_model and cfg_old.get("seed") == args.seed
+                and cfg_old.get("lam") == args.lam):
+            raise SystemExit("--kinds without static needs an earlier joint run with the same --lr-model, --seed "
+                             "and --lam")
         joint["static"] = old["static"]
     for kind in kinds:
         torch.manual_seed(args.seed)
@@ -290,12 +293,40 @@ def stage_joint(args, out: Path, results: dict) -> None:
                  "router_steps": sum(1 for r in log if r.get("router_step"))}
         _log(f"joint: {kind} trained in {entry['seconds']:.0f} s; full model ppl {entry['full_ppl']:.3f}")
         entry["curve"] = _eval_static(fm, table, held) if kind == "static" else _eval_dynamic(fm, held)
+        if kind == "dynamic":  # and with the deployment calibration (16 training windows)
+            entry["calibration"] = calibrate_adaptive(fm, list(train[:16].split(8)))
+            entry["curve_calibrated"] = _eval_dynamic(fm, held)
         joint[kind] = entry
         results.setdefault("stories", {})["joint"] = joint
         _save(out, results)
     joint["dynamic_vs_static"] = _dyn_vs_static(joint["dynamic"]["curve"], joint["static"]["curve"])
+    if "curve_calibrated" in joint["dynamic"]:
+        joint["calibrated_vs_static"] = _dyn_vs_static(joint["dynamic"]["curve_calibrated"], joint["static"]["curve"])
     _save(out, results)
     _log("joint: done")
+
+
+def stage_calibrate(args, out: Path, results: dict) -> None:
+    """The dynamic router of the routed stories checkpoint, raw and calibrated (``calibrate_adaptive`` on 16 training
+    windows): how far each target's realised predicted latency lands from the target, on held-out text, and the
+    perplexity there; dynamic vs the static curve of the same checkpoint."""
+    fm = FlextronModel.from_pretrained(out / "stories_routed")
+    _, tok = load_stories260k()
+    train, held = _data(tok)
+    entry = {}
+    for name in ("raw", "calibrated"):
+        if name == "calibrated":
+            t0 = time.perf_counter()
+            entry["curve"] = calibrate_adaptive(fm, list(train[:16].split(8)))
+            entry["calibration_seconds"] = time.perf_counter() - t0
+        _log(f"calibrate: evaluating the {name} dynamic router")
+        rows = [r for r in _eval_dynamic(fm, held) if not r["guarantee"]]
+        for r in rows:
+            r["error"] = r["predicted_fraction"] - r["target"]
+        entry[name] = rows
+        entry[name + "_vs_static"] = _dyn_vs_static(rows, results["stories"]["static"])
+    results.setdefault("stories", {})["calibrate"] = entry
+    _log("calibrate: done")
 
 
 def stage_recheck(args, out: Path, results: dict) -> None:
@@ -486,7 +517,7 @@ def main() -> None:
     results["args"] = vars(args)
     for stage in args.stages.split(","):
         {"llama": stage_llama, "stories": stage_stories, "dynamic_long": stage_dynamic_long,
-         "recheck": stage_recheck, "joint": stage_joint,
+         "recheck": stage_recheck, "joint": stage_joint, "calibrate": stage_calibrate,
          "plots": stage_plots}[stage](args, out, results)
     _save(out, results)
 

@@ -142,6 +142,47 @@ def test_save_load_routers_and_table(routed_fm, tmp_path):
     fm.set_budget(None)
 
 
+def test_calibrated_adaptive_budget(routed_fm, tmp_path):
+    """calibrate_adaptive measures the raw dynamic router's realised latency per input; set_budget(adaptive=True)
+    then feeds the input whose realised fraction is nearest the target, and the measured fraction of the budget
+    on the same text is that one. The curve is saved with the model; an active budget survives calibration."""
+    from flextron.budget import adaptive_fraction, calibrate_adaptive
+
+    fm = routed_fm
+    r = routing(fm)
+    batches = [tokens(2, 8, seed=s) for s in (11, 12)]
+    fm.set_budget(0.9)  # a static budget is active: restored afterwards
+    grid = [0.2, 0.35, 0.5, 0.65, 0.8, 1.0]
+    curve = fm.calibrate_adaptive(batches, grid=grid)
+    assert [t for t, _ in curve] == grid and r.dynamic.calibration == curve
+    assert r.budget["target"] == 0.9 and not r.budget["adaptive"] and not r.hooks
+    for target in (0.45, 0.7, 0.95):
+        fm.set_budget(target, adaptive=True)
+        t_in = r.budget["router_input"]
+        want = min(curve, key=lambda p: (abs(p[1] - target), p[1]))
+        assert t_in == want[0]
+        with record_choices(fm) as counts, torch.no_grad():
+            for ids in batches:
+                fm(input_ids=ids, use_cache=False)
+        assert adaptive_fraction(fm, counts) == pytest.approx(want[1], abs=1e-9)
+    fm.save_pretrained(tmp_path / "ckpt")
+    back = FlextronModel.from_pretrained(tmp_path / "ckpt")
+    assert routing(back).dynamic.calibration == curve
+    fm.set_budget(None)
+    with pytest.raises(ValueError, match="batches"):
+        calibrate_adaptive(fm, [])
+    with pytest.raises(ValueError, match="target"):
+        calibrate_adaptive(fm, batches, grid=[0.5, 1.5])
+    assert r.dynamic.calibration == curve  # a refused call keeps the curve
+    table, r.table = r.table, None
+    try:
+        with pytest.raises(ValueError, match="latency table"):
+            calibrate_adaptive(fm, batches)
+    finally:
+        r.table = table
+    r.dynamic.calibration = None  # the module's other tests use the raw router
+
+
 def test_routers_not_matching_the_space_are_refused(routed_fm):
     other = FlextronModel.from_hf(tiny_model("llama"), ElasticSpace(mlp=(0.5, 1.0)))
     with pytest.raises(ValueError, match="routers do not match the model's space: layer 0 mlp"):
