@@ -122,11 +122,19 @@ def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
     seen = []
     real = nm._tma_ok
     monkeypatch.setattr(nm, "_tma_ok", lambda *a: seen.append(real(*a)) or seen[-1])
+    wgrad = []
+    real_wgrad = nm._wgrad_kernel
+
+    class Spy:  # records each weight-gradient launch's form
+        def __getitem__(self, grid):
+            return lambda *a, **k: wgrad.append(k["TMA"]) or real_wgrad[grid](*a, **k)
+    monkeypatch.setattr(nm, "_wgrad_kernel", Spy())
     T = 150  # sorted on every device, not a multiple of any row tile
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=gated, biases=not gated),
          "silu" if gated else "gelu_tanh", torch.bfloat16)
     assert len(seen) == 2 and all(s == tma for s in seen)  # forward, backward
+    assert wgrad == [bool(tma)] * 2  # dWd, then dWu (and dWg)
 
 
 @pytest.mark.parametrize("tma,T", [(True, 150), (False, 150), (False, 7)])  # 7: the unsorted (decode) tile
