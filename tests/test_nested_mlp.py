@@ -185,6 +185,27 @@ def test_gpu_plan_buckets(T, dtype):
          dtype)
 
 
+@pytest.mark.parametrize("tma", [True, False])
+def test_wgrad_token_blocks_taller_than_row_tiles(tma, monkeypatch):
+    """Weight-gradient token blocks taller than the up kernel's row tiles: a block's last rows then belong to tiles
+    that never wrote this neuron block (poisoned memory); they must not reach the gradient."""
+    nm = importlib.import_module("flextron_kernels.nested_mlp")
+    if tma and not nm._tma_sms(torch.device(DEVICE)):
+        pytest.skip("no TMA on this device")
+    monkeypatch.setattr(nm, "_TMA", tma)
+    real_plan = nm._plan
+
+    def plan(T, dtype):
+        p = real_plan(T, dtype)
+        up = dict(p["up"], BLOCK_M=16)
+        down = dict(p["down"], BLOCK_M=16)
+        return dict(p, tma=True, tma_bwd=True, up=up, down=down, wgrad=dict(p["wgrad"], BLOCK_T=64))
+    monkeypatch.setattr(nm, "_plan", plan)
+    T = 150
+    x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
+    _run(x, _widths("few", T), _params(torch.bfloat16, gated=True, biases=True), "silu", torch.bfloat16)
+
+
 def test_strided_input_and_weight_views():
     """A non-contiguous x and weights that are views with storage offsets: read through strides."""
     big = randn(40, 2 * H)
