@@ -326,6 +326,21 @@ def _down_kernel(
 
 
 @triton.jit
+def _wgrad_step(a1, a2, s, acc1, acc2, dbacc, DUAL: tl.constexpr, HAS_DB: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
+    if UPCAST:
+        a1 = a1.to(tl.float32)
+        a2 = a2.to(tl.float32)
+        s = s.to(tl.float32)
+    acc1 = tl.dot(a1, s, acc1, input_precision=PRECISION)
+    if HAS_DB:
+        dbacc += tl.sum(a1.to(tl.float32), axis=1)
+    if DUAL:
+        acc2 = tl.dot(a2, s, acc2, input_precision=PRECISION)
+    return acc1, acc2, dbacc
+
+
+@triton.jit
 def _wgrad_kernel(
     a1_ptr, a2_ptr, order_ptr, sw_ptr, cnt_ptr, src_ptr, c1_ptr, c2_ptr, db_ptr, a1_desc, a2_desc, s_desc,
     T, N, I, LDA,
@@ -349,42 +364,37 @@ def _wgrad_kernel(
     acc1 = tl.zeros((BLOCK_J, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_J, BLOCK_N), dtype=tl.float32)
     dbacc = tl.zeros((BLOCK_J,), dtype=tl.float32)
-    for ti in range(0, tl.cdiv(cnt, BLOCK_T)):
+    n_full = 0
+    if TMA:
+        # Whole token blocks as boxes of the sorted-layout buffers (transposed in shared memory) and of the
+        # source, already gathered to sorted order: nothing to mask, so the tiles go from TMA straight to the MMA.
+        n_full = cnt // BLOCK_T
+        for ti in range(0, n_full):
+            a1 = a1_desc.load([ti * BLOCK_T, pid_j * BLOCK_J]).T
+            a2 = a1
+            if DUAL:
+                a2 = a2_desc.load([ti * BLOCK_T, pid_j * BLOCK_J]).T
+            acc1, acc2, dbacc = _wgrad_step(a1, a2, s_desc.load([ti * BLOCK_T, pid_n * BLOCK_N]), acc1, acc2,
+                                            dbacc, DUAL, HAS_DB, UPCAST, PRECISION)
+    # The rest (with TMA: the last, partial token block) by masked pointer loads.
+    for ti in range(n_full, tl.cdiv(cnt, BLOCK_T)):
         t = ti * BLOCK_T + rt
         t_in = t < cnt
+        if SORTED and not TMA:
+            rows = tl.load(order_ptr + t, mask=t_in, other=0).to(tl.int64)
+        else:
+            rows = t.to(tl.int64)
         # Every token here is wider than this block's first neuron, so the up kernel stored the whole
         # block for it (BLOCK_J divides its N block): zeros past the token's width, nothing unwritten.
         a_mask = t_in[None, :] & (rj[:, None] < LDA)
         a_off = t.to(tl.int64)[None, :] * LDA + rj[:, None]
-        if TMA:
-            # Boxes of the sorted-layout buffer (transposed in shared memory) and of the source, already
-            # gathered to sorted order. Rows from cnt on are other tokens (whose buffer blocks here may be
-            # unwritten): selected away, not multiplied away.
-            ot = ti * BLOCK_T
-            a1 = tl.where(t_in[None, :], a1_desc.load([ot, pid_j * BLOCK_J]).T, 0.0)
-            s = tl.where(t_in[:, None], s_desc.load([ot, pid_n * BLOCK_N]), 0.0)
-        else:
-            if SORTED:
-                rows = tl.load(order_ptr + t, mask=t_in, other=0).to(tl.int64)
-            else:
-                rows = t.to(tl.int64)
-            a1 = tl.load(a1_ptr + a_off, mask=a_mask, other=0.0)
-            s = tl.load(src_ptr + rows[:, None] * stride_sm + rn[None, :] * stride_sn,
-                        mask=t_in[:, None] & n_in[None, :], other=0.0)
-        if UPCAST:
-            a1 = a1.to(tl.float32)
-            s = s.to(tl.float32)
-        acc1 = tl.dot(a1, s, acc1, input_precision=PRECISION)
-        if HAS_DB:
-            dbacc += tl.sum(a1.to(tl.float32), axis=1)
+        a1 = tl.load(a1_ptr + a_off, mask=a_mask, other=0.0)
+        a2 = a1
         if DUAL:
-            if TMA:
-                a2 = tl.where(t_in[None, :], a2_desc.load([ti * BLOCK_T, pid_j * BLOCK_J]).T, 0.0)
-            else:
-                a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0.0)
-            if UPCAST:
-                a2 = a2.to(tl.float32)
-            acc2 = tl.dot(a2, s, acc2, input_precision=PRECISION)
+            a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0.0)
+        s = tl.load(src_ptr + rows[:, None] * stride_sm + rn[None, :] * stride_sn,
+                    mask=t_in[:, None] & n_in[None, :], other=0.0)
+        acc1, acc2, dbacc = _wgrad_step(a1, a2, s, acc1, acc2, dbacc, DUAL, HAS_DB, UPCAST, PRECISION)
     # Every element of the full-shape gradient is written here: zeros where no token reached.
     c_mask = (rj[:, None] < I) & n_in[None, :]
     rj64 = rj.to(tl.int64)
