@@ -326,12 +326,27 @@ def _down_kernel(
 
 
 @triton.jit
+def _wgrad_step(a1, a2, s, acc1, acc2, dbacc, DUAL: tl.constexpr, HAS_DB: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
+    if UPCAST:
+        a1 = a1.to(tl.float32)
+        a2 = a2.to(tl.float32)
+        s = s.to(tl.float32)
+    acc1 = tl.dot(a1, s, acc1, input_precision=PRECISION)
+    if HAS_DB:
+        dbacc += tl.sum(a1.to(tl.float32), axis=1)
+    if DUAL:
+        acc2 = tl.dot(a2, s, acc2, input_precision=PRECISION)
+    return acc1, acc2, dbacc
+
+
+@triton.jit
 def _wgrad_kernel(
-    a1_ptr, a2_ptr, order_ptr, sw_ptr, cnt_ptr, src_ptr, c1_ptr, c2_ptr, db_ptr,
+    a1_ptr, a2_ptr, order_ptr, sw_ptr, cnt_ptr, src_ptr, c1_ptr, c2_ptr, db_ptr, a1_desc, a2_desc, s_desc,
     T, N, I, LDA,
     stride_sm, stride_sn, stride_c1j, stride_c1n, stride_c2j, stride_c2n,
     SORTED: tl.constexpr, DUAL: tl.constexpr, HAS_DB: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_j, pid_n = _swizzle(tl.program_id(0), tl.cdiv(I, BLOCK_J), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -349,10 +364,23 @@ def _wgrad_kernel(
     acc1 = tl.zeros((BLOCK_J, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_J, BLOCK_N), dtype=tl.float32)
     dbacc = tl.zeros((BLOCK_J,), dtype=tl.float32)
-    for ti in range(0, tl.cdiv(cnt, BLOCK_T)):
+    n_full = 0
+    if TMA:
+        # Whole token blocks as boxes of the sorted-layout buffers (transposed in shared memory) and of the
+        # source, already gathered to sorted order: nothing to mask, so the tiles go from TMA straight to the MMA.
+        n_full = cnt // BLOCK_T
+        for ti in range(0, n_full):
+            a1 = a1_desc.load([ti * BLOCK_T, pid_j * BLOCK_J]).T
+            a2 = a1
+            if DUAL:
+                a2 = a2_desc.load([ti * BLOCK_T, pid_j * BLOCK_J]).T
+            acc1, acc2, dbacc = _wgrad_step(a1, a2, s_desc.load([ti * BLOCK_T, pid_n * BLOCK_N]), acc1, acc2,
+                                            dbacc, DUAL, HAS_DB, UPCAST, PRECISION)
+    # The rest (with TMA: the last, partial token block) by masked pointer loads.
+    for ti in range(n_full, tl.cdiv(cnt, BLOCK_T)):
         t = ti * BLOCK_T + rt
         t_in = t < cnt
-        if SORTED:
+        if SORTED and not TMA:
             rows = tl.load(order_ptr + t, mask=t_in, other=0).to(tl.int64)
         else:
             rows = t.to(tl.int64)
@@ -361,19 +389,12 @@ def _wgrad_kernel(
         a_mask = t_in[None, :] & (rj[:, None] < LDA)
         a_off = t.to(tl.int64)[None, :] * LDA + rj[:, None]
         a1 = tl.load(a1_ptr + a_off, mask=a_mask, other=0.0)
-        s = tl.load(src_ptr + rows[:, None] * stride_sm + rn[None, :] * stride_sn,
-                    mask=t_in[:, None] & n_in[None, :], other=0.0)
-        if UPCAST:
-            a1 = a1.to(tl.float32)
-            s = s.to(tl.float32)
-        acc1 = tl.dot(a1, s, acc1, input_precision=PRECISION)
-        if HAS_DB:
-            dbacc += tl.sum(a1.to(tl.float32), axis=1)
+        a2 = a1
         if DUAL:
             a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0.0)
-            if UPCAST:
-                a2 = a2.to(tl.float32)
-            acc2 = tl.dot(a2, s, acc2, input_precision=PRECISION)
+        s = tl.load(src_ptr + rows[:, None] * stride_sm + rn[None, :] * stride_sn,
+                    mask=t_in[:, None] & n_in[None, :], other=0.0)
+        acc1, acc2, dbacc = _wgrad_step(a1, a2, s, acc1, acc2, dbacc, DUAL, HAS_DB, UPCAST, PRECISION)
     # Every element of the full-shape gradient is written here: zeros where no token reached.
     c_mask = (rj[:, None] < I) & n_in[None, :]
     rj64 = rj.to(tl.int64)
@@ -546,16 +567,24 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
     )
 
 
-def _launch_wgrad(a1, a2, order, sw, cnt, src, c1, c2, db, inter, cfg, sorted_):
+def _launch_wgrad(a1, a2, order, sw, cnt, src, c1, c2, db, inter, cfg, sorted_, tma=False):
+    """``C[j, n] = sum_t A[t, j] S[t, n]`` over the tokens using neuron ``j``. With ``tma``, ``src`` must already be
+    in sorted order."""
     T, N = src.shape
     c2_ = c2 if c2 is not None else c1
+    if tma:
+        box = [cfg["BLOCK_T"], cfg["BLOCK_J"]]
+        d1 = _desc(a1, box)
+        descs = (d1, _desc(a2, box) if a2 is not None else d1, _desc(src, [cfg["BLOCK_T"], cfg["BLOCK_N"]]))
+    else:
+        descs = (a1, a1, src)
     _wgrad_kernel[_grid(inter, N, cfg, "BLOCK_J")](
         a1, a2 if a2 is not None else a1, order if order is not None else sw, sw,
-        cnt if cnt is not None else sw, src, c1, c2_, db if db is not None else c1,
+        cnt if cnt is not None else sw, src, c1, c2_, db if db is not None else c1, *descs,
         T, N, inter, a1.stride(0),
         src.stride(0), src.stride(1), c1.stride(0), c1.stride(1), c2_.stride(0), c2_.stride(1),
         SORTED=sorted_, DUAL=c2 is not None, HAS_DB=db is not None, UPCAST=upcast_flag(src.dtype),
-        PRECISION=dot_precision(src.dtype), **cfg,
+        PRECISION=dot_precision(src.dtype), TMA=bool(tma), **cfg,
     )
 
 
@@ -623,12 +652,14 @@ class _NestedMLP(torch.autograd.Function):
         if need[2]:
             ddown = torch.empty(down_w.shape, dtype=down_w.dtype, device=down_w.device)
             # Written as dWd^T[j, n] through strides, so the token loop runs along the neuron axis.
-            _launch_wgrad(a, None, order, sw, cnt, dy2, ddown.t(), None, None, inter, plan["wgrad"], srt)
+            # The TMA form reads dy in sorted order: the gather made for dA above.
+            _launch_wgrad(a, None, order, sw, cnt, src, ddown.t(), None, None, inter, plan["wgrad"], srt, tma)
         if need[1] or need[3] or need[4]:
             dup = torch.empty(up_w.shape, dtype=up_w.dtype, device=up_w.device)
             dgate = torch.empty(gate_w.shape, dtype=gate_w.dtype, device=gate_w.device) if gate_w is not None else None
             dub = torch.empty(inter, dtype=up_w.dtype, device=up_w.device) if up_b is not None else None
-            _launch_wgrad(dh, dg, order, sw, cnt, x2, dup, dgate, dub, inter, plan["wgrad"], srt)
+            xs = x2.index_select(0, order) if tma else x2
+            _launch_wgrad(dh, dg, order, sw, cnt, xs, dup, dgate, dub, inter, plan["wgrad"], srt, tma)
         if ctx.has_down_bias and need[5]:
             ddb = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
         return dx, dup, ddown, dgate, dub, ddb, None, None

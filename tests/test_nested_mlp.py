@@ -122,11 +122,19 @@ def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
     seen = []
     real = nm._tma_ok
     monkeypatch.setattr(nm, "_tma_ok", lambda *a: seen.append(real(*a)) or seen[-1])
+    wgrad = []
+    real_wgrad = nm._wgrad_kernel
+
+    class Spy:  # records each weight-gradient launch's form
+        def __getitem__(self, grid):
+            return lambda *a, **k: wgrad.append(k["TMA"]) or real_wgrad[grid](*a, **k)
+    monkeypatch.setattr(nm, "_wgrad_kernel", Spy())
     T = 150  # sorted on every device, not a multiple of any row tile
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=gated, biases=not gated),
          "silu" if gated else "gelu_tanh", torch.bfloat16)
     assert len(seen) == 2 and all(s == tma for s in seen)  # forward, backward
+    assert wgrad == [bool(tma)] * 2  # dWd, then dWu (and dWg)
 
 
 @pytest.mark.parametrize("tma,T", [(True, 150), (False, 150), (False, 7)])  # 7: the unsorted (decode) tile
@@ -175,6 +183,27 @@ def test_gpu_plan_buckets(T, dtype):
     x = randn(T, hidden, dtype=dtype, requires_grad=True)
     _run(x, _widths("mixed", T, inter), _params(dtype, gated=True, biases=True, inter=inter, hidden=hidden), "silu",
          dtype)
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_wgrad_token_blocks_taller_than_row_tiles(tma, monkeypatch):
+    """Weight-gradient token blocks taller than the up kernel's row tiles: a block's last rows then belong to tiles
+    that never wrote this neuron block (poisoned memory); they must not reach the gradient."""
+    nm = importlib.import_module("flextron_kernels.nested_mlp")
+    if tma and not nm._tma_sms(torch.device(DEVICE)):
+        pytest.skip("no TMA on this device")
+    monkeypatch.setattr(nm, "_TMA", tma)
+    real_plan = nm._plan
+
+    def plan(T, dtype):
+        p = real_plan(T, dtype)
+        up = dict(p["up"], BLOCK_M=16)
+        down = dict(p["down"], BLOCK_M=16)
+        return dict(p, tma=True, tma_bwd=True, up=up, down=down, wgrad=dict(p["wgrad"], BLOCK_T=64))
+    monkeypatch.setattr(nm, "_plan", plan)
+    T = 150
+    x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
+    _run(x, _widths("few", T), _params(torch.bfloat16, gated=True, biases=True), "silu", torch.bfloat16)
 
 
 def test_strided_input_and_weight_views():
