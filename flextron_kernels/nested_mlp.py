@@ -144,12 +144,12 @@ def _load_b(desc, ok, on, B_NK: tl.constexpr):
 @triton.jit
 def _up_kernel(
     src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr,
-    h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr, a_desc, b1_desc, b2_desc,
+    h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr, a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc,
     T, K, I, LDA,
     stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
     SORTED: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr,
+    TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
@@ -203,10 +203,17 @@ def _up_kernel(
 
     # Sorted-layout [T, LDA] buffers. Each N block that a tile runs is stored whole, zeros past each
     # row's width, so readers can mask by whole blocks (again for vector loads) and still add nothing.
+    # EPI_TMA: the buffer tiles move by TMA as boxes (rows past T and columns past LDA clipped by the engine),
+    # so only an inactive block is skipped, as a whole.
     keep = rn[None, :] < w_row[:, None]
     mask = (t[:, None] < T) & (rn[None, :] < LDA) & active
     off = t[:, None] * LDA + rn[None, :]
     out_ty = a_ptr.dtype.element_ty
+    if EPI_TMA:
+        if not active:
+            return
+    ot = pid_m * BLOCK_M
+    on = pid_n * BLOCK_N
     if not BACKWARD:
         h = acc1
         if HAS_BIAS:
@@ -216,24 +223,42 @@ def _up_kernel(
             a = f * h
         else:
             a, _ = _act_and_grad(h, ACT)
-        tl.store(a_ptr + off, tl.where(keep, a, 0.0).to(out_ty), mask=mask)
+        _put(ao_desc, a_ptr + off, tl.where(keep, a, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
         if STORE_PRE:
-            tl.store(h_ptr + off, h.to(out_ty), mask=mask)
+            _put(h_desc, h_ptr + off, h.to(out_ty), mask, ot, on, EPI_TMA)
             if GATED:
-                tl.store(g_ptr + off, acc2.to(out_ty), mask=mask)
+                _put(g_desc, g_ptr + off, acc2.to(out_ty), mask, ot, on, EPI_TMA)
     else:
+        # Past a row's width the buffers hold the forward's values there (TMA) or read as zeros (pointer):
+        # either way the results there are selected away.
         da = acc1
-        h = tl.load(h_ptr + off, mask=mask & keep, other=0.0).to(tl.float32)
+        h = _get(h_desc, h_ptr + off, mask & keep, ot, on, EPI_TMA).to(tl.float32)
         if GATED:
-            g = tl.load(g_ptr + off, mask=mask & keep, other=0.0).to(tl.float32)
+            g = _get(g_desc, g_ptr + off, mask & keep, ot, on, EPI_TMA).to(tl.float32)
             f, df = _act_and_grad(g, ACT)
-            tl.store(dg_ptr + off, tl.where(keep, da * h * df, 0.0).to(out_ty), mask=mask)
-            tl.store(dh_ptr + off, tl.where(keep, da * f, 0.0).to(out_ty), mask=mask)
-            tl.store(a_ptr + off, tl.where(keep, f * h, 0.0).to(out_ty), mask=mask)
+            _put(dg_desc, dg_ptr + off, tl.where(keep, da * h * df, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+            _put(dh_desc, dh_ptr + off, tl.where(keep, da * f, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+            _put(ao_desc, a_ptr + off, tl.where(keep, f * h, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
         else:
             f, df = _act_and_grad(h, ACT)
-            tl.store(dh_ptr + off, tl.where(keep, da * df, 0.0).to(out_ty), mask=mask)
-            tl.store(a_ptr + off, tl.where(keep, f, 0.0).to(out_ty), mask=mask)
+            _put(dh_desc, dh_ptr + off, tl.where(keep, da * df, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+            _put(ao_desc, a_ptr + off, tl.where(keep, f, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+
+
+@triton.jit
+def _put(desc, ptrs, val, mask, ot, on, EPI_TMA: tl.constexpr):
+    if EPI_TMA:
+        desc.store([ot, on], val)
+    else:
+        tl.store(ptrs, val, mask=mask)
+
+
+@triton.jit
+def _get(desc, ptrs, mask, ot, on, EPI_TMA: tl.constexpr):
+    if EPI_TMA:
+        return desc.load([ot, on])
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -415,6 +440,8 @@ _UNSORTED_MAX_T = 16 if INTERPRET else 64
 # The sorted path's up and down products move their tiles by TMA where _tma_ok allows; the benchmark turns this
 # off to time the pointer form side by side.
 _TMA = TensorDescriptor is not None
+# The up kernel's epilogue moves the [T, LDA] buffer tiles by TMA wherever its main loop does (host descriptors).
+_TMA_EPI = True
 
 
 @functools.lru_cache(maxsize=4096)
@@ -514,6 +541,11 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
                  _weight_desc(w2 if w2 is not None else w1, nk, cfg))
     else:
         descs = (src, b1, b2)
+    # The buffers' tiles by TMA too (only with host descriptors: one per buffer).
+    epi = bool(tma == "host" and _TMA_EPI)
+    box = [cfg["BLOCK_M"], cfg["BLOCK_N"]]
+    bufs = (a, h, g, dh, dg)
+    descs += tuple(_desc(b, box) if epi and b is not None else a for b in bufs)
     _up_kernel[_grid(T, inter, cfg)](
         src, order if order is not None else sw, sw, b1, b2, bias if bias is not None else dummy,
         h if h is not None else dummy, g if g is not None else dummy, a,
@@ -522,7 +554,7 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
         src.stride(0), src.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
         SORTED=sorted_, BACKWARD=backward, GATED=gated, HAS_BIAS=bias is not None,
         STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype), PRECISION=dot_precision(src.dtype),
-        TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, **cfg,
+        TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, EPI_TMA=epi, **cfg,
     )
 
 

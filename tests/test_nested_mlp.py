@@ -107,15 +107,19 @@ def test_gated_with_biases_leading_dims(dtype):
     _run(x, w, _params(dtype, gated=True, biases=True), "silu", dtype)
 
 
-@pytest.mark.parametrize("tma", ["host", "device", False])
+@pytest.mark.parametrize("tma", ["host", "host-pointer-epilogue", "device", False])
 @pytest.mark.parametrize("gated", [True, False])
 def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
     """The sorted path in every form: TMA tiles (x gathered to sorted order, weight boxes) with descriptors from
-    the host or built in the kernel, and pointer loads; a spy checks which form ran, every call."""
+    the host or built in the kernel, the up kernel's buffer tiles by TMA or by pointers, and pointer loads
+    throughout; spies check which form ran, every call."""
     nm = importlib.import_module("flextron_kernels.nested_mlp")  # the package exports the function by that name
     if tma and not nm._tma_sms(torch.device(DEVICE)):
         pytest.skip("no TMA on this device")
     monkeypatch.setattr(nm, "_TMA", bool(tma))
+    monkeypatch.setattr(nm, "_TMA_EPI", tma == "host")
+    epi = (tma == "host")
+    tma = "host" if tma == "host-pointer-epilogue" else tma
     real_plan = nm._plan  # the GPU plan's backward uses TMA from 1025 tokens: ask for it at this small size too
     monkeypatch.setattr(nm, "_plan", lambda T, dtype: dict(real_plan(T, dtype), tma=True, tma_bwd=True,
                                                            dev_desc=tma == "device"))
@@ -129,12 +133,20 @@ def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **k: wgrad.append(k["TMA"]) or real_wgrad[grid](*a, **k)
     monkeypatch.setattr(nm, "_wgrad_kernel", Spy())
+    up = []
+    real_up = nm._up_kernel
+
+    class UpSpy:  # records each up-kernel launch's epilogue form
+        def __getitem__(self, grid):
+            return lambda *a, **k: up.append(k["EPI_TMA"]) or real_up[grid](*a, **k)
+    monkeypatch.setattr(nm, "_up_kernel", UpSpy())
     T = 150  # sorted on every device, not a multiple of any row tile
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=gated, biases=not gated),
          "silu" if gated else "gelu_tanh", torch.bfloat16)
     assert len(seen) == 2 and all(s == tma for s in seen)  # forward, backward
     assert wgrad == [bool(tma)] * 2  # dWd, then dWu (and dWg)
+    assert up == [epi] * 2  # forward, backward (dA)
 
 
 @pytest.mark.parametrize("tma,T", [(True, 150), (False, 150), (False, 7)])  # 7: the unsorted (decode) tile
