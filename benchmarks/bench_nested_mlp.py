@@ -295,6 +295,7 @@ EXPLORE = {
     "down_128x128_w8_split4": {"up": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
                                "down": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3, "SPLIT_K": 4}},
     "up_m128": {"up": dict(_M128, BLOCK_N=128), "down": {"SPLIT_K": 1}},
+    "epi_pointer": {"up": {"EPI_TMA": False}},  # the up kernel's buffer tiles by pointers (before 2026-11-29 late)
 }
 
 
@@ -451,9 +452,18 @@ def main():
             json.dump(result, f, indent=1)
         return
     if args.profile_bwd:
+        # Per EXPLORE variant named in --explore-only (default: the plan as it is), side by side in one run.
         result["kernels"] = {}
-        for model in args.models.split(","):
-            result["kernels"][model] = backward_kernel_times(*MODELS[model], gen, args.profile_bwd)
+        real_plan = NM._plan
+        for name in [n for n in args.explore_only.split(",") if n] or ["base"]:
+            NM._plan = _override(real_plan, EXPLORE[name]) if name != "base" else real_plan
+            try:
+                for model in args.models.split(","):
+                    print("variant", name, model, flush=True)
+                    result["kernels"].setdefault(name, {})[model] = backward_kernel_times(
+                        *MODELS[model], gen, args.profile_bwd)
+            finally:
+                NM._plan = real_plan
         with open(path.replace("nested_mlp_", "nested_mlp_profile_bwd_"), "w") as f:
             json.dump(result, f, indent=1)
         return

@@ -440,8 +440,6 @@ _UNSORTED_MAX_T = 16 if INTERPRET else 64
 # The sorted path's up and down products move their tiles by TMA where _tma_ok allows; the benchmark turns this
 # off to time the pointer form side by side.
 _TMA = TensorDescriptor is not None
-# The up kernel's epilogue moves the [T, LDA] buffer tiles by TMA wherever its main loop does (host descriptors).
-_TMA_EPI = True
 
 
 @functools.lru_cache(maxsize=4096)
@@ -541,8 +539,9 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
                  _weight_desc(w2 if w2 is not None else w1, nk, cfg))
     else:
         descs = (src, b1, b2)
-    # The buffers' tiles by TMA too (only with host descriptors: one per buffer).
-    epi = bool(tma == "host" and _TMA_EPI)
+    # The buffers' tiles by TMA too (only with host descriptors: one per buffer), unless the plan says not to.
+    cfg = dict(cfg)
+    epi = bool(cfg.pop("EPI_TMA", True) and tma == "host")
     box = [cfg["BLOCK_M"], cfg["BLOCK_N"]]
     bufs = (a, h, g, dh, dg)
     descs += tuple(_desc(b, box) if epi and b is not None else a for b in bufs)

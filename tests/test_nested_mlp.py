@@ -117,12 +117,12 @@ def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
     if tma and not nm._tma_sms(torch.device(DEVICE)):
         pytest.skip("no TMA on this device")
     monkeypatch.setattr(nm, "_TMA", bool(tma))
-    monkeypatch.setattr(nm, "_TMA_EPI", tma == "host")
     epi = (tma == "host")
     tma = "host" if tma == "host-pointer-epilogue" else tma
     real_plan = nm._plan  # the GPU plan's backward uses TMA from 1025 tokens: ask for it at this small size too
-    monkeypatch.setattr(nm, "_plan", lambda T, dtype: dict(real_plan(T, dtype), tma=True, tma_bwd=True,
-                                                           dev_desc=tma == "device"))
+    monkeypatch.setattr(nm, "_plan", lambda T, dtype: dict(
+        real_plan(T, dtype), tma=True, tma_bwd=True, dev_desc=tma == "device",
+        up=dict(real_plan(T, dtype)["up"], EPI_TMA=epi)))
     seen = []
     real = nm._tma_ok
     monkeypatch.setattr(nm, "_tma_ok", lambda *a: seen.append(real(*a)) or seen[-1])
