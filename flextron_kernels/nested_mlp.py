@@ -145,7 +145,7 @@ def _load_b(desc, ok, on, B_NK: tl.constexpr):
 def _up_kernel(
     src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr,
     h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr, a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc,
-    T, K, I, LDA,
+    T, K, I, LDA, LDH,
     stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
     SORTED: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -205,9 +205,13 @@ def _up_kernel(
     # row's width, so readers can mask by whole blocks (again for vector loads) and still add nothing.
     # EPI_TMA: the buffer tiles move by TMA as boxes (rows past T and columns past LDA clipped by the engine),
     # so only an inactive block is skipped, as a whole.
+    # The backward's pre-activation buffers h, g (the forward's) may be narrower (LDH) than its outputs (LDA),
+    # when the backward runs wider N blocks than the forward did.
     keep = rn[None, :] < w_row[:, None]
     mask = (t[:, None] < T) & (rn[None, :] < LDA) & active
     off = t[:, None] * LDA + rn[None, :]
+    mask_h = (t[:, None] < T) & (rn[None, :] < LDH) & active
+    off_h = t[:, None] * LDH + rn[None, :]
     out_ty = a_ptr.dtype.element_ty
     if EPI_TMA:
         if not active:
@@ -225,16 +229,16 @@ def _up_kernel(
             a, _ = _act_and_grad(h, ACT)
         _put(ao_desc, a_ptr + off, tl.where(keep, a, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
         if STORE_PRE:
-            _put(h_desc, h_ptr + off, h.to(out_ty), mask, ot, on, EPI_TMA)
+            _put(h_desc, h_ptr + off_h, h.to(out_ty), mask_h, ot, on, EPI_TMA)
             if GATED:
-                _put(g_desc, g_ptr + off, acc2.to(out_ty), mask, ot, on, EPI_TMA)
+                _put(g_desc, g_ptr + off_h, acc2.to(out_ty), mask_h, ot, on, EPI_TMA)
     else:
         # Past a row's width the buffers hold the forward's values there (TMA) or read as zeros (pointer):
         # either way the results there are selected away.
         da = acc1
-        h = _get(h_desc, h_ptr + off, mask & keep, ot, on, EPI_TMA).to(tl.float32)
+        h = _get(h_desc, h_ptr + off_h, mask_h & keep, ot, on, EPI_TMA).to(tl.float32)
         if GATED:
-            g = _get(g_desc, g_ptr + off, mask & keep, ot, on, EPI_TMA).to(tl.float32)
+            g = _get(g_desc, g_ptr + off_h, mask_h & keep, ot, on, EPI_TMA).to(tl.float32)
             f, df = _act_and_grad(g, ACT)
             _put(dg_desc, dg_ptr + off, tl.where(keep, da * h * df, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
             _put(dh_desc, dh_ptr + off, tl.where(keep, da * f, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
@@ -452,8 +456,8 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         # The interpreter's cost grows with the number of programs: big blocks.
         bm = 16 if small else 32
         up = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
-        return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, up=up, down=dict(up),
-                    wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
+        return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, up=up, up_bwd={},
+                    down=dict(up), wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
     # fp32 tiles take twice the shared memory per stage: halve the K step instead of the stages.
     kdiv = 2 if dtype == torch.float32 else 1
     if small:
@@ -481,6 +485,8 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         up = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
         down = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
         wgrad = dict(BLOCK_J=128, BLOCK_N=128, BLOCK_T=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
+    # The backward's up kernel (dA): changes to the forward's up config (see _up_bwd_cfg).
+    up_bwd = {}
     # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and
     # a weight-gradient neuron block must lie inside one up-kernel N block.
     assert up["BLOCK_M"] % down["BLOCK_M"] == 0 and up["BLOCK_N"] % wgrad["BLOCK_J"] == 0
@@ -490,8 +496,16 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # Descriptors from the host. Building them in the kernel (dev_desc, tl.make_tensor_descriptor) cost GPU time
     # in every program: graph replay at 256 tokens 0.134 ms against 0.126, and 5-10% at 8192-16384 tokens; the
     # host time it saves was within the run-to-run noise of --host (+-40 us per call; benchmarks/NOTES.md).
-    return dict(sorted=not small, tma=not small, tma_bwd=T > 1024, dev_desc=False, up=up, down=down,
-                wgrad=wgrad)
+    return dict(sorted=not small, tma=not small, tma_bwd=T > 1024, dev_desc=False, up=up, up_bwd=up_bwd,
+                down=down, wgrad=wgrad)
+
+
+def _up_bwd_cfg(plan: dict) -> dict:
+    """The backward's up kernel config: the forward's with the plan's ``up_bwd`` changes. It may run wider N
+    blocks (a multiple of the forward's, so every block the forward wrote lies in one of them), on the same rows."""
+    cfg = dict(plan["up"], **plan["up_bwd"])
+    assert cfg["BLOCK_M"] == plan["up"]["BLOCK_M"] and cfg["BLOCK_N"] % plan["up"]["BLOCK_N"] == 0
+    return cfg
 
 
 def _grid(rows: int, cols: int, cfg: dict, bm: str = "BLOCK_M"):
@@ -549,7 +563,7 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
         src, order if order is not None else sw, sw, b1, b2, bias if bias is not None else dummy,
         h if h is not None else dummy, g if g is not None else dummy, a,
         dh if dh is not None else dummy, dg if dg is not None else dummy, *descs,
-        T, K, inter, a.stride(0),
+        T, K, inter, a.stride(0), h.stride(0) if h is not None else a.stride(0),
         src.stride(0), src.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
         SORTED=sorted_, BACKWARD=backward, GATED=gated, HAS_BIAS=bias is not None,
         STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype), PRECISION=dot_precision(src.dtype),
@@ -665,14 +679,17 @@ class _NestedMLP(torch.autograd.Function):
         inter = up_w.shape[0]
         dy2 = dy.reshape(-1, H)
         need = ctx.needs_input_grad
-        dh = torch.empty_like(h)
-        dg = torch.empty_like(h) if gate_w is not None else None
-        a = torch.empty_like(h)
+        # The backward's buffers are as wide as its own up kernel's N blocks need (a multiple of the forward's).
+        up_cfg = _up_bwd_cfg(plan)
+        bn = up_cfg["BLOCK_N"]
+        dh = torch.empty((T, triton.cdiv(inter, bn) * bn), dtype=h.dtype, device=h.device)
+        dg = torch.empty_like(dh) if gate_w is not None else None
+        a = torch.empty_like(dh)
         tma = plan["tma_bwd"] and _tma_ok(plan, dy2)  # "host", "device" or False
         # dA = dy Wd[:, :w], then the activation's derivative in the epilogue (a is recomputed there).
         src = dy2.index_select(0, order) if tma else dy2
         _launch_up(src, order, sw, down_w, None, False, None, h, g, a, dh, dg, inter, ctx.act_id, True, False,
-                   plan["up"], srt, tma, gate_w is not None)
+                   up_cfg, srt, tma, gate_w is not None)
         dx = dup = ddown = dgate = dub = ddb = None
         if need[0]:
             dx = torch.empty((T, H), dtype=x2.dtype, device=x2.device)

@@ -185,6 +185,37 @@ def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch):
     assert all(torch.equal(ys[0], y) for y in ys[1:])
 
 
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("gated", [True, False])
+def test_backward_up_kernel_wider_blocks(tma, gated, monkeypatch):
+    """The backward's up kernel (dA) in N blocks twice the forward's: its buffers are wider than the forward's
+    pre-activation buffers it reads (I = 300 pads to different widths), and dx and the weight gradients read them."""
+    nm = importlib.import_module("flextron_kernels.nested_mlp")
+    if tma and not nm._tma_sms(torch.device(DEVICE)):
+        pytest.skip("no TMA on this device")
+    monkeypatch.setattr(nm, "_TMA", tma)
+    real_plan = nm._plan
+
+    def plan(T, dtype):
+        p = real_plan(T, dtype)
+        up = dict(p["up"], BLOCK_N=min(p["up"]["BLOCK_N"], 128))
+        return dict(p, tma=True, tma_bwd=True, up=up, up_bwd={"BLOCK_N": 2 * up["BLOCK_N"]})
+    monkeypatch.setattr(nm, "_plan", plan)
+    blocks = []
+    real_up = nm._up_kernel
+
+    class Spy:  # records each launch's (BACKWARD, BLOCK_N)
+        def __getitem__(self, grid):
+            return lambda *a, **k: blocks.append((k["BACKWARD"], k["BLOCK_N"])) or real_up[grid](*a, **k)
+    monkeypatch.setattr(nm, "_up_kernel", Spy())
+    inter, T = 300, 150
+    x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
+    _run(x, _widths("mixed", T, inter), _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter),
+         "silu" if gated else "gelu_tanh", torch.bfloat16)
+    (f, bn), (b, bn2) = blocks
+    assert not f and b and bn2 == 2 * bn
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the GPU's block plans (the interpreter has its own)")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [200, 520, 1100])
