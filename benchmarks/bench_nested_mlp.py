@@ -295,9 +295,9 @@ EXPLORE = {
     "down_128x128_w8_split4": {"up": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
                                "down": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3, "SPLIT_K": 4}},
     "up_m128": {"up": dict(_M128, BLOCK_N=128), "down": {"SPLIT_K": 1}},
-    "epi_pointer": {"up": {"EPI_TMA": False}},
-    "bwd_up_n256": {"up_bwd": {"BLOCK_N": 256}},  # dA in 128x256 tiles (the forward's 128x128 below 8 warps)
-    "bwd_up_n256_s4": {"up_bwd": {"BLOCK_N": 256, "num_stages": 4}},  # the up kernel's buffer tiles by pointers (before 2026-11-29 late)
+    "epi_pointer": {"up": {"EPI_TMA": False}},  # the up kernel's buffer tiles by pointers (before e3f40ca)
+    "bwd_up_n256": {"up_bwd": {"BLOCK_N": 256}},  # dA in 128x256 tiles (the forward's: 128x128)
+    "bwd_up_n256_s4": {"up_bwd": {"BLOCK_N": 256, "num_stages": 4}},
 }
 
 
