@@ -464,6 +464,9 @@ def main():
                     print("variant", name, model, flush=True)
                     result["kernels"].setdefault(name, {})[model] = backward_kernel_times(
                         *MODELS[model], gen, args.profile_bwd)
+            except Exception as e:  # e.g. a variant past the shared memory: recorded, the others still run
+                result["kernels"].setdefault(name, {})["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                print(name, "failed:", result["kernels"][name]["error"], flush=True)
             finally:
                 NM._plan = real_plan
         with open(path.replace("nested_mlp_", "nested_mlp_profile_bwd_"), "w") as f:
