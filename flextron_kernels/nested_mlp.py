@@ -104,6 +104,42 @@ def _tile_rows(pid_m, sw_ptr, order_ptr, T, I, SORTED: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
+def _stream_k_assign(pid, sw_ptr, T, I, NSM, KI, SPLIT_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """The up kernel's stream-K tail (sorted batches): program ``pid``'s tile, its K chunk and the tile's chunk
+    count, the tile's index among the split ones, and whether the program has work. Active tiles (N blocks below
+    their row tile's width) are numbered row tile by row tile. The first whole waves of NSM tiles run one program
+    per tile; the rest ("tail") are split along K into S = min(NSM // tail, SPLIT_MAX, KI) chunks each."""
+    num_m = tl.cdiv(T, BLOCK_M)
+    n_active = tl.full([], 0, tl.int32)
+    for m in range(0, num_m):
+        w = tl.minimum(tl.maximum(tl.load(sw_ptr + m * BLOCK_M), 0), I).to(tl.int32)
+        n_active += tl.cdiv(w, BLOCK_N)
+    full = (n_active // NSM) * NSM
+    tail = n_active - full
+    n_split = tl.minimum(tl.minimum(tl.maximum(NSM // tl.maximum(tail, 1), 1), SPLIT_MAX), KI)
+    tile = pid
+    chunk = pid * 0
+    n_chunks = chunk + 1
+    if pid >= full:
+        tile = full + (pid - full) // n_split
+        chunk = (pid - full) % n_split
+        n_chunks = n_split
+    # Row tile and N block of ``tile``: past every row tile whose tiles all come before it.
+    pid_m = tl.full([], 0, tl.int32)
+    base = tl.full([], 0, tl.int32)
+    end = tl.full([], 0, tl.int32)
+    for m in range(0, num_m):
+        w = tl.minimum(tl.maximum(tl.load(sw_ptr + m * BLOCK_M), 0), I).to(tl.int32)
+        nb = tl.cdiv(w, BLOCK_N)
+        end += nb
+        done = end <= tile  # monotone in m: true for the row tiles before tile's
+        pid_m += done.to(tl.int32)
+        base = tl.where(done, end, base)
+    return pid_m, tile - base, chunk, n_chunks, tile - full, tile < n_active
+
+
+@triton.jit
 def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
     # GROUP_M row tiles walk the N blocks together, so a band of weight tiles stays hot in L2.
     group_size = GROUP_M * num_n
@@ -145,14 +181,35 @@ def _load_b(desc, ok, on, B_NK: tl.constexpr):
 def _up_kernel(
     src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr,
     h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr, a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc,
-    T, K, I, LDA, LDH,
+    ws_ptr, skc_ptr,
+    T, K, I, LDA, LDH, NSM,
     stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
     SORTED: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr,
+    TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr, STREAM_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
+    DUAL: tl.constexpr = GATED and not BACKWARD  # two products (gate and up); backward has one (dA)
+    KI = tl.cdiv(K, BLOCK_K)
+    k_lo = 0
+    k_hi = KI
+    chunk = 0
+    n_chunks = 1
+    slot0 = 0
+    if STREAM_K:
+        # Sorted batches only (each row tile's first row is its widest). The active tiles are numbered row
+        # tile by row tile; whole waves of NSM programs take one tile each, and the tiles of the last, partial
+        # wave are split along K into up to STREAM_K chunks, so that wave fills the chip too (1.3 waves of
+        # whole tiles would cost two). Programs past the work exit at once.
+        pid_m, pid_n, chunk, n_chunks, tail_tile, alive = _stream_k_assign(
+            tl.program_id(0), sw_ptr, T, I, NSM, KI, STREAM_K, BLOCK_M, BLOCK_N)
+        if not alive:
+            return
+        k_lo = chunk * KI // n_chunks
+        k_hi = (chunk + 1) * KI // n_chunks
+        slot0 = tail_tile * n_chunks  # the tile's first chunk's workspace slot
+    else:
+        pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
     t, w_row, w_tile, rows = _tile_rows(pid_m, sw_ptr, order_ptr, T, I, SORTED, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -163,7 +220,7 @@ def _up_kernel(
     # An N block past the tile's width runs no K iteration and stores nothing (every row's width is
     # <= the tile's), so it costs one load of the tile's widths.
     active = pid_n * BLOCK_N < w_tile
-    k_iters = tl.where(active, tl.cdiv(K, BLOCK_K), 0)
+    k_hi = tl.where(active, k_hi, k_lo)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if TMA:
@@ -174,33 +231,57 @@ def _up_kernel(
             a_desc = tl.make_tensor_descriptor(src_ptr, [T, K], [stride_sm, 1], [BLOCK_M, BLOCK_K])
             b1_desc = _b_desc(b1_ptr, K, I, stride_b1k, stride_b1n, B_NK, BLOCK_K, BLOCK_N)
             b2_desc = b1_desc
-            if GATED and not BACKWARD:
+            if DUAL:
                 b2_desc = _b_desc(b2_ptr, K, I, stride_b2k, stride_b2n, B_NK, BLOCK_K, BLOCK_N)
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
-        for ki in range(0, k_iters):
+        for ki in range(k_lo, k_hi):
             ok = ki * BLOCK_K
             s = a_desc.load([om, ok])
             acc1 = _mma(s, _load_b(b1_desc, ok, on, B_NK), acc1, UPCAST, PRECISION)
-            if GATED and not BACKWARD:
+            if DUAL:
                 acc2 = _mma(s, _load_b(b2_desc, ok, on, B_NK), acc2, UPCAST, PRECISION)
     else:
-        s_ptrs = src_ptr + rows[:, None] * stride_sm + rk[None, :] * stride_sk
-        b1_ptrs = b1_ptr + rk[:, None] * stride_b1k + rn[None, :] * stride_b1n
-        b2_ptrs = b2_ptr + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
+        rk0 = k_lo * BLOCK_K + rk
+        s_ptrs = src_ptr + rows[:, None] * stride_sm + rk0[None, :] * stride_sk
+        b1_ptrs = b1_ptr + rk0[:, None] * stride_b1k + rn[None, :] * stride_b1n
+        b2_ptrs = b2_ptr + rk0[:, None] * stride_b2k + rn[None, :] * stride_b2n
         row_in = w_row > 0
-        for ki in range(0, k_iters):
+        for ki in range(k_lo, k_hi):
             k_left = K - ki * BLOCK_K
             s = tl.load(s_ptrs, mask=row_in[:, None] & (rk[None, :] < k_left), other=0.0)
             b1 = tl.load(b1_ptrs, mask=(rk[:, None] < k_left) & n_in[None, :], other=0.0)
             acc1 = _mma(s, b1, acc1, UPCAST, PRECISION)
-            if GATED and not BACKWARD:  # backward has one product (dA); GATED shapes its epilogue
+            if DUAL:  # GATED alone shapes the backward's epilogue
                 b2 = tl.load(b2_ptrs, mask=(rk[:, None] < k_left) & n_in[None, :], other=0.0)
                 acc2 = _mma(s, b2, acc2, UPCAST, PRECISION)
                 b2_ptrs += BLOCK_K * stride_b2k
             s_ptrs += BLOCK_K * stride_sk
             b1_ptrs += BLOCK_K * stride_b1k
 
+    if STREAM_K:
+        if n_chunks > 1:
+            # As the down kernel's split-K: each chunk stores its fp32 partial(s) in its workspace slot and counts
+            # itself in (acq_rel); the tile's last chunk to arrive sums the slots in chunk order (deterministic)
+            # and runs the epilogue.
+            tile_el = BLOCK_M * BLOCK_N
+            loc = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            n_acc: tl.constexpr = 2 if DUAL else 1
+            p_ws = ws_ptr + (slot0 + chunk).to(tl.int64) * (n_acc * tile_el) + loc
+            tl.store(p_ws, acc1)
+            if DUAL:
+                tl.store(p_ws + tile_el, acc2)
+            arrived = tl.atomic_add(skc_ptr + slot0 // n_chunks, 1, sem="acq_rel", scope="gpu")
+            if arrived != n_chunks - 1:
+                return
+            acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            p_ws = ws_ptr + slot0.to(tl.int64) * (n_acc * tile_el) + loc
+            for _ in range(0, n_chunks):
+                acc1 += tl.load(p_ws, cache_modifier=".cg")  # .cg: past L1, from L2
+                if DUAL:
+                    acc2 += tl.load(p_ws + tile_el, cache_modifier=".cg")
+                p_ws += n_acc * tile_el
     # Sorted-layout [T, LDA] buffers. Each N block that a tile runs is stored whole, zeros past each
     # row's width, so readers can mask by whole blocks (again for vector loads) and still add nothing.
     # EPI_TMA: the buffer tiles move by TMA as boxes (rows past T and columns past LDA clipped by the engine),
@@ -500,6 +581,14 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
                 down=down, wgrad=wgrad)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Programs in one wave of the stream-K tail: the SM count (4 under the interpreter, a stand-in)."""
+    if INTERPRET or device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _up_bwd_cfg(plan: dict) -> dict:
     """The backward's up kernel config: the forward's with the plan's ``up_bwd`` changes. It may run wider N
     blocks (a multiple of the forward's, so every block the forward wrote lies in one of them), on the same rows."""
@@ -559,15 +648,27 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
     box = [cfg["BLOCK_M"], cfg["BLOCK_N"]]
     bufs = (a, h, g, dh, dg)
     descs += tuple(_desc(b, box) if epi and b is not None else a for b in bufs)
-    _up_kernel[_grid(T, inter, cfg)](
+    # Stream-K tail (sorted batches): the grid covers every tile plus one program per SM for the split ones; a
+    # workspace slot per such program (fp32, one or two products) and an arrival count per split tile.
+    stream_k = cfg.pop("STREAM_K", 0) if sorted_ else 0
+    nsm = cfg.pop("SK_SMS", 0) or (_sm_count(src.device) if stream_k else 1)
+    grid = _grid(T, inter, cfg)
+    if stream_k:
+        grid = (grid[0] + nsm,)
+        n_acc = 2 if gated and not backward else 1
+        ws = torch.empty(nsm * n_acc * cfg["BLOCK_M"] * cfg["BLOCK_N"], dtype=torch.float32, device=src.device)
+        skc = torch.zeros(nsm, dtype=torch.int32, device=src.device)
+    else:
+        ws = skc = a
+    _up_kernel[grid](
         src, order if order is not None else sw, sw, b1, b2, bias if bias is not None else dummy,
         h if h is not None else dummy, g if g is not None else dummy, a,
-        dh if dh is not None else dummy, dg if dg is not None else dummy, *descs,
-        T, K, inter, a.stride(0), h.stride(0) if h is not None else a.stride(0),
+        dh if dh is not None else dummy, dg if dg is not None else dummy, *descs, ws, skc,
+        T, K, inter, a.stride(0), h.stride(0) if h is not None else a.stride(0), nsm,
         src.stride(0), src.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
         SORTED=sorted_, BACKWARD=backward, GATED=gated, HAS_BIAS=bias is not None,
         STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype), PRECISION=dot_precision(src.dtype),
-        TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, EPI_TMA=epi, **cfg,
+        TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, EPI_TMA=epi, STREAM_K=stream_k, **cfg,
     )
 
 

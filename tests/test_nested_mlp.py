@@ -216,6 +216,52 @@ def test_backward_up_kernel_wider_blocks(tma, gated, monkeypatch):
     assert not f and b and bn2 == 2 * bn
 
 
+# (tma, gated, programs per wave, widths, chunks per split tile). With 32x64 up tiles, 150 tokens and I = 300 the
+# row tiles have 5/4/3/2/1 ("mixed"), 5/2/2/2/1 ("few") or 5 x 5 ("full") active N blocks, so: 14 whole tiles + 1
+# in 4 chunks; 15 tiles in 4 chunks each (fewer tiles than programs); 10 + 2 in 2; 24 + 1 in 4; 12 + 3 unsplit.
+SK_CASES = [(True, True, 7, "mixed", 4), (False, False, 64, "mixed", 4), (True, False, 5, "few", 2),
+            (False, True, 8, "full", 4), (True, True, 4, "mixed", 1)]
+
+
+@pytest.mark.parametrize("tma,gated,sms,kind,chunks", SK_CASES)
+def test_up_stream_k_tail(tma, gated, sms, kind, chunks, monkeypatch):
+    """The up kernel's stream-K tail: whole waves of ``sms`` programs take a tile each, the last partial wave's
+    tiles are split along K (up to 4 chunks; fewer tiles than programs: every tile split), forward and backward
+    (dA); repeated calls are bitwise equal (the chunks are summed in chunk order)."""
+    nm = importlib.import_module("flextron_kernels.nested_mlp")
+    if tma and not nm._tma_sms(torch.device(DEVICE)):
+        pytest.skip("no TMA on this device")
+    monkeypatch.setattr(nm, "_TMA", tma)
+    real_plan = nm._plan
+
+    def plan(T, dtype):  # the same tiles on every device, so the cases above hold
+        p = real_plan(T, dtype)
+        up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, STREAM_K=4, SK_SMS=sms)
+        return dict(p, tma=True, tma_bwd=True, up=up, down=dict(p["down"], BLOCK_M=32),
+                    wgrad=dict(p["wgrad"], BLOCK_J=64))
+    monkeypatch.setattr(nm, "_plan", plan)
+    launches = []
+    real_up = nm._up_kernel
+
+    class Spy:  # records each launch's STREAM_K and grid
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append((k["STREAM_K"], grid[0])) or real_up[grid](*a, **k)
+    monkeypatch.setattr(nm, "_up_kernel", Spy())
+    T, inter = 150, 300
+    x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
+    w, params_ = _widths(kind, T, inter), _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter)
+    act = "silu" if gated else "gelu_tanh"
+    nb = [-(-int(w.sort(descending=True).values[m * 32]) // 64) for m in range(5)]  # the case's arithmetic
+    tail = sum(nb) % sms
+    assert min(max(sms // max(tail, 1), 1), 4) == chunks
+    _run(x, w, params_, act, torch.bfloat16)
+    assert launches == [(4, 5 * 5 + sms)] * 2  # forward, backward: every tile plus a wave for the split ones
+    with torch.no_grad():
+        kw = {k: v for k, v in params_.items() if k not in ("up_weight", "down_weight")}
+        ys = [nested_mlp(x, params_["up_weight"], params_["down_weight"], w, activation=act, **kw) for _ in range(3)]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the GPU's block plans (the interpreter has its own)")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [200, 520, 1100])
