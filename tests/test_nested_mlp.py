@@ -236,7 +236,7 @@ def test_up_stream_k_tail(tma, gated, sms, kind, chunks, monkeypatch):
 
     def plan(T, dtype):  # the same tiles on every device, so the cases above hold
         p = real_plan(T, dtype)
-        up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, STREAM_K=4, SK_SMS=sms)
+        up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, STREAM_K=4, SK_SMS=sms)
         return dict(p, tma=True, tma_bwd=True, up=up, down=dict(p["down"], BLOCK_M=32),
                     wgrad=dict(p["wgrad"], BLOCK_J=64))
     monkeypatch.setattr(nm, "_plan", plan)
@@ -247,9 +247,10 @@ def test_up_stream_k_tail(tma, gated, sms, kind, chunks, monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **k: launches.append((k["STREAM_K"], grid[0])) or real_up[grid](*a, **k)
     monkeypatch.setattr(nm, "_up_kernel", Spy())
-    T, inter = 150, 300
-    x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
-    w, params_ = _widths(kind, T, inter), _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter)
+    T, inter, hidden = 150, 300, 256  # K = 256: four K steps of 64 to split
+    x = randn(T, hidden, dtype=torch.bfloat16, requires_grad=True)
+    w = _widths(kind, T, inter)
+    params_ = _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter, hidden=hidden)
     act = "silu" if gated else "gelu_tanh"
     nb = [-(-int(w.sort(descending=True).values[m * 32]) // 64) for m in range(5)]  # the case's arithmetic
     tail = sum(nb) % sms
