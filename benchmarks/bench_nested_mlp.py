@@ -298,6 +298,9 @@ EXPLORE = {
     "epi_pointer": {"up": {"EPI_TMA": False}},  # the up kernel's buffer tiles by pointers (before e3f40ca)
     "bwd_up_n256": {"up_bwd": {"BLOCK_N": 256}},  # dA in 128x256 tiles (the forward's: 128x128)
     "bwd_up_n256_s4": {"up_bwd": {"BLOCK_N": 256, "num_stages": 4}},
+    "sk0": {"up": {"STREAM_K": 0}},  # no stream-K tail in the up kernel
+    "sk4": {"up": {"STREAM_K": 4}},
+    "sk2": {"up": {"STREAM_K": 2}},
     "bwd_up_w4": {"up_bwd": {"num_warps": 4}},
     "bwd_up_s4": {"up_bwd": {"num_stages": 4}},
     "bwd_up_k128_s2": {"up_bwd": {"BLOCK_K": 128, "num_stages": 2}},
