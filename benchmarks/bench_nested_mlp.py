@@ -301,6 +301,7 @@ EXPLORE = {
     "sk0": {"up": {"STREAM_K": 0}},  # no stream-K tail in the up kernel
     "sk4": {"up": {"STREAM_K": 4}},
     "sk2": {"up": {"STREAM_K": 2}},
+    "bwd_up_s3": {"up_bwd": {"num_stages": 3}},
     "bwd_up_w4": {"up_bwd": {"num_warps": 4}},
     "bwd_up_s4": {"up_bwd": {"num_stages": 4}},
     "bwd_up_k128_s2": {"up_bwd": {"BLOCK_K": 128, "num_stages": 2}},
