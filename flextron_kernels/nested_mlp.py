@@ -104,6 +104,15 @@ def _tile_rows(pid_m, sw_ptr, order_ptr, T, I, SORTED: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
+def _sum_partials(p_ws, n_chunks, step, go, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Chunk-ordered sum of a split tile's fp32 partials (``.cg``: past L1, from L2); zeros where not ``go``."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c in range(0, tl.where(go, n_chunks, 0)):
+        acc += tl.load(p_ws + c * step, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
 def _stream_k_assign(pid, sw_ptr, T, I, NSM, KI, SPLIT_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr):
     """The up kernel's stream-K tail (sorted batches): program ``pid``'s tile, its K chunk and the tile's chunk
@@ -203,8 +212,6 @@ def _up_kernel(
         # whole tiles would cost two). Programs past the work exit at once.
         pid_m, pid_n, chunk, n_chunks, tail_tile, alive = _stream_k_assign(
             tl.program_id(0), sw_ptr, T, I, NSM, KI, STREAM_K, BLOCK_M, BLOCK_N)
-        if not alive:
-            return
         k_lo = chunk * KI // n_chunks
         k_hi = (chunk + 1) * KI // n_chunks
         slot0 = tail_tile * n_chunks  # the tile's first chunk's workspace slot
@@ -220,6 +227,8 @@ def _up_kernel(
     # An N block past the tile's width runs no K iteration and stores nothing (every row's width is
     # <= the tile's), so it costs one load of the tile's widths.
     active = pid_n * BLOCK_N < w_tile
+    if STREAM_K:
+        active = active & alive
     k_hi = tl.where(active, k_hi, k_lo)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -260,10 +269,10 @@ def _up_kernel(
             b1_ptrs += BLOCK_K * stride_b1k
 
     if STREAM_K:
-        if n_chunks > 1:
+        if active & (n_chunks > 1):
             # As the down kernel's split-K: each chunk stores its fp32 partial(s) in its workspace slot and counts
             # itself in (acq_rel); the tile's last chunk to arrive sums the slots in chunk order (deterministic)
-            # and runs the epilogue.
+            # and runs the epilogue; the others store nothing more.
             tile_el = BLOCK_M * BLOCK_N
             loc = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             n_acc: tl.constexpr = 2 if DUAL else 1
@@ -272,16 +281,12 @@ def _up_kernel(
             if DUAL:
                 tl.store(p_ws + tile_el, acc2)
             arrived = tl.atomic_add(skc_ptr + slot0 // n_chunks, 1, sem="acq_rel", scope="gpu")
-            if arrived != n_chunks - 1:
-                return
-            acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            active = arrived == n_chunks - 1
+            # One sum at a time (registers: two accumulators and a partial at most).
             p_ws = ws_ptr + slot0.to(tl.int64) * (n_acc * tile_el) + loc
-            for _ in range(0, n_chunks):
-                acc1 += tl.load(p_ws, cache_modifier=".cg")  # .cg: past L1, from L2
-                if DUAL:
-                    acc2 += tl.load(p_ws + tile_el, cache_modifier=".cg")
-                p_ws += n_acc * tile_el
+            acc1 = _sum_partials(p_ws, n_chunks, n_acc * tile_el, active, BLOCK_M, BLOCK_N)
+            if DUAL:
+                acc2 = _sum_partials(p_ws + tile_el, n_chunks, n_acc * tile_el, active, BLOCK_M, BLOCK_N)
     # Sorted-layout [T, LDA] buffers. Each N block that a tile runs is stored whole, zeros past each
     # row's width, so readers can mask by whole blocks (again for vector loads) and still add nothing.
     # EPI_TMA: the buffer tiles move by TMA as boxes (rows past T and columns past LDA clipped by the engine),
