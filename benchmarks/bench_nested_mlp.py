@@ -298,6 +298,9 @@ EXPLORE = {
     "epi_pointer": {"up": {"EPI_TMA": False}},  # the up kernel's buffer tiles by pointers (before e3f40ca)
     "bwd_up_n256": {"up_bwd": {"BLOCK_N": 256}},  # dA in 128x256 tiles (the forward's: 128x128)
     "bwd_up_n256_s4": {"up_bwd": {"BLOCK_N": 256, "num_stages": 4}},
+    "up_64x128_w4_s2": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}},  # two programs per SM
+    "up_64x128_w8_s2": {"up": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2}},
+    "up_64x128_w4_s3": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}},
     "sk0": {"up": {"STREAM_K": 0}},  # no stream-K tail in the up kernel
     "sk4": {"up": {"STREAM_K": 4}},
     "sk2": {"up": {"STREAM_K": 2}},
