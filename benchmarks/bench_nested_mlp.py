@@ -320,6 +320,8 @@ EXPLORE = {
     "up_64x128_w4_s2": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}},  # two programs per SM
     "up_64x128_w8_s2": {"up": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2}},
     "up_64x128_w4_s3": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}},
+    "bwd_tma": {"tma_bwd": True},  # the backward's up, down and weight-gradient tiles by TMA below 1025 tokens
+    "bwd_tma_s4": {"tma_bwd": True, "up_bwd": {"num_stages": 4}},
     "sk0": {"up": {"STREAM_K": 0}},  # no stream-K tail in the up kernel
     "sk4": {"up": {"STREAM_K": 4}},
     "sk2": {"up": {"STREAM_K": 2}},
@@ -336,7 +338,7 @@ def _override(real_plan, over):
         p = real_plan(T_, dtype)
         if over is None:
             return dict(p, tma=False)
-        return dict(p, tma=True, **{k: dict(p[k], **v) for k, v in over.items()})
+        return dict(p, tma=True, **{k: dict(p[k], **v) if isinstance(v, dict) else v for k, v in over.items()})
     return plan
 
 
@@ -440,6 +442,10 @@ def explore(H, inter, gen, sizes=(256, 1024, 2048, 8192), mix="uniform", names=N
                 for p in ws + [x]:
                     p.requires_grad_(True)
                 row["fwd_bwd_ms"] = _bench(lambda run=run, dy=dy: run().backward(dy), grad_to_none=ws + [x])
+                if T <= 1024:  # the same from a graph replay (autograd captured whole)
+                    g = _graph(lambda run=run, dy=dy, ws=ws, x=x: torch.autograd.grad(run(), ws + [x], dy))
+                    row["fwd_bwd_graph_ms"] = _bench(g.replay)
+                    del g
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             finally:
