@@ -421,6 +421,13 @@ def explore(H, inter, gen, sizes=(256, 1024, 2048, 8192), mix="uniform", names=N
                 g = _graph(lambda x=x, ws=ws: _mlp(x, *ws))
                 rows.append({"T": T, "mix": mix, "variant": "dense", "fwd_graph_ms": _bench(g.replay)})
                 del g
+            for p in ws + [x]:
+                p.requires_grad_(True)
+            g = _graph(lambda x=x, ws=ws, dy=dy: torch.autograd.grad(_mlp(x, *ws), ws + [x], dy))
+            rows[-1]["fwd_bwd_graph_ms"] = _bench(g.replay)
+            del g
+            for p in ws + [x]:
+                p.requires_grad_(False)
             print(rows[-1], flush=True)
         for name, over in EXPLORE.items():
             if names and name not in names:
