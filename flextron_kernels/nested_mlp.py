@@ -576,18 +576,20 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         wgrad = dict(BLOCK_J=128, BLOCK_N=128, BLOCK_T=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
     # The backward's up kernel (dA): changes to the forward's up config (see _up_bwd_cfg). At prefill sizes its
     # epilogue (two buffer loads, three stores) is half its time; a fourth stage took it from 1.31 to 1.03 ms
-    # (Llama-2-7B MLP, 8192 tokens, uniform mix; 128x256 blocks were slower: 1.90).
-    up_bwd = {"num_stages": 4} if T > 1024 else {}
+    # (Llama-2-7B MLP, 8192 tokens, uniform mix; 128x256 blocks were slower: 1.90). At 256 tokens, 4 stages
+    # were 1.5-3% faster forward+backward (graph) in all four cases tried; from 385 to 1024 the forward has them.
+    up_bwd = {} if small else {"num_stages": 4}
     # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and
     # a weight-gradient neuron block must lie inside one up-kernel N block.
     assert up["BLOCK_M"] % down["BLOCK_M"] == 0 and up["BLOCK_N"] % wgrad["BLOCK_J"] == 0
-    # TMA tiles wherever the batch is sorted in the forward pass: 1.15-1.34x the pointer tiles' GPU speed at 256
-    # tokens, 1.30x at 1024, 1.17-1.37x at 2048-16384 (H200, benchmarks/NOTES.md). The backward's up and down
-    # products only from 1025 tokens: at 256 tokens forward+backward was 1.1-1.4x slower with them.
+    # TMA tiles wherever the batch is sorted: 1.15-1.34x the pointer tiles' GPU speed at 256 tokens, 1.30x at
+    # 1024, 1.17-1.37x at 2048-16384 (H200, benchmarks/NOTES.md). In the backward too: forward+backward from graph
+    # replays, 256 tokens 0.58 -> 0.48 ms (Llama-2-7B uniform), 1024 tokens 1.31 -> 1.07 (an earlier call against
+    # it at 256 tokens came from eager timings, which are bound by host time there).
     # Descriptors from the host. Building them in the kernel (dev_desc, tl.make_tensor_descriptor) cost GPU time
     # in every program: graph replay at 256 tokens 0.134 ms against 0.126, and 5-10% at 8192-16384 tokens; the
     # host time it saves was within the run-to-run noise of --host (+-40 us per call; benchmarks/NOTES.md).
-    return dict(sorted=not small, tma=not small, tma_bwd=T > 1024, dev_desc=False, up=up, up_bwd=up_bwd,
+    return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, up=up, up_bwd=up_bwd,
                 down=down, wgrad=wgrad)
 
 
