@@ -53,7 +53,8 @@ def up_kernel_resources(T: int, H: int, inter: int, changes: dict, backward: boo
         dt = torch.bfloat16
         src = torch.empty(T, H, dtype=dt)
         w = torch.empty((H, inter) if backward else (inter, H), dtype=dt)
-        cfg = dict(NM._plan(T, dt)["up"], **changes)
+        plan = NM._plan(T, dt)
+        cfg = dict(NM._up_bwd_cfg(plan) if backward else plan["up"], **changes)
         lda = triton.cdiv(inter, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
         bufs = [torch.empty(T, lda, dtype=dt) for _ in range(5)]
         sw, order = torch.empty(T, dtype=torch.int64), torch.empty(T, dtype=torch.int64)
