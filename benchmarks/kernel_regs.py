@@ -1,10 +1,10 @@
-"""Registers, spills and shared memory of nested_mlp's up kernel for sm_90, compiled on the CPU (no GPU needed).
+"""Registers, spills and shared memory of nested_mlp's kernels for sm_90, compiled on the CPU (no GPU needed).
 
-Triton's wheel ships ptxas: the kernel is compiled for Hopper exactly as a launch would (the launch arguments are
-captured from ``_launch_up`` with CPU stand-in tensors), and ``ptxas -v`` reports its resources. Use it to compare
-plan variants before spending device time, e.g. the stream-K tail against the plan:
+Triton's wheel ships ptxas: each kernel of one forward+backward is compiled for Hopper exactly as its launch would
+be (the launch arguments are captured from the op with CPU stand-in tensors; nothing runs), and ``ptxas -v``
+reports its resources. Use it to compare plan variants before spending device time, e.g. the stream-K tail:
 
-    python benchmarks/kernel_regs.py --T 256 --set STREAM_K=4 --set SK_SMS=132
+    python benchmarks/kernel_regs.py --T 256 --set up.STREAM_K=4 --set up.SK_SMS=132
 
 2026-11-29 (benchmarks/NOTES.md): at 256 tokens the plan's forward up kernel uses 172 registers; with the stream-K
 tail it uses 254 (no spills), which is the lead for why that form was slower on the H200 even where nothing split.
@@ -38,40 +38,12 @@ def _value(text: str):
     return {"True": True, "False": False}.get(text, text)
 
 
-def up_kernel_resources(T: int, H: int, inter: int, changes: dict, backward: bool = False) -> dict:
-    """Compile the up kernel as the plan (with ``changes`` to its up config) would launch it for a sorted bf16
-    batch of T tokens with host TMA descriptors; return ptxas's report."""
-    captured = {}
-
-    class Capture:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: captured.update(args=args, kw=kw)
-
-    real = NM._up_kernel
-    NM._up_kernel = Capture()
-    try:
-        dt = torch.bfloat16
-        src = torch.empty(T, H, dtype=dt)
-        w = torch.empty((H, inter) if backward else (inter, H), dtype=dt)
-        plan = NM._plan(T, dt)
-        cfg = dict(NM._up_bwd_cfg(plan) if backward else plan["up"], **changes)
-        lda = triton.cdiv(inter, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-        bufs = [torch.empty(T, lda, dtype=dt) for _ in range(5)]
-        sw, order = torch.empty(T, dtype=torch.int64), torch.empty(T, dtype=torch.int64)
-        a, h, g, dh, dg = bufs
-        if backward:
-            NM._launch_up(src, order, sw, w, None, False, None, h, g, a, dh, dg, inter, 0, True, False, cfg, True,
-                          "host", True)
-        else:
-            NM._launch_up(src, order, sw, w, w, True, None, None, None, a, None, None, inter, 0, False, False, cfg,
-                          True, "host", True)
-    finally:
-        NM._up_kernel = real
-    kw = dict(captured["kw"])
+def _compile(fn, args, kw) -> dict:
+    kw = dict(kw)
     options = {"num_warps": kw.pop("num_warps", 4), "num_stages": kw.pop("num_stages", 3)}
-    sig = {n: mangle_type(v) for n, v in zip(real.arg_names, captured["args"])}
+    sig = {n: mangle_type(v) for n, v in zip(fn.arg_names, args)}
     sig.update({n: "constexpr" for n in kw})
-    kernel = triton.compile(ASTSource(real, sig, kw), target=GPUTarget("cuda", 90, 32), options=options)
+    kernel = triton.compile(ASTSource(fn, sig, kw), target=GPUTarget("cuda", 90, 32), options=options)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
@@ -79,8 +51,52 @@ def up_kernel_resources(T: int, H: int, inter: int, changes: dict, backward: boo
             f.write(kernel.asm["ptx"])
         report = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(d, "k.cubin")],
                                 capture_output=True, text=True, check=True).stderr
-    lines = [ln.strip() for ln in report.splitlines() if "registers" in ln or "spill" in ln]
+    lines = [ln.replace("ptxas info    : ", "").strip() for ln in report.splitlines()
+             if "registers" in ln or "spill" in ln]
     return {"shared_bytes": kernel.metadata.shared, "ptxas": lines}
+
+
+def step_resources(T: int, H: int, inter: int, changes: dict) -> list[tuple[str, dict]]:
+    """Compile every kernel launch of one nested_mlp forward+backward (SwiGLU, bf16, a sorted batch of T tokens,
+    host TMA descriptors where the plan takes them) as ``_plan`` with ``changes`` (``{"up": {...}, ...}``) would
+    launch it; nothing runs. Returns (launch, ptxas report) per launch."""
+    launches = []
+    real = {name: getattr(NM, name) for name in ("_up_kernel", "_down_kernel", "_wgrad_kernel")}
+
+    class Capture:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.name, args, kw))
+
+    saved = {n: getattr(NM, n) for n in ("_plan", "_tma_sms", "nested_mlp_routing", "use_triton", "wider_counts")}
+    real_plan = NM._plan
+    dt = torch.bfloat16
+
+    def routing(widths, sort):  # CPU stand-ins: routing is its own kernel, not reported here
+        return widths.to(torch.int32), torch.arange(widths.numel())
+    try:
+        for name in real:
+            setattr(NM, name, Capture(name))
+        NM._plan = lambda T_, dtype: {k: dict(v, **changes.get(k, {})) if isinstance(v, dict) else v
+                                      for k, v in real_plan(T_, dtype).items()}
+        NM._tma_sms = lambda device: 132  # as on the H200
+        NM.nested_mlp_routing = routing
+        NM.use_triton = lambda t: True  # CPU tensors: the op would otherwise take its torch reference
+        NM.wider_counts = lambda sw, inter_: torch.zeros(inter_ + 1, dtype=torch.int32)
+        x = torch.zeros(T, H, dtype=dt, requires_grad=True)
+        ws = [torch.zeros(*s, dtype=dt, requires_grad=True) for s in ((inter, H), (inter, H), (H, inter))]
+        y = NM.nested_mlp(x, ws[1], ws[2], torch.full((T,), inter), gate_weight=ws[0], check_widths=False)
+        y.backward(torch.zeros_like(y))
+    finally:
+        for name, fn in real.items():
+            setattr(NM, name, fn)
+        for name, fn in saved.items():
+            setattr(NM, name, fn)
+    # Launch order: up, down (forward); up (dA), down (dx), weight gradients of Wd, then of Wu and Wg.
+    tags = iter(["up", "down", "up (dA)", "down (dx)", "dWd", "dWu+dWg"])
+    return [(next(tags), _compile(real[name], args, kw)) for name, args, kw in launches]
 
 
 def main():
@@ -88,13 +104,17 @@ def main():
     ap.add_argument("--T", type=int, default=256)
     ap.add_argument("--H", type=int, default=4096)
     ap.add_argument("--I", type=int, default=11008)
-    ap.add_argument("--backward", action="store_true", help="the backward's form (dA)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a change to the up config")
+    ap.add_argument("--set", action="append", default=[], metavar="KERNEL.KEY=VALUE",
+                    help="a change to the plan, e.g. up.STREAM_K=4 or up_bwd.EPI_SPLIT=2")
     args = ap.parse_args()
-    changes = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
-    out = up_kernel_resources(args.T, args.H, args.I, changes, args.backward)
-    print(f"T={args.T} up {'backward' if args.backward else 'forward'} {changes or 'plan'}: "
-          f"shared {out['shared_bytes']} B; " + "; ".join(out["ptxas"]))
+    changes = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        kernel, name = key.split(".", 1)
+        changes.setdefault(kernel, {})[name] = _value(value)
+    print(f"T={args.T} H={args.H} I={args.I} {changes or 'plan'}")
+    for tag, res in step_resources(args.T, args.H, args.I, changes):
+        print(f"  {tag:9s} shared {res['shared_bytes']:6d} B; " + "; ".join(res["ptxas"]))
 
 
 if __name__ == "__main__":
