@@ -4,10 +4,12 @@ Triton's wheel ships ptxas: each kernel of one forward+backward is compiled for 
 be (the launch arguments are captured from the op with CPU stand-in tensors; nothing runs), and ``ptxas -v``
 reports its resources. Use it to compare plan variants before spending device time, e.g. the stream-K tail:
 
-    python benchmarks/kernel_regs.py --T 256 --set up.STREAM_K=4 --set up.SK_SMS=132
+    python benchmarks/kernel_regs.py --T 256 --inference --set up.STREAM_K=4 --set up.SK_SMS=132
 
-2026-11-29 (benchmarks/NOTES.md): at 256 tokens the plan's forward up kernel uses 172 registers; with the stream-K
-tail it uses 254 (no spills), which is the lead for why that form was slower on the H200 even where nothing split.
+2026-11-29 (benchmarks/NOTES.md has the table): the backward's dA kernel spills (255 registers, 372-452 bytes), as
+do dx at 256 tokens and the dWu+dWg weight-gradient launch. Registers alone prove little: with the stream-K tail
+the up kernel goes from 168 to 254 (and was slower), but the split-K down kernel also goes from 90 to 254 and was
+faster; spills are the firmer signal.
 """
 
 from __future__ import annotations
@@ -56,10 +58,10 @@ def _compile(fn, args, kw) -> dict:
     return {"shared_bytes": kernel.metadata.shared, "ptxas": lines}
 
 
-def step_resources(T: int, H: int, inter: int, changes: dict) -> list[tuple[str, dict]]:
-    """Compile every kernel launch of one nested_mlp forward+backward (SwiGLU, bf16, a sorted batch of T tokens,
-    host TMA descriptors where the plan takes them) as ``_plan`` with ``changes`` (``{"up": {...}, ...}``) would
-    launch it; nothing runs. Returns (launch, ptxas report) per launch."""
+def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True) -> list[tuple[str, dict]]:
+    """Compile every kernel launch of one nested_mlp forward+backward (``train``; else an inference forward) as
+    ``_plan`` with ``changes`` (``{"up": {...}, ...}``) would launch it: SwiGLU, bf16, a sorted batch of T tokens,
+    host TMA descriptors where the plan takes them; nothing runs. Returns (launch, ptxas report) per launch."""
     launches = []
     real = {name: getattr(NM, name) for name in ("_up_kernel", "_down_kernel", "_wgrad_kernel")}
 
@@ -85,10 +87,11 @@ def step_resources(T: int, H: int, inter: int, changes: dict) -> list[tuple[str,
         NM.nested_mlp_routing = routing
         NM.use_triton = lambda t: True  # CPU tensors: the op would otherwise take its torch reference
         NM.wider_counts = lambda sw, inter_: torch.zeros(inter_ + 1, dtype=torch.int32)
-        x = torch.zeros(T, H, dtype=dt, requires_grad=True)
-        ws = [torch.zeros(*s, dtype=dt, requires_grad=True) for s in ((inter, H), (inter, H), (H, inter))]
+        x = torch.zeros(T, H, dtype=dt, requires_grad=train)
+        ws = [torch.zeros(*s, dtype=dt, requires_grad=train) for s in ((inter, H), (inter, H), (H, inter))]
         y = NM.nested_mlp(x, ws[1], ws[2], torch.full((T,), inter), gate_weight=ws[0], check_widths=False)
-        y.backward(torch.zeros_like(y))
+        if train:
+            y.backward(torch.zeros_like(y))
     finally:
         for name, fn in real.items():
             setattr(NM, name, fn)
@@ -104,6 +107,7 @@ def main():
     ap.add_argument("--T", type=int, default=256)
     ap.add_argument("--H", type=int, default=4096)
     ap.add_argument("--I", type=int, default=11008)
+    ap.add_argument("--inference", action="store_true", help="an inference forward (no stored pre-activations)")
     ap.add_argument("--set", action="append", default=[], metavar="KERNEL.KEY=VALUE",
                     help="a change to the plan, e.g. up.STREAM_K=4 or up_bwd.EPI_SPLIT=2")
     args = ap.parse_args()
@@ -112,8 +116,8 @@ def main():
         key, value = item.split("=", 1)
         kernel, name = key.split(".", 1)
         changes.setdefault(kernel, {})[name] = _value(value)
-    print(f"T={args.T} H={args.H} I={args.I} {changes or 'plan'}")
-    for tag, res in step_resources(args.T, args.H, args.I, changes):
+    print(f"T={args.T} H={args.H} I={args.I} {'inference' if args.inference else 'training'} {changes or 'plan'}")
+    for tag, res in step_resources(args.T, args.H, args.I, changes, not args.inference):
         print(f"  {tag:9s} shared {res['shared_bytes']:6d} B; " + "; ".join(res["ptxas"]))
 
 
