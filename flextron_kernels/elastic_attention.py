@@ -27,6 +27,7 @@ from ._runtime import (
     INTERPRET,
     autocast_dtype,
     cast_to,
+    cdiv,
     check_same,
     check_tensor,
     cpu_do_bench,
@@ -338,7 +339,7 @@ def _forward(q, k, v, heads, causal, scale):
     lse = torch.empty((B, HQ, Sq), dtype=torch.float32, device=q.device)
 
     def grid(meta):
-        return (triton.cdiv(Sq, meta["BLOCK_M"]), B * HQ)
+        return (cdiv(Sq, meta["BLOCK_M"]), B * HQ)
 
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, heads, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -353,7 +354,7 @@ def _backward(do, q, k, v, o, lse, heads, causal, scale):
     HKV, Sk = k.shape[1], k.shape[2]
     delta = torch.empty_like(lse)
     pre_block = 64  # two [64, D] fp32 tiles stay in registers up to D = 256
-    _bwd_preprocess_kernel[(triton.cdiv(Sq, pre_block), B * HQ)](
+    _bwd_preprocess_kernel[(cdiv(Sq, pre_block), B * HQ)](
         o, do, delta, heads, *o.stride(), *do.stride(), HQ, Sq, HEAD_DIM=D, BLOCK_M=pre_block,
     )
     dq = torch.empty((B, HQ, Sq, D), dtype=q.dtype, device=q.device)
@@ -361,11 +362,11 @@ def _backward(do, q, k, v, o, lse, heads, causal, scale):
     dv = torch.empty((B, HKV, Sk, D), dtype=v.dtype, device=v.device)
     common = dict(HEAD_DIM=D, CAUSAL=causal, UPCAST=upcast_flag(q.dtype), PRECISION=dot_precision(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _attn_bwd_dkv_kernel[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * HKV)](
+    _attn_bwd_dkv_kernel[lambda meta: (cdiv(Sk, meta["BLOCK_N"]), B * HKV)](
         q, k, v, do, dk, dv, lse, delta, heads, *strides,
         HQ, HKV, HQ // HKV, Sq, Sk, Sk - Sq, _s_bucket(Sq), scale * LOG2E, scale, **common,
     )
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * HQ)](
+    _attn_bwd_dq_kernel[lambda meta: (cdiv(Sq, meta["BLOCK_M"]), B * HQ)](
         q, k, v, do, dq, lse, delta, heads, *strides,
         HQ, HQ // HKV, Sq, Sk, Sk - Sq, _s_bucket(Sq), scale * LOG2E, scale, **common,
     )

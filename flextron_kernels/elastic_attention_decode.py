@@ -26,6 +26,7 @@ from ._runtime import (
     INTERPRET,
     autocast_dtype,
     cast_to,
+    cdiv,
     check_same,
     check_tensor,
     cpu_do_bench,
@@ -168,12 +169,12 @@ def _chunking(batch: int, hkv: int, s_max: int, device: torch.device) -> tuple[i
     multiple = _INTERPRET_BLOCK_N if INTERPRET else _CHUNK_MULTIPLE
     sms = _sm_count(device)
     groups = max(1, batch * hkv)
-    splits = max(1, min(triton.cdiv(_PROGRAMS_PER_SM * sms, groups), triton.cdiv(s_max, multiple)))
-    chunk = triton.cdiv(triton.cdiv(s_max, splits), multiple) * multiple
+    splits = max(1, min(cdiv(_PROGRAMS_PER_SM * sms, groups), cdiv(s_max, multiple)))
+    chunk = cdiv(cdiv(s_max, splits), multiple) * multiple
     if not INTERPRET:
-        fill = triton.cdiv(triton.cdiv(s_max * groups, sms), multiple) * multiple  # ~one program per SM
+        fill = cdiv(cdiv(s_max * groups, sms), multiple) * multiple  # ~one program per SM
         chunk = max(chunk, min(_MIN_CHUNK, fill))
-    return chunk, triton.cdiv(s_max, chunk)
+    return chunk, cdiv(s_max, chunk)
 
 
 def _check(q, k_cache, v_cache, cache_lens, num_heads, scale, validate):

@@ -46,6 +46,7 @@ from ._runtime import (
     INTERPRET,
     autocast_dtype,
     cast_to,
+    cdiv,
     check_same,
     check_tensor,
     dot_precision,
@@ -610,7 +611,7 @@ def _up_bwd_cfg(plan: dict) -> dict:
 
 
 def _grid(rows: int, cols: int, cfg: dict, bm: str = "BLOCK_M"):
-    return (triton.cdiv(rows, cfg[bm]) * triton.cdiv(cols, cfg["BLOCK_N"]),)
+    return (cdiv(rows, cfg[bm]) * cdiv(cols, cfg["BLOCK_N"]),)
 
 
 def _tma_ok(plan: dict, *tensors) -> str | bool:
@@ -643,7 +644,7 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
     """``B = w^T`` (``w`` stored ``[I, K]``) when ``nk`` (forward), else ``B = w`` (``[K, I]``, backward).
     With ``tma``, ``src`` must already be in sorted order."""
     T, K = src.shape
-    assert cfg["BLOCK_N"] * triton.cdiv(inter, cfg["BLOCK_N"]) <= a.shape[1]
+    assert cfg["BLOCK_N"] * cdiv(inter, cfg["BLOCK_N"]) <= a.shape[1]
     b1 = w1.t() if nk else w1
     b2 = (w2.t() if nk else w2) if w2 is not None else b1
     dummy = a
@@ -695,8 +696,8 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
     b1 = w1.t() if nk else w1
     b2 = (w2.t() if nk else w2) if w2 is not None else b1
     # K chunks of whole BLOCK_Ks over the padded width; fewer chunks where the width is short.
-    kc = triton.cdiv(triton.cdiv(triton.cdiv(inter, pad) * pad, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    splits = triton.cdiv(triton.cdiv(inter, pad) * pad, kc)
+    kc = cdiv(cdiv(cdiv(inter, pad) * pad, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    splits = cdiv(cdiv(inter, pad) * pad, kc)
     if splits > 1:  # fp32 partial per chunk, and an arrival count per output tile
         ws = torch.empty((splits, T, N), dtype=torch.float32, device=out.device)
         cnt = torch.zeros(_grid(T, N, cfg)[0], dtype=torch.int32, device=out.device)
@@ -761,7 +762,7 @@ def _forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths,
     # Sorted-layout intermediates [T, I rounded up to the up kernel's N block]; a row tile's blocks up to
     # its width are written (zeros past each row's own width), the rest is never read.
     pad = plan["up"]["BLOCK_N"]
-    a = torch.empty((T, triton.cdiv(inter, pad) * pad), dtype=x.dtype, device=x.device)
+    a = torch.empty((T, cdiv(inter, pad) * pad), dtype=x.dtype, device=x.device)
     h = torch.empty_like(a) if training else None
     g = torch.empty_like(a) if training and gate_weight is not None else None
     # The TMA form reads x in sorted order: one gather (T x H, ~1% of the MLP's time at prefill sizes).
@@ -795,7 +796,7 @@ class _NestedMLP(torch.autograd.Function):
         # The backward's buffers are as wide as its own up kernel's N blocks need (a multiple of the forward's).
         up_cfg = _up_bwd_cfg(plan)
         bn = up_cfg["BLOCK_N"]
-        dh = torch.empty((T, triton.cdiv(inter, bn) * bn), dtype=h.dtype, device=h.device)
+        dh = torch.empty((T, cdiv(inter, bn) * bn), dtype=h.dtype, device=h.device)
         dg = torch.empty_like(dh) if gate_w is not None else None
         a = torch.empty_like(dh)
         tma = plan["tma_bwd"] and _tma_ok(plan, dy2)  # "host", "device" or False

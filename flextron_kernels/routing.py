@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRET, use_triton
+from ._runtime import INTERPRET, cdiv, use_triton
 
 
 @triton.jit
@@ -72,13 +72,13 @@ def nested_mlp_routing(widths: torch.Tensor, sort: bool = True):
     sw = torch.empty_like(w)
     order = torch.empty(T, dtype=torch.int64, device=w.device)
     block_t, block_u = (32, 32) if INTERPRET else (64, 128)
-    chunks = triton.cdiv(T, _RANK_CHUNK)
+    chunks = cdiv(T, _RANK_CHUNK)
     if chunks > 1:  # rank counts, then one arrival count per token block (zeroed together: one memset)
-        scratch = torch.zeros(T + triton.cdiv(T, block_t), dtype=torch.int32, device=w.device)
+        scratch = torch.zeros(T + cdiv(T, block_t), dtype=torch.int32, device=w.device)
         rank, cnt = scratch[:T], scratch[T:]
     else:
         rank = cnt = sw
-    _rank_kernel[(triton.cdiv(T, block_t), chunks)](w, sw, order, rank, cnt, T, _RANK_CHUNK, SPLIT=chunks > 1,
+    _rank_kernel[(cdiv(T, block_t), chunks)](w, sw, order, rank, cnt, T, _RANK_CHUNK, SPLIT=chunks > 1,
                                                     BLOCK_T=block_t, BLOCK_U=block_u, num_warps=4)
     return sw, order
 

@@ -22,6 +22,7 @@ from ._runtime import (
     INTERPRET,
     autocast_dtype,
     cast_to,
+    cdiv,
     check_same,
     check_tensor,
     check_width,
@@ -72,13 +73,13 @@ def _pick_blocks(M: int, N: int, K: int, elem_bytes: int) -> tuple[dict, int]:
         bk = 64 if elem_bytes <= 2 else 32
         if M <= 64:
             cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=4)
-        elif triton.cdiv(M, 128) * triton.cdiv(N, 256) >= 132:
+        elif cdiv(M, 128) * cdiv(N, 256) >= 132:
             # Enough tiles to fill 132 SMs with the large wgmma tile; GROUP_M keeps W tiles hot in L2.
             cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
         else:
             cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=4)
     cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0
-    return cfg, triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    return cfg, cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
 
 
 @triton.jit
@@ -204,9 +205,9 @@ def _tma_blocks(M: int, N: int, sms: int):
     None means one program per tile, else a persistent grid of that many programs."""
     if INTERPRET:  # small tiles and few programs: cheap on a CPU, and persistence is exercised
         return 64, 64, 32, 4, 1, sms
-    if triton.cdiv(M, 128) * triton.cdiv(N, 256) >= 2 * sms:
+    if cdiv(M, 128) * cdiv(N, 256) >= 2 * sms:
         return 128, 256, 64, 8, 3, sms
-    if triton.cdiv(M, 128) * triton.cdiv(N, 128) >= sms - 4:
+    if cdiv(M, 128) * cdiv(N, 128) >= sms - 4:
         return 128, 128, 64, 4, 4, None
     return None
 
@@ -228,7 +229,7 @@ def _tma_plan(a, b, out, M, N, K, sam, sak, sbk, sbn, scm, scn):
     if blocks is None:
         return None
     bm, bn, bk, warps, stages, programs = blocks
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
     programs = tiles if programs is None else min(programs, tiles)
     a_desc = (TensorDescriptor(a, [K, M], [sak, 1], [bk, bm]) if trans_a
               else TensorDescriptor(a, [M, K], [sam, 1], [bm, bk]))
