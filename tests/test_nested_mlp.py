@@ -107,39 +107,49 @@ def test_gated_with_biases_leading_dims(dtype):
     _run(x, w, _params(dtype, gated=True, biases=True), "silu", dtype)
 
 
+def _kernels(tma, monkeypatch, plan_change=None):
+    """The op's module with its TMA forms on (``tma``) or off and ``plan_change(plan) -> plan`` applied to every
+    launch plan; skips where TMA is asked for and the device has none."""
+    nm = importlib.import_module("flextron_kernels.nested_mlp")  # the package exports the function by that name
+    if tma and not nm._tma_sms(torch.device(DEVICE)):
+        pytest.skip("no TMA on this device")
+    monkeypatch.setattr(nm, "_TMA", bool(tma))
+    if plan_change is not None:
+        real_plan = nm._plan
+        monkeypatch.setattr(nm, "_plan", lambda T, dtype: plan_change(real_plan(T, dtype)))
+    return nm
+
+
+def _spy(nm, monkeypatch, name: str, record) -> list:
+    """Kernel ``name`` replaced by one that appends ``record(grid, launch kwargs)`` to the list returned, then
+    launches the real kernel."""
+    seen = []
+    real = getattr(nm, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append(record(grid, k)) or real[grid](*a, **k)
+    monkeypatch.setattr(nm, name, Spy())
+    return seen
+
+
 @pytest.mark.parametrize("tma", ["host", "host-pointer-epilogue", "device", False])
 @pytest.mark.parametrize("gated", [True, False])
 def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
     """The sorted path in every form: TMA tiles (x gathered to sorted order, weight boxes) with descriptors from
     the host or built in the kernel, the up kernel's buffer tiles by TMA or by pointers, and pointer loads
     throughout; spies check which form ran, every call."""
-    nm = importlib.import_module("flextron_kernels.nested_mlp")  # the package exports the function by that name
-    if tma and not nm._tma_sms(torch.device(DEVICE)):
-        pytest.skip("no TMA on this device")
-    monkeypatch.setattr(nm, "_TMA", bool(tma))
     epi = (tma == "host")
-    tma = "host" if tma == "host-pointer-epilogue" else tma
-    real_plan = nm._plan  # the GPU plan's backward uses TMA from 1025 tokens: ask for it at this small size too
-    monkeypatch.setattr(nm, "_plan", lambda T, dtype: dict(
-        real_plan(T, dtype), tma=True, tma_bwd=True, dev_desc=tma == "device",
-        up=dict(real_plan(T, dtype)["up"], EPI_TMA=epi)))
+    form = "host" if tma == "host-pointer-epilogue" else tma
+    # Every sorted-path plan asks for TMA, in the backward too; EPI_TMA picks the up kernel's buffer tiles' form.
+    nm = _kernels(tma, monkeypatch, lambda p: dict(p, tma=True, tma_bwd=True, dev_desc=form == "device",
+                                                   up=dict(p["up"], EPI_TMA=epi)))
+    tma = form
     seen = []
     real = nm._tma_ok
     monkeypatch.setattr(nm, "_tma_ok", lambda *a: seen.append(real(*a)) or seen[-1])
-    wgrad = []
-    real_wgrad = nm._wgrad_kernel
-
-    class Spy:  # records each weight-gradient launch's form
-        def __getitem__(self, grid):
-            return lambda *a, **k: wgrad.append(k["TMA"]) or real_wgrad[grid](*a, **k)
-    monkeypatch.setattr(nm, "_wgrad_kernel", Spy())
-    up = []
-    real_up = nm._up_kernel
-
-    class UpSpy:  # records each up-kernel launch's epilogue form
-        def __getitem__(self, grid):
-            return lambda *a, **k: up.append(k["EPI_TMA"]) or real_up[grid](*a, **k)
-    monkeypatch.setattr(nm, "_up_kernel", UpSpy())
+    wgrad = _spy(nm, monkeypatch, "_wgrad_kernel", lambda grid, k: k["TMA"])
+    up = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: k["EPI_TMA"])
     T = 150  # sorted on every device, not a multiple of any row tile
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=gated, biases=not gated),
@@ -153,25 +163,12 @@ def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
 def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch):
     """The down product split along K into fp32 chunks, summed by each tile's last chunk to finish (chunks past
     a tile's width skipped), under up tiles twice as tall as the down tiles; forward and backward (dx) split."""
-    nm = importlib.import_module("flextron_kernels.nested_mlp")
-    if tma and not nm._tma_sms(torch.device(DEVICE)):
-        pytest.skip("no TMA on this device")
-    monkeypatch.setattr(nm, "_TMA", tma)
-    real_plan = nm._plan
-
-    def plan(T, dtype):
-        p = real_plan(T, dtype)
+    def plan(p):
         up = dict(p["up"], BLOCK_M=2 * p["down"]["BLOCK_M"], BLOCK_N=min(p["up"]["BLOCK_N"], 128))  # smem
         down = dict(p["down"], SPLIT_K=4, BLOCK_K=min(p["down"]["BLOCK_K"], 64))
         return dict(p, tma=True, tma_bwd=True, up=up, down=down)
-    monkeypatch.setattr(nm, "_plan", plan)
-    launches = []
-    real_down = nm._down_kernel
-
-    class Spy:  # records each launch's SPLIT flag
-        def __getitem__(self, grid):
-            return lambda *a, **k: launches.append(k["SPLIT"]) or real_down[grid](*a, **k)
-    monkeypatch.setattr(nm, "_down_kernel", Spy())
+    nm = _kernels(tma, monkeypatch, plan)
+    launches = _spy(nm, monkeypatch, "_down_kernel", lambda grid, k: k["SPLIT"])
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     w, params_ = _widths("mixed", T), _params(torch.bfloat16, gated=True, biases=True)
     _run(x, w, params_, "silu", torch.bfloat16)
@@ -190,24 +187,11 @@ def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch):
 def test_backward_up_kernel_wider_blocks(tma, gated, monkeypatch):
     """The backward's up kernel (dA) in N blocks twice the forward's: its buffers are wider than the forward's
     pre-activation buffers it reads (I = 300 pads to different widths), and dx and the weight gradients read them."""
-    nm = importlib.import_module("flextron_kernels.nested_mlp")
-    if tma and not nm._tma_sms(torch.device(DEVICE)):
-        pytest.skip("no TMA on this device")
-    monkeypatch.setattr(nm, "_TMA", tma)
-    real_plan = nm._plan
-
-    def plan(T, dtype):
-        p = real_plan(T, dtype)
+    def plan(p):
         up = dict(p["up"], BLOCK_N=min(p["up"]["BLOCK_N"], 128))
         return dict(p, tma=True, tma_bwd=True, up=up, up_bwd={"BLOCK_N": 2 * up["BLOCK_N"]})
-    monkeypatch.setattr(nm, "_plan", plan)
-    blocks = []
-    real_up = nm._up_kernel
-
-    class Spy:  # records each launch's (BACKWARD, BLOCK_N)
-        def __getitem__(self, grid):
-            return lambda *a, **k: blocks.append((k["BACKWARD"], k["BLOCK_N"])) or real_up[grid](*a, **k)
-    monkeypatch.setattr(nm, "_up_kernel", Spy())
+    nm = _kernels(tma, monkeypatch, plan)
+    blocks = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: (k["BACKWARD"], k["BLOCK_N"]))
     inter, T = 300, 150
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T, inter), _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter),
@@ -228,25 +212,12 @@ def test_up_stream_k_tail(tma, gated, sms, kind, chunks, monkeypatch):
     """The up kernel's stream-K tail: whole waves of ``sms`` programs take a tile each, the last partial wave's
     tiles are split along K (up to 4 chunks; fewer tiles than programs: every tile split), forward and backward
     (dA); repeated calls are bitwise equal (the chunks are summed in chunk order)."""
-    nm = importlib.import_module("flextron_kernels.nested_mlp")
-    if tma and not nm._tma_sms(torch.device(DEVICE)):
-        pytest.skip("no TMA on this device")
-    monkeypatch.setattr(nm, "_TMA", tma)
-    real_plan = nm._plan
-
-    def plan(T, dtype):  # the same tiles on every device, so the cases above hold
-        p = real_plan(T, dtype)
+    def plan(p):  # the same tiles on every device, so the cases above hold
         up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, STREAM_K=4, SK_SMS=sms)
         return dict(p, tma=True, tma_bwd=True, up=up, down=dict(p["down"], BLOCK_M=32),
                     wgrad=dict(p["wgrad"], BLOCK_J=64))
-    monkeypatch.setattr(nm, "_plan", plan)
-    launches = []
-    real_up = nm._up_kernel
-
-    class Spy:  # records each launch's STREAM_K and grid
-        def __getitem__(self, grid):
-            return lambda *a, **k: launches.append((k["STREAM_K"], grid[0])) or real_up[grid](*a, **k)
-    monkeypatch.setattr(nm, "_up_kernel", Spy())
+    nm = _kernels(tma, monkeypatch, plan)
+    launches = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: (k["STREAM_K"], grid[0]))
     T, inter, hidden = 150, 300, 256  # K = 256: four K steps of 64 to split
     x = randn(T, hidden, dtype=torch.bfloat16, requires_grad=True)
     w = _widths(kind, T, inter)
@@ -279,18 +250,8 @@ def test_gpu_plan_buckets(T, dtype):
 def test_wgrad_token_blocks_taller_than_row_tiles(tma, monkeypatch):
     """Weight-gradient token blocks taller than the up kernel's row tiles: a block's last rows then belong to tiles
     that never wrote this neuron block (poisoned memory); they must not reach the gradient."""
-    nm = importlib.import_module("flextron_kernels.nested_mlp")
-    if tma and not nm._tma_sms(torch.device(DEVICE)):
-        pytest.skip("no TMA on this device")
-    monkeypatch.setattr(nm, "_TMA", tma)
-    real_plan = nm._plan
-
-    def plan(T, dtype):
-        p = real_plan(T, dtype)
-        up = dict(p["up"], BLOCK_M=16)
-        down = dict(p["down"], BLOCK_M=16)
-        return dict(p, tma=True, tma_bwd=True, up=up, down=down, wgrad=dict(p["wgrad"], BLOCK_T=64))
-    monkeypatch.setattr(nm, "_plan", plan)
+    _kernels(tma, monkeypatch, lambda p: dict(p, tma=True, tma_bwd=True, up=dict(p["up"], BLOCK_M=16),
+                                              down=dict(p["down"], BLOCK_M=16), wgrad=dict(p["wgrad"], BLOCK_T=64)))
     T = 150
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("few", T), _params(torch.bfloat16, gated=True, biases=True), "silu", torch.bfloat16)
