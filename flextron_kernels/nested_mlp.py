@@ -197,6 +197,7 @@ def _up_kernel(
     SORTED: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr, STREAM_K: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     DUAL: tl.constexpr = GATED and not BACKWARD  # two products (gate and up); backward has one (dA)
@@ -319,6 +320,15 @@ def _up_kernel(
             _put(h_desc, h_ptr + off_h, h.to(out_ty), mask_h, ot, on, EPI_TMA)
             if GATED:
                 _put(g_desc, g_ptr + off_h, acc2.to(out_ty), mask_h, ot, on, EPI_TMA)
+    elif EPI_SPLIT == 2:
+        # The backward's epilogue in two N halves (boxes of half the width; TMA only): half the values live at
+        # once (the whole tile reached 255 registers and spilled), as Triton's persistent-matmul tutorial
+        # subtiles its epilogue.
+        d0, d1 = tl.split(tl.permute(tl.reshape(acc1, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _da_epilogue_half(d0, h_desc, g_desc, dh_desc, dg_desc, ao_desc, ot, on, w_row, GATED, ACT, out_ty,
+                          BLOCK_N // 2)
+        _da_epilogue_half(d1, h_desc, g_desc, dh_desc, dg_desc, ao_desc, ot, on + BLOCK_N // 2, w_row, GATED, ACT,
+                          out_ty, BLOCK_N // 2)
     else:
         # Past a row's width the buffers hold the forward's values there (TMA) or read as zeros (pointer):
         # either way the results there are selected away.
@@ -334,6 +344,24 @@ def _up_kernel(
             f, df = _act_and_grad(h, ACT)
             _put(dh_desc, dh_ptr + off, tl.where(keep, da * df, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
             _put(ao_desc, a_ptr + off, tl.where(keep, f, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+
+
+@triton.jit
+def _da_epilogue_half(da, h_desc, g_desc, dh_desc, dg_desc, ao_desc, ot, on, w_row, GATED: tl.constexpr,
+                      ACT: tl.constexpr, out_ty: tl.constexpr, HALF_N: tl.constexpr):
+    """The backward up kernel's epilogue on the box of columns [on, on + HALF_N) (TMA buffers)."""
+    keep = (on + tl.arange(0, HALF_N))[None, :] < w_row[:, None]
+    h = h_desc.load([ot, on]).to(tl.float32)
+    if GATED:
+        g = g_desc.load([ot, on]).to(tl.float32)
+        f, df = _act_and_grad(g, ACT)
+        dg_desc.store([ot, on], tl.where(keep, da * h * df, 0.0).to(out_ty))
+        dh_desc.store([ot, on], tl.where(keep, da * f, 0.0).to(out_ty))
+        ao_desc.store([ot, on], tl.where(keep, f * h, 0.0).to(out_ty))
+    else:
+        f, df = _act_and_grad(h, ACT)
+        dh_desc.store([ot, on], tl.where(keep, da * df, 0.0).to(out_ty))
+        ao_desc.store([ot, on], tl.where(keep, f, 0.0).to(out_ty))
 
 
 @triton.jit
@@ -579,7 +607,9 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # epilogue (two buffer loads, three stores) is half its time; a fourth stage took it from 1.31 to 1.03 ms
     # (Llama-2-7B MLP, 8192 tokens, uniform mix; 128x256 blocks were slower: 1.90). At 256 tokens, 4 stages
     # were 1.5-3% faster forward+backward (graph) in all four cases tried; from 385 to 1024 the forward has them.
-    up_bwd = {} if small else {"num_stages": 4}
+    # Its epilogue in two N halves: 255 registers and 372-452 bytes of spills otherwise (ptxas for sm_90 at 256 and
+    # 8192 tokens, benchmarks/kernel_regs.py), 182-194 registers and none in halves.
+    up_bwd = {} if small else {"num_stages": 4, "EPI_SPLIT": 2}
     # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and
     # a weight-gradient neuron block must lie inside one up-kernel N block.
     assert up["BLOCK_M"] % down["BLOCK_M"] == 0 and up["BLOCK_N"] % wgrad["BLOCK_J"] == 0
@@ -658,7 +688,9 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
     # The buffers' tiles by TMA too (only with host descriptors: one per buffer), unless the plan says not to.
     cfg = dict(cfg)
     epi = bool(cfg.pop("EPI_TMA", True) and tma == "host")
-    box = [cfg["BLOCK_M"], cfg["BLOCK_N"]]
+    # The backward's epilogue in two N halves (EPI_SPLIT, TMA buffers only): half-width boxes.
+    epi_split = 2 if cfg.pop("EPI_SPLIT", 1) == 2 and epi and backward else 1
+    box = [cfg["BLOCK_M"], cfg["BLOCK_N"] // epi_split]
     bufs = (a, h, g, dh, dg)
     descs += tuple(_desc(b, box) if epi and b is not None else a for b in bufs)
     # Stream-K tail (sorted batches): the grid covers every tile plus one program per SM for the split ones; a
@@ -681,7 +713,8 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
         src.stride(0), src.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
         SORTED=sorted_, BACKWARD=backward, GATED=gated, HAS_BIAS=bias is not None,
         STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype), PRECISION=dot_precision(src.dtype),
-        TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, EPI_TMA=epi, STREAM_K=stream_k, **cfg,
+        TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, EPI_TMA=epi, STREAM_K=stream_k, EPI_SPLIT=epi_split,
+        **cfg,
     )
 
 
