@@ -238,20 +238,8 @@ def test_up_stream_k_tail(tma, gated, sms, kind, chunks, monkeypatch):
 def test_backward_epilogue_in_halves(gated, monkeypatch):
     """The backward's up kernel stores its epilogue (dA's activation derivative, the recomputed activation) in two
     half-width boxes; mixed widths so that rows end inside either half."""
-    nm = importlib.import_module("flextron_kernels.nested_mlp")
-    if not nm._tma_sms(torch.device(DEVICE)):
-        pytest.skip("no TMA on this device")
-    monkeypatch.setattr(nm, "_TMA", True)
-    real_plan = nm._plan
-    monkeypatch.setattr(nm, "_plan", lambda T, dtype: dict(real_plan(T, dtype), tma=True, tma_bwd=True,
-                                                           up_bwd={"EPI_SPLIT": 2}))
-    splits = []
-    real_up = nm._up_kernel
-
-    class Spy:  # records each launch's (BACKWARD, EPI_SPLIT)
-        def __getitem__(self, grid):
-            return lambda *a, **k: splits.append((k["BACKWARD"], k["EPI_SPLIT"])) or real_up[grid](*a, **k)
-    monkeypatch.setattr(nm, "_up_kernel", Spy())
+    nm = _kernels(True, monkeypatch, lambda p: dict(p, tma=True, tma_bwd=True, up_bwd={"EPI_SPLIT": 2}))
+    splits = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: (k["BACKWARD"], k["EPI_SPLIT"]))
     T = 150
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=gated, biases=not gated),
