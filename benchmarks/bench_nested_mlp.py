@@ -330,6 +330,7 @@ EXPLORE = {
     "bwd_up_s4": {"up_bwd": {"num_stages": 4}},
     "bwd_up_k128_s2": {"up_bwd": {"BLOCK_K": 128, "num_stages": 2}},
     "bwd_up_gm1": {"up_bwd": {"GROUP_M": 1}},
+    "bwd_epi1": {"up_bwd": {"EPI_SPLIT": 1}},  # the dA epilogue whole (before it was stored in two N halves)
 }
 
 
