@@ -39,7 +39,8 @@ def main():
         rows.append(row)
         print(row, flush=True)
     info = run_info()
-    path = os.path.join(args.out, f"routing_{info['date'].replace(':', '')}.json")
+    stamp = info["date"][:19].replace("-", "").replace(":", "")  # 20261129T065349: letters and digits only
+    path = os.path.join(args.out, f"routing_{stamp}Z.json")
     with open(path, "w") as f:
         json.dump(dict(info, bench="routing", rows=rows), f, indent=1)
     print("wrote", path)

@@ -7,7 +7,10 @@ this needs no padding to width groups. Both functions are CUDA-graph capturable.
 The order comes from one Triton launch that ranks every token by counting (``rank[t]`` = tokens wider than
 ``t`` plus equal-width tokens before it) and scatters it to its rank: ``torch.sort`` took 25 us for 256 tokens
 on an H200 (a radix sort and two helper kernels), 15 % of the whole 256-token Llama-2-7B MLP. Above 1024 tokens
-the count of each token block is split over programs (``_RANK_CHUNK``) and summed with integer atomics.
+the count of each token block is split over programs (``_RANK_CHUNK``) and summed with integer atomics. The
+count is quadratic in T: above ``_RANK_MAX_T`` tokens the order comes from ``torch.sort`` (graph replays on an
+H200, uniform mix of four widths: rank 8.7/20.8/22.9/25.0/65.6/227.6 us at 256/1024/2048/4096/8192/16384
+tokens, torch.sort 34.2/35.7/36.8/40.5/72.4/79.0; benchmarks/explore_routing.py).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def _rank_kernel(w_ptr, sw_ptr, order_ptr, rank_ptr, cnt_ptr, T, U_CHUNK,
 # One program counts over at most this many tokens; above, the count is split over programs (the whole row of
 # a block in one program took 124-135 us at 8192 tokens on an H200: latency-bound, T/128 serial steps).
 _RANK_CHUNK = 64 if INTERPRET else 1024
+# Above this many tokens, torch.sort (a radix sort: linear in T) beats the count (see the module docstring).
+_RANK_MAX_T = 8192
 
 
 def nested_mlp_routing(widths: torch.Tensor, sort: bool = True):
@@ -66,8 +71,9 @@ def nested_mlp_routing(widths: torch.Tensor, sort: bool = True):
     if not sort:
         return w, None
     T = w.numel()
-    if not use_triton(w) or T == 0:
-        return torch.sort(w, descending=True, stable=True)
+    if not use_triton(w) or T == 0 or T > _RANK_MAX_T:
+        sw, order = torch.sort(w, descending=True, stable=True)
+        return sw, order
     w = w.contiguous()
     sw = torch.empty_like(w)
     order = torch.empty(T, dtype=torch.int64, device=w.device)

@@ -303,10 +303,16 @@ def test_empty_batch():
 # ---------------------------------------------------------------------------------------------- routing
 
 
-# The rank count in one program (T <= 1024 on a GPU) or split over programs (above; the interpreter splits at 64).
+# The rank count in one program (T <= 1024 on a GPU) or split over programs (above; the interpreter splits at 64),
+# or torch.sort above _RANK_MAX_T tokens (lowered here so that a small batch takes that path).
+@pytest.mark.parametrize("sort_above", [None, 256])
 @pytest.mark.parametrize("T", [300, 2500] if ON_GPU else [300])
 @pytest.mark.parametrize("kind", ["mixed", "few", "full", "one"])
-def test_routing_invariants(kind, T):
+def test_routing_invariants(kind, T, sort_above, monkeypatch):
+    if sort_above is not None:
+        routing = importlib.import_module("flextron_kernels.routing")
+        monkeypatch.setattr(routing, "_RANK_MAX_T", sort_above)
+        launches = _spy(routing, monkeypatch, "_rank_kernel", lambda grid, k: grid)
     w = _widths(kind, T)
     sw, order = nested_mlp_routing(w)
     assert order.dtype == torch.int64 and sw.dtype == w.dtype
@@ -329,6 +335,8 @@ def test_routing_invariants(kind, T):
         assert all(int(sw[i * bm:(i + 1) * bm].max()) == int(tiles[i]) for i in range(len(tiles)))
     sw1, order1 = nested_mlp_routing(w, sort=False)
     assert order1 is None and torch.equal(sw1, w)
+    if sort_above is not None:
+        assert launches == []  # the count kernel did not run
 
 
 # ---------------------------------------------------------------------------------------------- bad input
