@@ -331,6 +331,8 @@ EXPLORE = {
     "bwd_up_k128_s2": {"up_bwd": {"BLOCK_K": 128, "num_stages": 2}},
     "bwd_up_gm1": {"up_bwd": {"GROUP_M": 1}},
     "bwd_epi1": {"up_bwd": {"EPI_SPLIT": 1}},  # the dA epilogue whole (before it was stored in two N halves)
+    "up_k32_s6": {"up": {"BLOCK_K": 32, "num_stages": 6}},  # 3 stages' bytes in flight (K 64), in more loads
+    "up_k32_s5": {"up": {"BLOCK_K": 32, "num_stages": 5}},
 }
 
 
