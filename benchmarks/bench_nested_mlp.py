@@ -333,6 +333,10 @@ EXPLORE = {
     "bwd_epi1": {"up_bwd": {"EPI_SPLIT": 1}},  # the dA epilogue whole (before it was stored in two N halves)
     "up_k32_s6": {"up": {"BLOCK_K": 32, "num_stages": 6}},  # 3 stages' bytes in flight (K 64), in more loads
     "up_k32_s5": {"up": {"BLOCK_K": 32, "num_stages": 5}},
+    # Register spills in the backward (benchmarks/kernel_regs.py): none with these.
+    "wgrad_j64": {"wgrad": {"BLOCK_J": 64}},
+    "wgrad_t32": {"wgrad": {"BLOCK_T": 32}},
+    "bwd_nospill": {"down": {"num_warps": 8}, "wgrad": {"BLOCK_T": 32}},
 }
 
 
