@@ -114,38 +114,30 @@ def _sum_partials(p_ws, n_chunks, step, go, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _stream_k_assign(pid, sw_ptr, T, I, NSM, KI, SPLIT_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+def _stream_k_assign(pid, sw_ptr, T, I, NSM, KI, SPLIT_MAX: tl.constexpr, M_POW2: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The up kernel's stream-K tail (sorted batches): program ``pid``'s tile, its K chunk and the tile's chunk
     count, the tile's index among the split ones, and whether the program has work. Active tiles (N blocks below
     their row tile's width) are numbered row tile by row tile. The first whole waves of NSM tiles run one program
-    per tile; the rest ("tail") are split along K into S = min(NSM // tail, SPLIT_MAX, KI) chunks each."""
+    per tile; the rest ("tail") are split along K into S = min(NSM // tail, SPLIT_MAX, KI) chunks each.
+    Every row tile's width comes in one vector load (M_POW2 >= the row tile count): a loop of scalar loads, one
+    latency each before the main loop could start, cost every program microseconds."""
     num_m = tl.cdiv(T, BLOCK_M)
-    n_active = tl.full([], 0, tl.int32)
-    for m in range(0, num_m):
-        w = tl.minimum(tl.maximum(tl.load(sw_ptr + m * BLOCK_M), 0), I).to(tl.int32)
-        n_active += tl.cdiv(w, BLOCK_N)
+    mm = tl.arange(0, M_POW2)
+    wm = tl.load(sw_ptr + mm * BLOCK_M, mask=mm < num_m, other=0)
+    nb = tl.cdiv(tl.minimum(tl.maximum(wm, 0), I).to(tl.int32), BLOCK_N)  # active N blocks per row tile
+    end = tl.cumsum(nb, 0)  # active tiles up to and including each row tile
+    n_active = tl.sum(nb, 0)
     full = (n_active // NSM) * NSM
     tail = n_active - full
     n_split = tl.minimum(tl.minimum(tl.maximum(NSM // tl.maximum(tail, 1), 1), SPLIT_MAX), KI)
-    tile = pid
-    chunk = pid * 0
-    n_chunks = chunk + 1
-    if pid >= full:
-        tile = full + (pid - full) // n_split
-        chunk = (pid - full) % n_split
-        n_chunks = n_split
+    split = pid >= full
+    tile = tl.where(split, full + (pid - full) // n_split, pid)
+    chunk = tl.where(split, (pid - full) % n_split, 0)
+    n_chunks = tl.where(split, n_split, 1)
     # Row tile and N block of ``tile``: past every row tile whose tiles all come before it.
-    pid_m = tl.full([], 0, tl.int32)
-    base = tl.full([], 0, tl.int32)
-    end = tl.full([], 0, tl.int32)
-    for m in range(0, num_m):
-        w = tl.minimum(tl.maximum(tl.load(sw_ptr + m * BLOCK_M), 0), I).to(tl.int32)
-        nb = tl.cdiv(w, BLOCK_N)
-        end += nb
-        done = end <= tile  # monotone in m: true for the row tiles before tile's
-        pid_m += done.to(tl.int32)
-        base = tl.where(done, end, base)
+    pid_m = tl.sum((end <= tile).to(tl.int32), 0)
+    base = tl.sum(tl.where(mm == pid_m, end - nb, 0), 0)
     return pid_m, tile - base, chunk, n_chunks, tile - full, tile < n_active
 
 
@@ -197,7 +189,7 @@ def _up_kernel(
     SORTED: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr, STREAM_K: tl.constexpr,
-    EPI_SPLIT: tl.constexpr,
+    M_POW2: tl.constexpr, EPI_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     DUAL: tl.constexpr = GATED and not BACKWARD  # two products (gate and up); backward has one (dA)
@@ -213,7 +205,7 @@ def _up_kernel(
         # wave are split along K into up to STREAM_K chunks, so that wave fills the chip too (1.3 waves of
         # whole tiles would cost two). Programs past the work exit at once.
         pid_m, pid_n, chunk, n_chunks, tail_tile, alive = _stream_k_assign(
-            tl.program_id(0), sw_ptr, T, I, NSM, KI, STREAM_K, BLOCK_M, BLOCK_N)
+            tl.program_id(0), sw_ptr, T, I, NSM, KI, STREAM_K, M_POW2, BLOCK_M, BLOCK_N)
         k_lo = chunk * KI // n_chunks
         k_hi = (chunk + 1) * KI // n_chunks
         slot0 = tail_tile * n_chunks  # the tile's first chunk's workspace slot
@@ -718,6 +710,7 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
         SORTED=sorted_, BACKWARD=backward, GATED=gated, HAS_BIAS=bias is not None,
         STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype), PRECISION=dot_precision(src.dtype),
         TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, EPI_TMA=epi, STREAM_K=stream_k, EPI_SPLIT=epi_split,
+        M_POW2=max(16, 1 << (cdiv(T, cfg["BLOCK_M"]) - 1).bit_length()) if stream_k else 1,
         **cfg,
     )
 
