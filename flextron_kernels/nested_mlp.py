@@ -584,10 +584,11 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         few = T <= 384
         up = dict(BLOCK_M=64 if few else 128, BLOCK_N=256 // kdiv if few else 128, BLOCK_K=64 // kdiv, GROUP_M=8,
                   num_warps=8, num_stages=3 if few or kdiv == 2 else 4)  # fp32: halved tiles, fewer stages
-        # Up to 384 tokens, the up kernel's stream-K tail (STREAM_K: the last partial wave's tiles split along K;
-        # the partial wave of 40 programs at 256 tokens cost ~75% of a full wave, ncu). TRIAL (see NOTES).
-        if few:
-            up["STREAM_K"] = 4
+        # Not taken: the up kernel's stream-K tail (STREAM_K, the last partial wave's tiles split along K). On the
+        # H200 at 256 tokens it was slower even where nothing split (graph: Llama-2-7B uniform 0.145 ms against
+        # 0.130, all-full 0.199 against 0.164), and as slow again with its tile assignment from one vector load
+        # (0.144 / 0.197 against 0.129 / 0.164): the cost is in the path itself (row-major tile order, a K loop
+        # with a runtime start, 254 registers against 168), not in finding the tile.
         down = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=4,
                     SPLIT_K=2 if few else 1)
         # Up to 384 tokens, token steps of 32 in the weight gradients: no register spills (ptxas: dWu+dWg 255
