@@ -322,9 +322,10 @@ EXPLORE = {
     "up_64x128_w4_s3": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}},
     "bwd_tma": {"tma_bwd": True},  # the backward's up, down and weight-gradient tiles by TMA below 1025 tokens
     "bwd_tma_s4": {"tma_bwd": True, "up_bwd": {"num_stages": 4}},
-    "sk0": {"up": {"STREAM_K": 0}},  # no stream-K tail in the up kernel
-    "sk4": {"up": {"STREAM_K": 4}},
-    "sk2": {"up": {"STREAM_K": 2}},
+    "tail0": {"up": {"TAIL": 0}},  # no tail split of the up product (one launch)
+    "tail2": {"up": {"TAIL": 2}},
+    "tail8": {"up": {"TAIL": 8}},
+    "tail_fwd": {"up_bwd": {"TAIL": 0}},  # the tail split in the forward only (the plan's dA inherits it)
     "bwd_up_s3": {"up_bwd": {"num_stages": 3}},
     "bwd_up_w4": {"up_bwd": {"num_warps": 4}},
     "bwd_up_s4": {"up_bwd": {"num_stages": 4}},

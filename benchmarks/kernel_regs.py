@@ -2,9 +2,9 @@
 
 Triton's wheel ships ptxas: each kernel of one forward+backward is compiled for Hopper exactly as its launch would
 be (the launch arguments are captured from the op with CPU stand-in tensors; nothing runs), and ``ptxas -v``
-reports its resources. Use it to compare plan variants before spending device time, e.g. the stream-K tail:
+reports its resources. Use it to compare plan variants before spending device time, e.g. the up product's tail split:
 
-    python benchmarks/kernel_regs.py --T 256 --inference --set up.STREAM_K=4 --set up.SK_SMS=132
+    python benchmarks/kernel_regs.py --T 256 --inference --set up.TAIL=8
 
 2026-11-29 (benchmarks/NOTES.md has the table): the backward's dA kernel spills (255 registers, 372-452 bytes), as
 do dx at 256 tokens and the dWu+dWg weight-gradient launch. Registers alone prove little: with the stream-K tail
@@ -97,9 +97,17 @@ def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True
             setattr(NM, name, fn)
         for name, fn in saved.items():
             setattr(NM, name, fn)
-    # Launch order: up, down (forward); up (dA), down (dx), weight gradients of Wd, then of Wu and Wg.
-    tags = iter(["up", "down", "up (dA)", "down (dx)", "dWd", "dWu+dWg"])
-    return [(next(tags), _compile(real[name], args, kw)) for name, args, kw in launches]
+    return [(_tag(name, kw), _compile(real[name], args, kw)) for name, args, kw in launches]
+
+
+def _tag(name: str, kw: dict) -> str:
+    """The launch's name in the report: up, up tail (the tail split's second launch), down; (dA) and (dx) in the
+    backward; dWd, dWu+dWg for the weight gradients."""
+    if name == "_wgrad_kernel":
+        return "dWu+dWg" if kw["HAS_DB"] or kw["DUAL"] else "dWd"
+    if name == "_up_kernel":
+        return "up" + (" tail" if kw["TAIL_LAUNCH"] else "") + (" (dA)" if kw["BACKWARD"] else "")
+    return "down (dx)" if kw["DUAL"] else "down"
 
 
 def main():
@@ -109,7 +117,7 @@ def main():
     ap.add_argument("--I", type=int, default=11008)
     ap.add_argument("--inference", action="store_true", help="an inference forward (no stored pre-activations)")
     ap.add_argument("--set", action="append", default=[], metavar="KERNEL.KEY=VALUE",
-                    help="a change to the plan, e.g. up.STREAM_K=4 or up_bwd.EPI_SPLIT=2")
+                    help="a change to the plan, e.g. up.TAIL=8 or up_bwd.EPI_SPLIT=2")
     args = ap.parse_args()
     changes = {}
     for item in args.set:
@@ -118,7 +126,7 @@ def main():
         changes.setdefault(kernel, {})[name] = _value(value)
     print(f"T={args.T} H={args.H} I={args.I} {'inference' if args.inference else 'training'} {changes or 'plan'}")
     for tag, res in step_resources(args.T, args.H, args.I, changes, not args.inference):
-        print(f"  {tag:9s} shared {res['shared_bytes']:6d} B; " + "; ".join(res["ptxas"]))
+        print(f"  {tag:14s} shared {res['shared_bytes']:6d} B; " + "; ".join(res["ptxas"]))
 
 
 if __name__ == "__main__":

@@ -114,31 +114,38 @@ def _sum_partials(p_ws, n_chunks, step, go, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _stream_k_assign(pid, sw_ptr, T, I, NSM, KI, SPLIT_MAX: tl.constexpr, M_POW2: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The up kernel's stream-K tail (sorted batches): program ``pid``'s tile, its K chunk and the tile's chunk
-    count, the tile's index among the split ones, and whether the program has work. Active tiles (N blocks below
-    their row tile's width) are numbered row tile by row tile. The first whole waves of NSM tiles run one program
-    per tile; the rest ("tail") are split along K into S = min(NSM // tail, SPLIT_MAX, KI) chunks each.
-    Every row tile's width comes in one vector load (M_POW2 >= the row tile count): a loop of scalar loads, one
-    latency each before the main loop could start, cost every program microseconds."""
+def _tail_plan(sw_ptr, T, I, NSM, KI, WS_UNITS, SPLIT_MAX: tl.constexpr, M_POW2: tl.constexpr,
+               N_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The up product's tail split (sorted batches), computed alike by every program of both launches.
+
+    Active tiles (N block ``c`` of row tile ``r`` below the row tile's width, its first row's) are ranked column
+    by column (as the swizzled grid runs them: all row tiles of an N block share its weights through L2), and,
+    since rows are sorted by width descending, the active row tiles of a column are its first ``col_cnt[c]``. The
+    head launch runs the columns below ``n_end`` whole: the most whole columns that fit in the whole waves of NSM
+    programs. The tiles past them (the tail: they would cost one more whole wave) run in the tail launch, each
+    split along K into ``S`` chunks: the S in 1..SPLIT_MAX that costs least in waves, ceil(tail S / NSM) / S, plus
+    0.02 a chunk for the fixup; at most ``WS_UNITS`` chunks (the workspace). Where S comes out 1 every tile runs
+    in the head (``n_end`` past every column). Every row tile's width comes in one vector load (M_POW2 >= the
+    row tile count, N_POW2 > the N block count)."""
     num_m = tl.cdiv(T, BLOCK_M)
     mm = tl.arange(0, M_POW2)
+    cc = tl.arange(0, N_POW2)
     wm = tl.load(sw_ptr + mm * BLOCK_M, mask=mm < num_m, other=0)
     nb = tl.cdiv(tl.minimum(tl.maximum(wm, 0), I).to(tl.int32), BLOCK_N)  # active N blocks per row tile
-    end = tl.cumsum(nb, 0)  # active tiles up to and including each row tile
-    n_active = tl.sum(nb, 0)
-    full = (n_active // NSM) * NSM
-    tail = n_active - full
-    n_split = tl.minimum(tl.minimum(tl.maximum(NSM // tl.maximum(tail, 1), 1), SPLIT_MAX), KI)
-    split = pid >= full
-    tile = tl.where(split, full + (pid - full) // n_split, pid)
-    chunk = tl.where(split, (pid - full) % n_split, 0)
-    n_chunks = tl.where(split, n_split, 1)
-    # Row tile and N block of ``tile``: past every row tile whose tiles all come before it.
-    pid_m = tl.sum((end <= tile).to(tl.int32), 0)
-    base = tl.sum(tl.where(mm == pid_m, end - nb, 0), 0)
-    return pid_m, tile - base, chunk, n_chunks, tile - full, tile < n_active
+    col_cnt = tl.sum((nb[:, None] > cc[None, :]).to(tl.int32), 0)  # active row tiles per N block
+    upto = tl.cumsum(col_cnt, 0)
+    total = tl.sum(col_cnt, 0)
+    whole = (total // NSM) * NSM
+    n_end = tl.sum((upto <= whole).to(tl.int32), 0)
+    tail = total - tl.sum(tl.where(cc < n_end, col_cnt, 0), 0)
+    ss = tl.arange(0, SPLIT_MAX) + 1
+    cost = tl.cdiv(tail * ss, NSM).to(tl.float32) / ss.to(tl.float32) + 0.02 * (ss - 1).to(tl.float32)
+    cost = tl.where((ss * tail <= WS_UNITS) & (ss <= KI), cost, float("inf"))
+    S = tl.argmin(cost, 0).to(tl.int32) + 1
+    n_end = tl.where(S > 1, n_end, N_POW2)
+    # The tail's tiles, ranked: (inclusive) count up to each N block.
+    tail_cnt = tl.where(cc >= n_end, col_cnt, 0)
+    return n_end, S, tail * S, tl.cumsum(tail_cnt, 0), tail_cnt
 
 
 @triton.jit
@@ -183,34 +190,72 @@ def _load_b(desc, ok, on, B_NK: tl.constexpr):
 def _up_kernel(
     src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr,
     h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr, a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc,
-    ws_ptr, skc_ptr,
-    T, K, I, LDA, LDH, NSM,
+    ws_ptr, tc_ptr,
+    T, K, I, LDA, LDH, NSM, WS_UNITS,
     stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
     SORTED: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr, STREAM_K: tl.constexpr,
-    M_POW2: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr, TAIL: tl.constexpr,
+    TAIL_LAUNCH: tl.constexpr, M_POW2: tl.constexpr, N_POW2: tl.constexpr, EPI_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    DUAL: tl.constexpr = GATED and not BACKWARD  # two products (gate and up); backward has one (dA)
+    """TAIL = 0: one launch over the swizzled tile grid. TAIL = SPLIT_MAX > 1 (sorted batches): two launches of
+    the same grid logic (_tail_plan): the head (TAIL_LAUNCH False) runs the tile grid's N blocks below ``n_end``
+    as usual; the tail launch (WS_UNITS programs, one K chunk each) runs the rest split along K, and each split
+    tile's last chunk to arrive sums the fp32 partials in chunk order (deterministic) and runs the epilogue. The
+    head's code is the plain kernel's, so that whole waves keep its speed; only the tail pays for the split. (Not
+    persistent: a loop over chunks kept the pipeline's shared memory alive past the K loop, and the epilogue's TMA
+    staging then no longer fit: 254 KB.)"""
     KI = tl.cdiv(K, BLOCK_K)
-    k_lo = 0
-    k_hi = KI
-    chunk = 0
-    n_chunks = 1
-    slot0 = 0
-    if STREAM_K:
-        # Sorted batches only (each row tile's first row is its widest). The active tiles are numbered row
-        # tile by row tile; whole waves of NSM programs take one tile each, and the tiles of the last, partial
-        # wave are split along K into up to STREAM_K chunks, so that wave fills the chip too (1.3 waves of
-        # whole tiles would cost two). Programs past the work exit at once.
-        pid_m, pid_n, chunk, n_chunks, tail_tile, alive = _stream_k_assign(
-            tl.program_id(0), sw_ptr, T, I, NSM, KI, STREAM_K, M_POW2, BLOCK_M, BLOCK_N)
-        k_lo = chunk * KI // n_chunks
-        k_hi = (chunk + 1) * KI // n_chunks
-        slot0 = tail_tile * n_chunks  # the tile's first chunk's workspace slot
+    if DEV_DESC:
+        a_desc = tl.make_tensor_descriptor(src_ptr, [T, K], [stride_sm, 1], [BLOCK_M, BLOCK_K])
+        b1_desc = _b_desc(b1_ptr, K, I, stride_b1k, stride_b1n, B_NK, BLOCK_K, BLOCK_N)
+        b2_desc = b1_desc
+        if GATED and not BACKWARD:
+            b2_desc = _b_desc(b2_ptr, K, I, stride_b2k, stride_b2n, B_NK, BLOCK_K, BLOCK_N)
+    if TAIL_LAUNCH:
+        n_end, S, units, tail_upto, tail_cnt = _tail_plan(sw_ptr, T, I, NSM, KI, WS_UNITS, TAIL, M_POW2, N_POW2,
+                                                          BLOCK_M, BLOCK_N)
+        cc = tl.arange(0, N_POW2)
+        u = tl.program_id(0)
+        if u < units:
+            q = u // S  # the tail tile, ranked column by column
+            chunk = u % S
+            pid_n = tl.sum((tail_upto <= q).to(tl.int32), 0)
+            pid_m = q - tl.sum(tl.where(cc == pid_n, tail_upto - tail_cnt, 0), 0)
+            _up_tile(src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr,
+                     a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc, ws_ptr, tc_ptr,
+                     pid_m, pid_n, True, chunk * KI // S, (chunk + 1) * KI // S, S, chunk, q,
+                     T, K, I, LDA, LDH, stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
+                     SORTED, BACKWARD, GATED, HAS_BIAS, STORE_PRE, ACT, UPCAST, PRECISION, TMA, B_NK, EPI_TMA,
+                     EPI_SPLIT, True, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
+        runs = True
+        if TAIL > 1:
+            n_end, _, _, _, _ = _tail_plan(sw_ptr, T, I, NSM, KI, WS_UNITS, TAIL, M_POW2, N_POW2, BLOCK_M, BLOCK_N)
+            runs = pid_n < n_end
+        _up_tile(src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr,
+                 a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc, ws_ptr, tc_ptr,
+                 pid_m, pid_n, runs, 0, KI, 1, 0, 0,
+                 T, K, I, LDA, LDH, stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
+                 SORTED, BACKWARD, GATED, HAS_BIAS, STORE_PRE, ACT, UPCAST, PRECISION, TMA, B_NK, EPI_TMA,
+                 EPI_SPLIT, False, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _up_tile(src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr,
+             a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc, ws_ptr, tc_ptr,
+             pid_m, pid_n, runs, k_lo, k_hi, n_chunks, chunk, tile,
+             T, K, I, LDA, LDH, stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
+             SORTED: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+             STORE_PRE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+             TMA: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr, EPI_SPLIT: tl.constexpr,
+             SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One up tile (row tile ``pid_m``, N block ``pid_n``) over the K steps [k_lo, k_hi), and its epilogue.
+    SPLIT: chunk ``chunk`` of ``n_chunks`` of split tile ``tile`` (fp32 partials in the workspace, arrival counts
+    in ``tc_ptr``); the tile's last chunk to arrive finishes it."""
+    DUAL: tl.constexpr = GATED and not BACKWARD  # two products (gate and up); backward has one (dA)
     t, w_row, w_tile, rows = _tile_rows(pid_m, sw_ptr, order_ptr, T, I, SORTED, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -220,22 +265,14 @@ def _up_kernel(
     n_in = rn < I
     # An N block past the tile's width runs no K iteration and stores nothing (every row's width is
     # <= the tile's), so it costs one load of the tile's widths.
-    active = pid_n * BLOCK_N < w_tile
-    if STREAM_K:
-        active = active & alive
+    active = (pid_n * BLOCK_N < w_tile) & runs
     k_hi = tl.where(active, k_hi, k_lo)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if TMA:
         # The source is already in sorted order ([T, K], rows past T read as zeros) and the weights are
-        # boxes over their full tensors (past I: zeros): every tile moves by the TMA engine. DEV_DESC: the
-        # descriptors are built here, on the device, instead of being passed from the host (see _forward).
-        if DEV_DESC:
-            a_desc = tl.make_tensor_descriptor(src_ptr, [T, K], [stride_sm, 1], [BLOCK_M, BLOCK_K])
-            b1_desc = _b_desc(b1_ptr, K, I, stride_b1k, stride_b1n, B_NK, BLOCK_K, BLOCK_N)
-            b2_desc = b1_desc
-            if DUAL:
-                b2_desc = _b_desc(b2_ptr, K, I, stride_b2k, stride_b2n, B_NK, BLOCK_K, BLOCK_N)
+        # boxes over their full tensors (past I: zeros): every tile moves by the TMA engine. (Descriptors built
+        # on the device where the plan asks for it: see _forward.)
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
         for ki in range(k_lo, k_hi):
@@ -262,7 +299,7 @@ def _up_kernel(
             s_ptrs += BLOCK_K * stride_sk
             b1_ptrs += BLOCK_K * stride_b1k
 
-    if STREAM_K:
+    if SPLIT:
         if active & (n_chunks > 1):
             # As the down kernel's split-K: each chunk stores its fp32 partial(s) in its workspace slot and counts
             # itself in (acq_rel); the tile's last chunk to arrive sums the slots in chunk order (deterministic)
@@ -270,11 +307,12 @@ def _up_kernel(
             tile_el = BLOCK_M * BLOCK_N
             loc = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             n_acc: tl.constexpr = 2 if DUAL else 1
+            slot0 = tile * n_chunks
             p_ws = ws_ptr + (slot0 + chunk).to(tl.int64) * (n_acc * tile_el) + loc
             tl.store(p_ws, acc1)
             if DUAL:
                 tl.store(p_ws + tile_el, acc2)
-            arrived = tl.atomic_add(skc_ptr + slot0 // n_chunks, 1, sem="acq_rel", scope="gpu")
+            arrived = tl.atomic_add(tc_ptr + tile, 1, sem="acq_rel", scope="gpu")
             active = arrived == n_chunks - 1
             # One sum at a time (registers: two accumulators and a partial at most).
             p_ws = ws_ptr + slot0.to(tl.int64) * (n_acc * tile_el) + loc
@@ -287,55 +325,53 @@ def _up_kernel(
     # so only an inactive block is skipped, as a whole.
     # The backward's pre-activation buffers h, g (the forward's) may be narrower (LDH) than its outputs (LDA),
     # when the backward runs wider N blocks than the forward did.
-    keep = rn[None, :] < w_row[:, None]
-    mask = (t[:, None] < T) & (rn[None, :] < LDA) & active
-    off = t[:, None] * LDA + rn[None, :]
-    mask_h = (t[:, None] < T) & (rn[None, :] < LDH) & active
-    off_h = t[:, None] * LDH + rn[None, :]
-    out_ty = a_ptr.dtype.element_ty
-    if EPI_TMA:
-        if not active:
-            return
-    ot = pid_m * BLOCK_M
-    on = pid_n * BLOCK_N
-    if not BACKWARD:
-        h = acc1
-        if HAS_BIAS:
-            h += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            f, _ = _act_and_grad(acc2, ACT)
-            a = f * h
-        else:
-            a, _ = _act_and_grad(h, ACT)
-        _put(ao_desc, a_ptr + off, tl.where(keep, a, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
-        if STORE_PRE:
-            _put(h_desc, h_ptr + off_h, h.to(out_ty), mask_h, ot, on, EPI_TMA)
+    if active:
+        keep = rn[None, :] < w_row[:, None]
+        mask = (t[:, None] < T) & (rn[None, :] < LDA)
+        off = t[:, None] * LDA + rn[None, :]
+        mask_h = (t[:, None] < T) & (rn[None, :] < LDH)
+        off_h = t[:, None] * LDH + rn[None, :]
+        out_ty = a_ptr.dtype.element_ty
+        ot = pid_m * BLOCK_M
+        on = pid_n * BLOCK_N
+        if not BACKWARD:
+            h = acc1
+            if HAS_BIAS:
+                h += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
             if GATED:
-                _put(g_desc, g_ptr + off_h, acc2.to(out_ty), mask_h, ot, on, EPI_TMA)
-    elif EPI_SPLIT == 2:
-        # The backward's epilogue in two N halves (boxes of half the width; TMA only): half the values live at
-        # once (the whole tile reached 255 registers and spilled), as Triton's persistent-matmul tutorial
-        # subtiles its epilogue.
-        d0, d1 = tl.split(tl.permute(tl.reshape(acc1, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        _da_epilogue_half(d0, h_desc, g_desc, dh_desc, dg_desc, ao_desc, ot, on, w_row, GATED, ACT, out_ty,
-                          BLOCK_N // 2)
-        _da_epilogue_half(d1, h_desc, g_desc, dh_desc, dg_desc, ao_desc, ot, on + BLOCK_N // 2, w_row, GATED, ACT,
-                          out_ty, BLOCK_N // 2)
-    else:
-        # Past a row's width the buffers hold the forward's values there (TMA) or read as zeros (pointer):
-        # either way the results there are selected away.
-        da = acc1
-        h = _get(h_desc, h_ptr + off_h, mask_h & keep, ot, on, EPI_TMA).to(tl.float32)
-        if GATED:
-            g = _get(g_desc, g_ptr + off_h, mask_h & keep, ot, on, EPI_TMA).to(tl.float32)
-            f, df = _act_and_grad(g, ACT)
-            _put(dg_desc, dg_ptr + off, tl.where(keep, da * h * df, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
-            _put(dh_desc, dh_ptr + off, tl.where(keep, da * f, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
-            _put(ao_desc, a_ptr + off, tl.where(keep, f * h, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+                f, _ = _act_and_grad(acc2, ACT)
+                a = f * h
+            else:
+                a, _ = _act_and_grad(h, ACT)
+            _put(ao_desc, a_ptr + off, tl.where(keep, a, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+            if STORE_PRE:
+                _put(h_desc, h_ptr + off_h, h.to(out_ty), mask_h, ot, on, EPI_TMA)
+                if GATED:
+                    _put(g_desc, g_ptr + off_h, acc2.to(out_ty), mask_h, ot, on, EPI_TMA)
+        elif EPI_SPLIT == 2:
+            # The backward's epilogue in two N halves (boxes of half the width; TMA only): half the values live
+            # at once (the whole tile reached 255 registers and spilled), as Triton's persistent-matmul tutorial
+            # subtiles its epilogue.
+            d0, d1 = tl.split(tl.permute(tl.reshape(acc1, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _da_epilogue_half(d0, h_desc, g_desc, dh_desc, dg_desc, ao_desc, ot, on, w_row, GATED, ACT, out_ty,
+                              BLOCK_N // 2)
+            _da_epilogue_half(d1, h_desc, g_desc, dh_desc, dg_desc, ao_desc, ot, on + BLOCK_N // 2, w_row, GATED,
+                              ACT, out_ty, BLOCK_N // 2)
         else:
-            f, df = _act_and_grad(h, ACT)
-            _put(dh_desc, dh_ptr + off, tl.where(keep, da * df, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
-            _put(ao_desc, a_ptr + off, tl.where(keep, f, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+            # Past a row's width the buffers hold the forward's values there (TMA) or read as zeros (pointer):
+            # either way the results there are selected away.
+            da = acc1
+            h = _get(h_desc, h_ptr + off_h, mask_h & keep, ot, on, EPI_TMA).to(tl.float32)
+            if GATED:
+                g = _get(g_desc, g_ptr + off_h, mask_h & keep, ot, on, EPI_TMA).to(tl.float32)
+                f, df = _act_and_grad(g, ACT)
+                _put(dg_desc, dg_ptr + off, tl.where(keep, da * h * df, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+                _put(dh_desc, dh_ptr + off, tl.where(keep, da * f, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+                _put(ao_desc, a_ptr + off, tl.where(keep, f * h, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+            else:
+                f, df = _act_and_grad(h, ACT)
+                _put(dh_desc, dh_ptr + off, tl.where(keep, da * df, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+                _put(ao_desc, a_ptr + off, tl.where(keep, f, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
 
 
 @triton.jit
@@ -584,11 +620,14 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         few = T <= 384
         up = dict(BLOCK_M=64 if few else 128, BLOCK_N=256 // kdiv if few else 128, BLOCK_K=64 // kdiv, GROUP_M=8,
                   num_warps=8, num_stages=3 if few or kdiv == 2 else 4)  # fp32: halved tiles, fewer stages
-        # Not taken: the up kernel's stream-K tail (STREAM_K, the last partial wave's tiles split along K). On the
-        # H200 at 256 tokens it was slower even where nothing split (graph: Llama-2-7B uniform 0.145 ms against
-        # 0.130, all-full 0.199 against 0.164), and as slow again with its tile assignment from one vector load
-        # (0.144 / 0.197 against 0.129 / 0.164): the cost is in the path itself (row-major tile order, a K loop
-        # with a runtime start, 254 registers against 168), not in finding the tile.
+        # The last partial wave of up tiles split along K in a second launch (TAIL, _tail_plan): at 256 tokens a
+        # full-width Llama-2-7B batch is 172 tiles of 64x256 on 132 SMs, and ncu showed the SMs busy only 61% of the
+        # kernel's time (the 40 tiles past the first wave took ~75% of a wave), ~89% tensor-pipe busy while active.
+        # Before it: stream-K in the same launch (the split chunks in the kernel's own grid) was slower even where
+        # nothing split (H200, graph, Llama-2-7B uniform 0.144 ms against 0.129): ncu put the time in waiting on TMA
+        # loads (5.5k stall samples at the barrier wait against 1.8k) with its row-major tile order and a loop
+        # whose addresses left the uniform registers; here the head keeps the plain kernel's code and order.
+        up["TAIL"] = 4 if few and not INTERPRET else 0
         down = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=4,
                     SPLIT_K=2 if few else 1)
         # Up to 384 tokens, token steps of 32 in the weight gradients: no register spills (ptxas: dWu+dWg 255
@@ -624,7 +663,7 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
-    """Programs in one wave of the stream-K tail: the SM count (4 under the interpreter, a stand-in)."""
+    """Programs in one wave of the up product's tail split: the SM count (4 under the interpreter, a stand-in)."""
     if INTERPRET or device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -691,30 +730,38 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
     box = [cfg["BLOCK_M"], cfg["BLOCK_N"] // epi_split]
     bufs = (a, h, g, dh, dg)
     descs += tuple(_desc(b, box) if epi and b is not None else a for b in bufs)
-    # Stream-K tail (sorted batches): the grid covers every tile plus one program per SM for the split ones; a
-    # workspace slot per such program (fp32, one or two products) and an arrival count per split tile.
-    stream_k = cfg.pop("STREAM_K", 0) if sorted_ else 0
-    nsm = cfg.pop("SK_SMS", 0) or (_sm_count(src.device) if stream_k else 1)
-    grid = _grid(T, inter, cfg)
-    if stream_k:
-        grid = (grid[0] + nsm,)
+    # Tail split (sorted batches, _tail_plan): a head launch over the tile grid, then a tail launch of a program
+    # per K chunk of the split tiles (at most TAIL_ROUNDS waves of them), each with a workspace slot (fp32, one
+    # or two products), and an arrival count per split tile.
+    tail = cfg.pop("TAIL", 0) if sorted_ else 0
+    nsm = cfg.pop("TAIL_SMS", 0) or (_sm_count(src.device) if tail else 1)
+    rounds = cfg.pop("TAIL_ROUNDS", 1)
+    if tail not in (0, 2, 4, 8):
+        raise ValueError(f"TAIL must be 0, 2, 4 or 8 (the most K chunks of a split tile), got {tail}")
+    units = rounds * nsm if tail else 1
+    if tail:
         n_acc = 2 if gated and not backward else 1
-        ws = torch.empty(nsm * n_acc * cfg["BLOCK_M"] * cfg["BLOCK_N"], dtype=torch.float32, device=src.device)
-        skc = torch.zeros(nsm, dtype=torch.int32, device=src.device)
+        ws = torch.empty(units * n_acc * cfg["BLOCK_M"] * cfg["BLOCK_N"], dtype=torch.float32, device=src.device)
+        tc = torch.zeros(units, dtype=torch.int32, device=src.device)
     else:
-        ws = skc = a
-    _up_kernel[grid](
-        src, order if order is not None else sw, sw, b1, b2, bias if bias is not None else dummy,
-        h if h is not None else dummy, g if g is not None else dummy, a,
-        dh if dh is not None else dummy, dg if dg is not None else dummy, *descs, ws, skc,
-        T, K, inter, a.stride(0), h.stride(0) if h is not None else a.stride(0), nsm,
-        src.stride(0), src.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
-        SORTED=sorted_, BACKWARD=backward, GATED=gated, HAS_BIAS=bias is not None,
-        STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype), PRECISION=dot_precision(src.dtype),
-        TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, EPI_TMA=epi, STREAM_K=stream_k, EPI_SPLIT=epi_split,
-        M_POW2=max(16, 1 << (cdiv(T, cfg["BLOCK_M"]) - 1).bit_length()) if stream_k else 1,
-        **cfg,
-    )
+        ws = tc = a
+    args = (src, order if order is not None else sw, sw, b1, b2, bias if bias is not None else dummy,
+            h if h is not None else dummy, g if g is not None else dummy, a,
+            dh if dh is not None else dummy, dg if dg is not None else dummy, *descs, ws, tc,
+            T, K, inter, a.stride(0), h.stride(0) if h is not None else a.stride(0), nsm, units,
+            src.stride(0), src.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1))
+    kw = dict(SORTED=sorted_, BACKWARD=backward, GATED=gated, HAS_BIAS=bias is not None,
+              STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype), PRECISION=dot_precision(src.dtype),
+              TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, EPI_TMA=epi, TAIL=tail, EPI_SPLIT=epi_split,
+              M_POW2=max(16, _pow2(cdiv(T, cfg["BLOCK_M"]))) if tail else 1,
+              N_POW2=max(16, _pow2(cdiv(inter, cfg["BLOCK_N"]))) if tail else 1, **cfg)
+    _up_kernel[_grid(T, inter, cfg)](*args, TAIL_LAUNCH=False, **kw)
+    if tail:
+        _up_kernel[(units,)](*args, TAIL_LAUNCH=True, **kw)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, pad, tma):

@@ -200,38 +200,83 @@ def test_backward_up_kernel_wider_blocks(tma, gated, monkeypatch):
     assert not f and b and bn2 == 2 * bn
 
 
-# (tma, gated, programs per wave, widths, chunks per split tile). With 32x64 up tiles, 150 tokens and I = 300 the
-# row tiles have 5/4/3/2/1 ("mixed"), 5/2/2/2/1 ("few") or 5 x 5 ("full") active N blocks, so: 14 whole tiles + 1
-# in 4 chunks; 15 tiles in 4 chunks each (fewer tiles than programs); 10 + 2 in 2; 24 + 1 in 4; 12 + 3 unsplit.
-SK_CASES = [(True, True, 7, "mixed", 4), (False, False, 64, "mixed", 4), (True, False, 5, "few", 2),
-            (False, True, 8, "full", 4), (True, True, 4, "mixed", 1)]
+def _tail_rule(nb: list[int], nsm: int, k_steps: int, split_max: int = 4, rounds: int = 1) -> tuple[int, int]:
+    """The up product's tail split worked out on the host from the row tiles' active N block counts (_tail_plan's
+    rule, in Python): (tiles in the tail launch, K chunks each); (0, 1) where nothing splits."""
+    cols = [sum(n > c for n in nb) for c in range(max(nb))]
+    total = sum(cols)
+    whole = total // nsm * nsm
+    head, run = 0, 0
+    for c in cols:
+        if run + c > whole:
+            break
+        run += c
+        head = run
+    tail = total - head
+    best, cost = 1, None
+    for s in range(1, split_max + 1):
+        if s * tail > rounds * nsm or s > k_steps:
+            continue
+        c = -(-tail * s // nsm) / s + 0.02 * (s - 1)
+        if cost is None or c < cost:
+            best, cost = s, c
+    return (tail, best) if best > 1 else (0, 1)
 
 
-@pytest.mark.parametrize("tma,gated,sms,kind,chunks", SK_CASES)
-def test_up_stream_k_tail(tma, gated, sms, kind, chunks, monkeypatch):
-    """The up kernel's stream-K tail: whole waves of ``sms`` programs take a tile each, the last partial wave's
-    tiles are split along K (up to 4 chunks; fewer tiles than programs: every tile split), forward and backward
-    (dA); repeated calls are bitwise equal (the chunks are summed in chunk order)."""
+# (tma, gated, programs per wave, widths, waves of chunks): with 32x64 up tiles, 150 tokens and I = 300 the row
+# tiles have 5/4/3/2/1 ("mixed"), 5/2/2/2/1 ("few") or 5 x 5 ("full") active N blocks; K = 256 is four K steps of 64.
+TAIL_CASES = [(True, True, 7, "mixed", 1), (False, False, 64, "mixed", 1), (True, False, 5, "few", 1),
+              (False, True, 8, "full", 3), (True, True, 4, "full", 3), (True, False, 15, "mixed", 1)]
+
+
+@pytest.mark.parametrize("tma,gated,sms,kind,rounds", TAIL_CASES)
+def test_up_tail_split(tma, gated, sms, kind, rounds, monkeypatch):
+    """The up product's tail split: a head launch over the tile grid's first N blocks (whole waves of ``sms``
+    programs), then a tail launch whose tiles are split along K (the last chunk to arrive sums the partials and
+    finishes the tile), forward and backward (dA). The arrival counts left in the workspace show which tiles were
+    split and into how many chunks, against the rule worked out here; repeated calls are bitwise equal."""
     def plan(p):  # the same tiles on every device, so the cases above hold
-        up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, STREAM_K=4, SK_SMS=sms)
+        up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, TAIL=4, TAIL_SMS=sms, TAIL_ROUNDS=rounds)
         return dict(p, tma=True, tma_bwd=True, up=up, down=dict(p["down"], BLOCK_M=32),
                     wgrad=dict(p["wgrad"], BLOCK_J=64))
     nm = _kernels(tma, monkeypatch, plan)
-    launches = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: (k["STREAM_K"], grid[0]))
-    T, inter, hidden = 150, 300, 256  # K = 256: four K steps of 64 to split
+    launches = []
+    real = nm._up_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                launches.append((grid[0], k["TAIL_LAUNCH"], a[k_tc]))
+                return real[grid](*a, **k)
+            return launch
+    k_tc = list(real.arg_names).index("tc_ptr")
+    monkeypatch.setattr(nm, "_up_kernel", Spy())
+    T, inter, hidden = 150, 300, 256
     x = randn(T, hidden, dtype=torch.bfloat16, requires_grad=True)
     w = _widths(kind, T, inter)
     params_ = _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter, hidden=hidden)
     act = "silu" if gated else "gelu_tanh"
-    nb = [-(-int(w.sort(descending=True).values[m * 32]) // 64) for m in range(5)]  # the case's arithmetic
-    tail = sum(nb) % sms
-    assert min(max(sms // max(tail, 1), 1), 4) == chunks
     _run(x, w, params_, act, torch.bfloat16)
-    assert launches == [(4, 5 * 5 + sms)] * 2  # forward, backward: every tile plus a wave for the split ones
+    nb = [-(-int(w.sort(descending=True).values[m * 32]) // 64) for m in range(5)]
+    tiles, chunks = _tail_rule(nb, sms, 4, rounds=rounds)
+    assert kind != "mixed" or sms != 15 or tiles == 0  # one case where nothing splits (15 tiles, 15 programs)
+    assert [(g, t) for g, t, _ in launches] == [(25, False), (rounds * sms, True)] * 2  # forward, backward (dA)
+    for _, tail_launch, tc in launches:
+        if tail_launch:  # every split tile counted in by each of its chunks, nothing else
+            counts = tc.tolist()
+            assert counts[:tiles] == [chunks] * tiles and not any(counts[tiles:]), (counts, tiles, chunks)
     with torch.no_grad():
         kw = {k: v for k, v in params_.items() if k not in ("up_weight", "down_weight")}
         ys = [nested_mlp(x, params_["up_weight"], params_["down_weight"], w, activation=act, **kw) for _ in range(3)]
     assert all(torch.equal(ys[0], y) for y in ys[1:])
+
+
+def test_up_tail_split_bad_config(monkeypatch):
+    """A tail split of a K chunk count that is not a power of two up to 8 is refused, naming the setting."""
+    nm = _kernels(True, monkeypatch, lambda p: dict(p, tma=True, up=dict(p["up"], TAIL=3)))
+    with pytest.raises(ValueError, match="TAIL"):
+        nm.nested_mlp(randn(150, H, dtype=torch.bfloat16), *(_params(torch.bfloat16, False, False).values()),
+                      _widths("mixed", 150))
 
 
 @pytest.mark.parametrize("gated", [True, False])
