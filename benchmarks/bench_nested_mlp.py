@@ -326,6 +326,7 @@ EXPLORE = {
     "tail2": {"up": {"TAIL": 2}},
     "tail8": {"up": {"TAIL": 8}},
     "tail_fwd": {"up_bwd": {"TAIL": 0}},  # the tail split in the forward only (the plan's dA inherits it)
+    "tail_r3": {"up": {"TAIL_ROUNDS": 3}},  # up to three waves of K chunks in the tail launch
     "bwd_up_s3": {"up_bwd": {"num_stages": 3}},
     "bwd_up_w4": {"up_bwd": {"num_warps": 4}},
     "bwd_up_s4": {"up_bwd": {"num_stages": 4}},
