@@ -322,11 +322,10 @@ EXPLORE = {
     "up_64x128_w4_s3": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}},
     "bwd_tma": {"tma_bwd": True},  # the backward's up, down and weight-gradient tiles by TMA below 1025 tokens
     "bwd_tma_s4": {"tma_bwd": True, "up_bwd": {"num_stages": 4}},
-    "tail0": {"up": {"TAIL": 0}},  # no tail split of the up product (one launch)
-    "tail2": {"up": {"TAIL": 2}},
-    "tail8": {"up": {"TAIL": 8}},
-    "tail_fwd": {"up_bwd": {"TAIL": 0}},  # the tail split in the forward only (the plan's dA inherits it)
-    "tail_r3": {"up": {"TAIL_ROUNDS": 3}},  # up to three waves of K chunks in the tail launch
+    "tail0": {"up": {"TAIL": 1}},  # no tail split of the up product (one launch)
+    "tail4": {"up": {"TAIL": 4}},
+    "tail2_s4": {"up": {"TAIL": 2, "TAIL_CFG": {"num_stages": 4}}},
+    "tail4_w4": {"up": {"TAIL": 4, "TAIL_ROUNDS": 2, "TAIL_CFG": {"num_warps": 4, "num_stages": 4}}},
     "bwd_up_s3": {"up_bwd": {"num_stages": 3}},
     "bwd_up_w4": {"up_bwd": {"num_warps": 4}},
     "bwd_up_s4": {"up_bwd": {"num_stages": 4}},

@@ -4,7 +4,7 @@ Triton's wheel ships ptxas: each kernel of one forward+backward is compiled for 
 be (the launch arguments are captured from the op with CPU stand-in tensors; nothing runs), and ``ptxas -v``
 reports its resources. Use it to compare plan variants before spending device time, e.g. the up product's tail split:
 
-    python benchmarks/kernel_regs.py --T 256 --inference --set up.TAIL=8
+    python benchmarks/kernel_regs.py --T 256 --inference --set up.TAIL=4
 
 2026-11-29 (benchmarks/NOTES.md has the table): the backward's dA kernel spills (255 registers, 372-452 bytes), as
 do dx at 256 tokens and the dWu+dWg weight-gradient launch. Registers alone prove little: with the stream-K tail
@@ -63,7 +63,7 @@ def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True
     ``_plan`` with ``changes`` (``{"up": {...}, ...}``) would launch it: SwiGLU, bf16, a sorted batch of T tokens,
     host TMA descriptors where the plan takes them; nothing runs. Returns (launch, ptxas report) per launch."""
     launches = []
-    real = {name: getattr(NM, name) for name in ("_up_kernel", "_down_kernel", "_wgrad_kernel")}
+    real = {name: getattr(NM, name) for name in ("_up_kernel", "_down_kernel", "_wgrad_kernel", "_tail_prep_kernel")}
 
     class Capture:
         def __init__(self, name):
@@ -103,6 +103,8 @@ def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True
 def _tag(name: str, kw: dict) -> str:
     """The launch's name in the report: up, up tail (the tail split's second launch), down; (dA) and (dx) in the
     backward; dWd, dWu+dWg for the weight gradients."""
+    if name == "_tail_prep_kernel":
+        return "tail plan"
     if name == "_wgrad_kernel":
         return "dWu+dWg" if kw["HAS_DB"] or kw["DUAL"] else "dWd"
     if name == "_up_kernel":

@@ -105,28 +105,21 @@ def _tile_rows(pid_m, sw_ptr, order_ptr, T, I, SORTED: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
-def _sum_partials(p_ws, n_chunks, step, go, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Chunk-ordered sum of a split tile's fp32 partials (``.cg``: past L1, from L2); zeros where not ``go``."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c in range(0, tl.where(go, n_chunks, 0)):
-        acc += tl.load(p_ws + c * step, cache_modifier=".cg")
-    return acc
-
-
-@triton.jit
-def _tail_plan(sw_ptr, T, I, NSM, KI, WS_UNITS, SPLIT_MAX: tl.constexpr, M_POW2: tl.constexpr,
-               N_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The up product's tail split (sorted batches), computed alike by every program of both launches.
+def _tail_prep_kernel(sw_ptr, plan_ptr, zero_ptr, n_zero, T, I, NSM, MAX_UNITS, PARTS: tl.constexpr,
+                      M_POW2: tl.constexpr, N_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_Z: tl.constexpr):
+    """The up product's tail split (sorted batches), planned once per call by one program, which also zeroes
+    ``n_zero`` int32 counts at ``zero_ptr`` (the down product's split-K arrivals: one launch for both).
 
     Active tiles (N block ``c`` of row tile ``r`` below the row tile's width, its first row's) are ranked column
-    by column (as the swizzled grid runs them: all row tiles of an N block share its weights through L2), and,
-    since rows are sorted by width descending, the active row tiles of a column are its first ``col_cnt[c]``. The
-    head launch runs the columns below ``n_end`` whole: the most whole columns that fit in the whole waves of NSM
-    programs. The tiles past them (the tail: they would cost one more whole wave) run in the tail launch, each
-    split along K into ``S`` chunks: the S in 1..SPLIT_MAX that costs least in waves, ceil(tail S / NSM) / S, plus
-    0.02 a chunk for the fixup; at most ``WS_UNITS`` chunks (the workspace). Where S comes out 1 every tile runs
-    in the head (``n_end`` past every column). Every row tile's width comes in one vector load (M_POW2 >= the
-    row tile count, N_POW2 > the N block count)."""
+    by column, as the swizzled grid runs them (all row tiles of an N block share its weights through L2); rows are
+    sorted by width descending, so the active row tiles of a column are its first ``col_cnt[c]``. The head launch
+    runs the columns below ``n_end`` whole: the most whole columns that fit in the whole waves of NSM programs. The
+    tiles past them (they would cost one more whole wave) run in the tail launch, each cut along N into PARTS
+    narrower tiles, where that costs fewer waves, ceil(tail PARTS / NSM) / PARTS against ceil(tail / NSM), and
+    the tail launch has programs for them (MAX_UNITS); otherwise every tile runs in the head. Writes
+    ``plan_ptr[0] = n_end``, ``plan_ptr[1]`` = the tail launch's programs with work, and ``plan_ptr[2 + c]`` =
+    the tail's tiles in columns up to ``c``."""
     num_m = tl.cdiv(T, BLOCK_M)
     mm = tl.arange(0, M_POW2)
     cc = tl.arange(0, N_POW2)
@@ -138,14 +131,15 @@ def _tail_plan(sw_ptr, T, I, NSM, KI, WS_UNITS, SPLIT_MAX: tl.constexpr, M_POW2:
     whole = (total // NSM) * NSM
     n_end = tl.sum((upto <= whole).to(tl.int32), 0)
     tail = total - tl.sum(tl.where(cc < n_end, col_cnt, 0), 0)
-    ss = tl.arange(0, SPLIT_MAX) + 1
-    cost = tl.cdiv(tail * ss, NSM).to(tl.float32) / ss.to(tl.float32) + 0.02 * (ss - 1).to(tl.float32)
-    cost = tl.where((ss * tail <= WS_UNITS) & (ss <= KI), cost, float("inf"))
-    S = tl.argmin(cost, 0).to(tl.int32) + 1
-    n_end = tl.where(S > 1, n_end, N_POW2)
-    # The tail's tiles, ranked: (inclusive) count up to each N block.
+    split = (tl.cdiv(tail * PARTS, NSM) < PARTS * tl.cdiv(tail, NSM)) & (tail * PARTS <= MAX_UNITS)
+    n_end = tl.where(split, n_end, N_POW2)
     tail_cnt = tl.where(cc >= n_end, col_cnt, 0)
-    return n_end, S, tail * S, tl.cumsum(tail_cnt, 0), tail_cnt
+    tl.store(plan_ptr, n_end)
+    tl.store(plan_ptr + 1, tl.where(split, tail * PARTS, 0))
+    tl.store(plan_ptr + 2 + cc, tl.cumsum(tail_cnt, 0))
+    for z in range(0, n_zero, BLOCK_Z):
+        zz = z + tl.arange(0, BLOCK_Z)
+        tl.store(zero_ptr + zz, tl.zeros((BLOCK_Z,), dtype=tl.int32), mask=zz < n_zero)
 
 
 @triton.jit
@@ -190,22 +184,20 @@ def _load_b(desc, ok, on, B_NK: tl.constexpr):
 def _up_kernel(
     src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr,
     h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr, a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc,
-    ws_ptr, tc_ptr,
-    T, K, I, LDA, LDH, NSM, WS_UNITS,
+    plan_ptr,
+    T, K, I, LDA, LDH,
     stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
     SORTED: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr, TAIL: tl.constexpr,
-    TAIL_LAUNCH: tl.constexpr, M_POW2: tl.constexpr, N_POW2: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    TAIL_LAUNCH: tl.constexpr, N_POW2: tl.constexpr, EPI_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """TAIL = 0: one launch over the swizzled tile grid. TAIL = SPLIT_MAX > 1 (sorted batches): two launches of
-    the same grid logic (_tail_plan): the head (TAIL_LAUNCH False) runs the tile grid's N blocks below ``n_end``
-    as usual; the tail launch (WS_UNITS programs, one K chunk each) runs the rest split along K, and each split
-    tile's last chunk to arrive sums the fp32 partials in chunk order (deterministic) and runs the epilogue. The
-    head's code is the plain kernel's, so that whole waves keep its speed; only the tail pays for the split. (Not
-    persistent: a loop over chunks kept the pipeline's shared memory alive past the K loop, and the epilogue's TMA
-    staging then no longer fit: 254 KB.)"""
+    """TAIL = 1: one launch over the swizzled tile grid. TAIL = PARTS > 1 (sorted batches, planned by
+    _tail_prep_kernel into ``plan_ptr``): the head launch (TAIL_LAUNCH False) runs the tile grid's N blocks below
+    the plan's ``n_end`` as usual; the tail launch runs the rest, each N block of the head's width cut into PARTS
+    tiles of BLOCK_N (its own, narrower) columns, one per program: no partial sums, every part of an active block
+    stored (zeros past each row's width), as readers expect whole head-width blocks."""
     KI = tl.cdiv(K, BLOCK_K)
     if DEV_DESC:
         a_desc = tl.make_tensor_descriptor(src_ptr, [T, K], [stride_sm, 1], [BLOCK_M, BLOCK_K])
@@ -214,47 +206,45 @@ def _up_kernel(
         if GATED and not BACKWARD:
             b2_desc = _b_desc(b2_ptr, K, I, stride_b2k, stride_b2n, B_NK, BLOCK_K, BLOCK_N)
     if TAIL_LAUNCH:
-        n_end, S, units, tail_upto, tail_cnt = _tail_plan(sw_ptr, T, I, NSM, KI, WS_UNITS, TAIL, M_POW2, N_POW2,
-                                                          BLOCK_M, BLOCK_N)
-        cc = tl.arange(0, N_POW2)
         u = tl.program_id(0)
-        if u < units:
-            q = u // S  # the tail tile, ranked column by column
-            chunk = u % S
-            pid_n = tl.sum((tail_upto <= q).to(tl.int32), 0)
-            pid_m = q - tl.sum(tl.where(cc == pid_n, tail_upto - tail_cnt, 0), 0)
+        if u < tl.load(plan_ptr + 1):
+            cc = tl.arange(0, N_POW2)
+            tail_upto = tl.load(plan_ptr + 2 + cc)
+            q = u // TAIL  # the tail tile, ranked column by column
+            col = tl.sum((tail_upto <= q).to(tl.int32), 0)
+            below = tl.sum(tl.where(cc == col - 1, tail_upto, 0), 0)  # the tail's tiles in earlier columns
+            pid_n = col * TAIL + u % TAIL
             _up_tile(src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr,
-                     a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc, ws_ptr, tc_ptr,
-                     pid_m, pid_n, True, chunk * KI // S, (chunk + 1) * KI // S, S, chunk, q,
+                     a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc,
+                     q - below, pid_n, col * (TAIL * BLOCK_N), True, KI,
                      T, K, I, LDA, LDH, stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
                      SORTED, BACKWARD, GATED, HAS_BIAS, STORE_PRE, ACT, UPCAST, PRECISION, TMA, B_NK, EPI_TMA,
-                     EPI_SPLIT, True, BLOCK_M, BLOCK_N, BLOCK_K)
+                     EPI_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
         runs = True
         if TAIL > 1:
-            n_end, _, _, _, _ = _tail_plan(sw_ptr, T, I, NSM, KI, WS_UNITS, TAIL, M_POW2, N_POW2, BLOCK_M, BLOCK_N)
-            runs = pid_n < n_end
+            runs = pid_n < tl.load(plan_ptr)
         _up_tile(src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr,
-                 a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc, ws_ptr, tc_ptr,
-                 pid_m, pid_n, runs, 0, KI, 1, 0, 0,
+                 a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc,
+                 pid_m, pid_n, pid_n * BLOCK_N, runs, KI,
                  T, K, I, LDA, LDH, stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
                  SORTED, BACKWARD, GATED, HAS_BIAS, STORE_PRE, ACT, UPCAST, PRECISION, TMA, B_NK, EPI_TMA,
-                 EPI_SPLIT, False, BLOCK_M, BLOCK_N, BLOCK_K)
+                 EPI_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def _up_tile(src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr,
-             a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc, ws_ptr, tc_ptr,
-             pid_m, pid_n, runs, k_lo, k_hi, n_chunks, chunk, tile,
+             a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc,
+             pid_m, pid_n, block_on, runs, k_hi,
              T, K, I, LDA, LDH, stride_sm, stride_sk, stride_b1k, stride_b1n, stride_b2k, stride_b2n,
              SORTED: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
              STORE_PRE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
              TMA: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr, EPI_SPLIT: tl.constexpr,
-             SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One up tile (row tile ``pid_m``, N block ``pid_n``) over the K steps [k_lo, k_hi), and its epilogue.
-    SPLIT: chunk ``chunk`` of ``n_chunks`` of split tile ``tile`` (fp32 partials in the workspace, arrival counts
-    in ``tc_ptr``); the tile's last chunk to arrive finishes it."""
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One up tile (row tile ``pid_m``, N block ``pid_n`` of BLOCK_N columns) and its epilogue. ``block_on``: the
+    first column of the buffer block it belongs to (the head's N block: a tail part's block may be active while the
+    part itself lies past the tile's width; it then stores its zeros without running the K loop)."""
     DUAL: tl.constexpr = GATED and not BACKWARD  # two products (gate and up); backward has one (dA)
     t, w_row, w_tile, rows = _tile_rows(pid_m, sw_ptr, order_ptr, T, I, SORTED, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -265,8 +255,8 @@ def _up_tile(src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, h_ptr, g_ptr,
     n_in = rn < I
     # An N block past the tile's width runs no K iteration and stores nothing (every row's width is
     # <= the tile's), so it costs one load of the tile's widths.
-    active = (pid_n * BLOCK_N < w_tile) & runs
-    k_hi = tl.where(active, k_hi, k_lo)
+    active = (block_on < w_tile) & runs
+    k_hi = tl.where(active & (pid_n * BLOCK_N < w_tile), k_hi, 0)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if TMA:
@@ -275,19 +265,18 @@ def _up_tile(src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, h_ptr, g_ptr,
         # on the device where the plan asks for it: see _forward.)
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
-        for ki in range(k_lo, k_hi):
+        for ki in range(0, k_hi):
             ok = ki * BLOCK_K
             s = a_desc.load([om, ok])
             acc1 = _mma(s, _load_b(b1_desc, ok, on, B_NK), acc1, UPCAST, PRECISION)
             if DUAL:
                 acc2 = _mma(s, _load_b(b2_desc, ok, on, B_NK), acc2, UPCAST, PRECISION)
     else:
-        rk0 = k_lo * BLOCK_K + rk
-        s_ptrs = src_ptr + rows[:, None] * stride_sm + rk0[None, :] * stride_sk
-        b1_ptrs = b1_ptr + rk0[:, None] * stride_b1k + rn[None, :] * stride_b1n
-        b2_ptrs = b2_ptr + rk0[:, None] * stride_b2k + rn[None, :] * stride_b2n
+        s_ptrs = src_ptr + rows[:, None] * stride_sm + rk[None, :] * stride_sk
+        b1_ptrs = b1_ptr + rk[:, None] * stride_b1k + rn[None, :] * stride_b1n
+        b2_ptrs = b2_ptr + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
         row_in = w_row > 0
-        for ki in range(k_lo, k_hi):
+        for ki in range(0, k_hi):
             k_left = K - ki * BLOCK_K
             s = tl.load(s_ptrs, mask=row_in[:, None] & (rk[None, :] < k_left), other=0.0)
             b1 = tl.load(b1_ptrs, mask=(rk[:, None] < k_left) & n_in[None, :], other=0.0)
@@ -299,26 +288,6 @@ def _up_tile(src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, h_ptr, g_ptr,
             s_ptrs += BLOCK_K * stride_sk
             b1_ptrs += BLOCK_K * stride_b1k
 
-    if SPLIT:
-        if active & (n_chunks > 1):
-            # As the down kernel's split-K: each chunk stores its fp32 partial(s) in its workspace slot and counts
-            # itself in (acq_rel); the tile's last chunk to arrive sums the slots in chunk order (deterministic)
-            # and runs the epilogue; the others store nothing more.
-            tile_el = BLOCK_M * BLOCK_N
-            loc = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            n_acc: tl.constexpr = 2 if DUAL else 1
-            slot0 = tile * n_chunks
-            p_ws = ws_ptr + (slot0 + chunk).to(tl.int64) * (n_acc * tile_el) + loc
-            tl.store(p_ws, acc1)
-            if DUAL:
-                tl.store(p_ws + tile_el, acc2)
-            arrived = tl.atomic_add(tc_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            active = arrived == n_chunks - 1
-            # One sum at a time (registers: two accumulators and a partial at most).
-            p_ws = ws_ptr + slot0.to(tl.int64) * (n_acc * tile_el) + loc
-            acc1 = _sum_partials(p_ws, n_chunks, n_acc * tile_el, active, BLOCK_M, BLOCK_N)
-            if DUAL:
-                acc2 = _sum_partials(p_ws + tile_el, n_chunks, n_acc * tile_el, active, BLOCK_M, BLOCK_N)
     # Sorted-layout [T, LDA] buffers. Each N block that a tile runs is stored whole, zeros past each
     # row's width, so readers can mask by whole blocks (again for vector loads) and still add nothing.
     # EPI_TMA: the buffer tiles move by TMA as boxes (rows past T and columns past LDA clipped by the engine),
@@ -620,14 +589,15 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         few = T <= 384
         up = dict(BLOCK_M=64 if few else 128, BLOCK_N=256 // kdiv if few else 128, BLOCK_K=64 // kdiv, GROUP_M=8,
                   num_warps=8, num_stages=3 if few or kdiv == 2 else 4)  # fp32: halved tiles, fewer stages
-        # The last partial wave of up tiles split along K in a second launch (TAIL, _tail_plan): at 256 tokens a
-        # full-width Llama-2-7B batch is 172 tiles of 64x256 on 132 SMs, and ncu showed the SMs busy only 61% of the
-        # kernel's time (the 40 tiles past the first wave took ~75% of a wave), ~89% tensor-pipe busy while active.
-        # Before it: stream-K in the same launch (the split chunks in the kernel's own grid) was slower even where
-        # nothing split (H200, graph, Llama-2-7B uniform 0.144 ms against 0.129): ncu put the time in waiting on TMA
-        # loads (5.5k stall samples at the barrier wait against 1.8k) with its row-major tile order and a loop
-        # whose addresses left the uniform registers; here the head keeps the plain kernel's code and order.
-        up["TAIL"] = 4 if few and not INTERPRET else 0
+        # The last partial wave of up tiles cut along N into narrower tiles, in a second launch (TAIL parts per
+        # N block; _tail_prep_kernel plans it on the device): at 256 tokens a full-width Llama-2-7B batch is 172
+        # tiles of 64x256 on 132 SMs, and ncu showed the SMs busy only 61% of the kernel's time (the 40 tiles past
+        # the first wave took ~75% of a wave), ~89% tensor-pipe busy while active.
+        # Before it (benchmarks/NOTES.md): stream-K in one launch, slower even where nothing split (its tiles waited
+        # on TMA loads far longer, in a row-major order, with a loop whose addresses left the uniform registers);
+        # the tail split along K in a second launch (branch wip/tail-ksplit): its fixup (fp32 partials summed by
+        # the last chunk) took a third of the tail's time, and planning in every program cost 2-5 us a launch.
+        up["TAIL"] = 2 if few else 1
         down = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=4,
                     SPLIT_K=2 if few else 1)
         # Up to 384 tokens, token steps of 32 in the weight gradients: no register spills (ptxas: dWu+dWg 255
@@ -707,9 +677,10 @@ def _weight_desc(w: torch.Tensor, nk: bool, cfg: dict):
 
 
 def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id, backward, store_pre, cfg, sorted_,
-               tma, gated):
+               tma, gated, plan=None):
     """``B = w^T`` (``w`` stored ``[I, K]``) when ``nk`` (forward), else ``B = w`` (``[K, I]``, backward).
-    With ``tma``, ``src`` must already be in sorted order."""
+    With ``tma``, ``src`` must already be in sorted order. ``plan``: the tail split's plan (_tail_prep), where the
+    config asks for the split (``TAIL``)."""
     T, K = src.shape
     assert cfg["BLOCK_N"] * cdiv(inter, cfg["BLOCK_N"]) <= a.shape[1]
     b1 = w1.t() if nk else w1
@@ -717,56 +688,89 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
     dummy = a
     if tma == "device":
         ensure_scratch_allocator()
-    if tma == "host":
-        descs = (_desc(src, [cfg["BLOCK_M"], cfg["BLOCK_K"]]), _weight_desc(w1, nk, cfg),
-                 _weight_desc(w2 if w2 is not None else w1, nk, cfg))
-    else:
-        descs = (src, b1, b2)
-    # The buffers' tiles by TMA too (only with host descriptors: one per buffer), unless the plan says not to.
     cfg = dict(cfg)
+    # The buffers' tiles by TMA too (only with host descriptors: one per buffer), unless the plan says not to.
     epi = bool(cfg.pop("EPI_TMA", True) and tma == "host")
     # The backward's epilogue in two N halves (EPI_SPLIT, TMA buffers only): half-width boxes.
     epi_split = 2 if cfg.pop("EPI_SPLIT", 1) == 2 and epi and backward else 1
-    box = [cfg["BLOCK_M"], cfg["BLOCK_N"] // epi_split]
-    bufs = (a, h, g, dh, dg)
-    descs += tuple(_desc(b, box) if epi and b is not None else a for b in bufs)
-    # Tail split (sorted batches, _tail_plan): a head launch over the tile grid, then a tail launch of a program
-    # per K chunk of the split tiles (at most TAIL_ROUNDS waves of them), each with a workspace slot (fp32, one
-    # or two products), and an arrival count per split tile.
-    tail = cfg.pop("TAIL", 0) if sorted_ else 0
-    nsm = cfg.pop("TAIL_SMS", 0) or (_sm_count(src.device) if tail else 1)
+
+    def descs(c):
+        if tma == "host":
+            d = (_desc(src, [c["BLOCK_M"], c["BLOCK_K"]]), _weight_desc(w1, nk, c),
+                 _weight_desc(w2 if w2 is not None else w1, nk, c))
+        else:
+            d = (src, b1, b2)
+        box = [c["BLOCK_M"], c["BLOCK_N"] // epi_split]
+        return d + tuple(_desc(b, box) if epi and b is not None else a for b in (a, h, g, dh, dg))
+
+    # Tail split (sorted batches, ``plan`` from _tail_prep): the head launch over the tile grid, then a launch
+    # of a program per narrow tail tile (at most TAIL_ROUNDS waves), with its own weight and buffer boxes.
+    parts = _tail_parts(cfg.pop("TAIL", 1)) if sorted_ and plan is not None else 1
     rounds = cfg.pop("TAIL_ROUNDS", 1)
-    if tail not in (0, 2, 4, 8):
-        raise ValueError(f"TAIL must be 0, 2, 4 or 8 (the most K chunks of a split tile), got {tail}")
-    units = rounds * nsm if tail else 1
-    if tail:
-        n_acc = 2 if gated and not backward else 1
-        ws = torch.empty(units * n_acc * cfg["BLOCK_M"] * cfg["BLOCK_N"], dtype=torch.float32, device=src.device)
-        tc = torch.zeros(units, dtype=torch.int32, device=src.device)
-    else:
-        ws = tc = a
+    nsm = cfg.pop("TAIL_SMS", 0) or _sm_count(src.device)
+    cfg.pop("TAIL", None)
     args = (src, order if order is not None else sw, sw, b1, b2, bias if bias is not None else dummy,
             h if h is not None else dummy, g if g is not None else dummy, a,
-            dh if dh is not None else dummy, dg if dg is not None else dummy, *descs, ws, tc,
-            T, K, inter, a.stride(0), h.stride(0) if h is not None else a.stride(0), nsm, units,
-            src.stride(0), src.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1))
+            dh if dh is not None else dummy, dg if dg is not None else dummy)
+    tail_args = (plan if plan is not None else sw, T, K, inter, a.stride(0),
+                 h.stride(0) if h is not None else a.stride(0),
+                 src.stride(0), src.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1))
     kw = dict(SORTED=sorted_, BACKWARD=backward, GATED=gated, HAS_BIAS=bias is not None,
               STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype), PRECISION=dot_precision(src.dtype),
-              TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, EPI_TMA=epi, TAIL=tail, EPI_SPLIT=epi_split,
-              M_POW2=max(16, _pow2(cdiv(T, cfg["BLOCK_M"]))) if tail else 1,
-              N_POW2=max(16, _pow2(cdiv(inter, cfg["BLOCK_N"]))) if tail else 1, **cfg)
-    _up_kernel[_grid(T, inter, cfg)](*args, TAIL_LAUNCH=False, **kw)
-    if tail:
-        _up_kernel[(units,)](*args, TAIL_LAUNCH=True, **kw)
+              TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, EPI_TMA=epi, TAIL=parts, EPI_SPLIT=epi_split,
+              N_POW2=_tail_n_pow2(inter, cfg["BLOCK_N"]) if parts > 1 else 1)
+    hcfg = {k: v for k, v in cfg.items() if k != "TAIL_CFG"}
+    _up_kernel[_grid(T, inter, hcfg)](*args, *descs(hcfg), *tail_args, TAIL_LAUNCH=False, **kw, **hcfg)
+    if parts > 1:
+        tcfg = dict(cfg, BLOCK_N=cfg["BLOCK_N"] // parts)
+        tcfg.update(tcfg.pop("TAIL_CFG", {}))
+        _up_kernel[(rounds * nsm,)](*args, *descs(tcfg), *tail_args, TAIL_LAUNCH=True, **kw,
+                                                     **tcfg)
+
+
+def _tail_prep(sw, T: int, H: int, inter: int, plan: dict, pad: int):
+    """Where the forward's up config asks for the tail split (``TAIL`` > 1): one program plans it on the device
+    (_tail_prep_kernel) and zeroes the down launch's split-K counts in the same launch. Returns (tail plan or None,
+    zeroed counts or None)."""
+    up = plan["up"]
+    if _tail_parts(up.get("TAIL", 1)) == 1:
+        return None, None
+    n_pow2 = _tail_n_pow2(inter, up["BLOCK_N"])
+    n_cnt = _down_counts(T, H, inter, plan["down"], pad)
+    buf = torch.empty(2 + n_pow2 + n_cnt, dtype=torch.int32, device=sw.device)
+    nsm = up.get("TAIL_SMS", 0) or _sm_count(sw.device)
+    _tail_prep_kernel[(1,)](sw, buf, buf[2 + n_pow2:], n_cnt, T, inter, nsm, up.get("TAIL_ROUNDS", 1) * nsm,
+                            PARTS=up["TAIL"], M_POW2=max(16, _pow2(cdiv(T, up["BLOCK_M"]))), N_POW2=n_pow2,
+                            BLOCK_M=up["BLOCK_M"], BLOCK_N=up["BLOCK_N"], BLOCK_Z=256)
+    return buf[:2 + n_pow2], (buf[2 + n_pow2:] if n_cnt else None)
+
+
+def _tail_parts(parts: int) -> int:
+    if parts not in (0, 1, 2, 4, 8):
+        raise ValueError(f"TAIL (the up product's tail split: parts per N block) must be 0, 1, 2, 4 or 8, got {parts}")
+    return max(parts, 1)
+
+
+def _tail_n_pow2(inter: int, block_n: int) -> int:
+    """The tail plan's column vector length: a power of two above the up product's N block count."""
+    return max(16, _pow2(cdiv(inter, block_n) + 1))
 
 
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, pad, tma):
+def _down_counts(T: int, N: int, inter: int, cfg: dict, pad: int) -> int:
+    """How many split-K arrival counts the down launch needs (0: not split); as _launch_down works them out."""
+    splits = cfg.get("SPLIT_K", 1)
+    kc = cdiv(cdiv(cdiv(inter, pad) * pad, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    return _grid(T, N, cfg)[0] if cdiv(cdiv(inter, pad) * pad, kc) > 1 else 0
+
+
+def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, pad, tma, counts=None):
     """``out = a1 B1 (+ a2 B2)`` with ``B = w^T`` (``w`` stored ``[N, I]``) when ``nk`` (forward), else
-    ``B = w`` (``[I, N]``, backward), scattered to token order."""
+    ``B = w`` (``[I, N]``, backward), scattered to token order. ``counts``: zeroed split-K arrival counts
+    (_down_counts of them), where the caller has them (the tail plan's launch zeroes them)."""
     T, N = out.shape
     if a2 is not None:  # two A and two B tiles per stage: stay in shared memory
         cfg = dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 128), BLOCK_K=cfg["BLOCK_K"] // (2 if cfg["BLOCK_K"] > 64 else 1))
@@ -779,7 +783,8 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
     splits = cdiv(cdiv(inter, pad) * pad, kc)
     if splits > 1:  # fp32 partial per chunk, and an arrival count per output tile
         ws = torch.empty((splits, T, N), dtype=torch.float32, device=out.device)
-        cnt = torch.zeros(_grid(T, N, cfg)[0], dtype=torch.int32, device=out.device)
+        cnt = counts if counts is not None else torch.zeros(_grid(T, N, cfg)[0], dtype=torch.int32,
+                                                            device=out.device)
     else:
         ws = cnt = out
     if tma:
@@ -846,11 +851,12 @@ def _forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths,
     g = torch.empty_like(a) if training and gate_weight is not None else None
     # The TMA form reads x in sorted order: one gather (T x H, ~1% of the MLP's time at prefill sizes).
     src = x2.index_select(0, order) if tma else x2
+    tail_plan, counts = _tail_prep(sw, T, H, inter, plan, pad) if plan["sorted"] else (None, None)
     _launch_up(src, order, sw, up_weight, gate_weight, True, up_bias, h, g, a, None, None, inter, act_id, False,
-               training, plan["up"], plan["sorted"], tma, gate_weight is not None)
+               training, plan["up"], plan["sorted"], tma, gate_weight is not None, tail_plan)
     y = torch.empty((T, H), dtype=x.dtype, device=x.device)
     _launch_down(a, None, order, sw, down_weight, None, True, down_bias, y, inter, plan["down"], plan["sorted"], pad,
-                 tma)
+                 tma, counts)
     return y.view(x.shape), (x2, sw, order, h, g, dict(plan, tma=bool(tma)))
 
 
