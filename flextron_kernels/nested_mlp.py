@@ -597,7 +597,14 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         # on TMA loads far longer, in a row-major order, with a loop whose addresses left the uniform registers);
         # the tail split along K in a second launch (branch wip/tail-ksplit): its fixup (fp32 partials summed by
         # the last chunk) took a third of the tail's time, and planning in every program cost 2-5 us a launch.
-        up["TAIL"] = 2 if few else 1
+        # Graph-timed at 256 tokens (forward; H200): quarters in 4 warps and 4 stages (two programs per SM), up to
+        # two waves of them: Llama-2-7B all-full 0.165 -> 0.150-0.151 ms, Llama-3-8B uniform 0.179 -> 0.166; where
+        # nothing splits, 2-3 us more (the plan's launch replaces the counts' memset; the empty tail launch stays).
+        # Halves in 8 warps, 3 stages: -3 us on Llama-2-7B all-full; eighths: 0.153; K steps of 128 or 5 stages
+        # (one program per SM): 0.161-0.162 there, 0.162 on Llama-3-8B uniform. Three waves of quarters let
+        # Llama-3-8B all-full (92 tiles past the first wave) split: 0.189 against 0.181 whole.
+        if few:
+            up.update(TAIL=4, TAIL_ROUNDS=2, TAIL_CFG={"num_warps": 4, "num_stages": 4})
         down = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=4,
                     SPLIT_K=2 if few else 1)
         # Up to 384 tokens, token steps of 32 in the weight gradients: no register spills (ptxas: dWu+dWg 255
