@@ -288,11 +288,11 @@ def host_cost(H, inter, gen):
                     prof.disable()
                     torch.cuda.synchronize()
                     buf = io.StringIO()
-                    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+                    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
                     row["profile"] = buf.getvalue()[-4000:]
                 out.append(row)
                 print({k: v for k, v in row.items() if k != "profile"}, flush=True)
-                if T == 256 and name == "flextron":
+                if T in (1, 256) and name == "flextron":
                     print(row["profile"], flush=True)
     return out
 
