@@ -674,25 +674,34 @@ def _tma_ok(plan: dict, *tensors) -> str | bool:
     return "device" if plan["dev_desc"] else "host"
 
 
-def _desc(t: torch.Tensor, block: list[int]):
-    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
+def _desc(t: torch.Tensor, block: list[int], memo: dict | None = None):
+    """A host TMA descriptor over all of ``t``. ``memo``: one call's descriptors by tensor and box, so that launches
+    of one call share them (host time: each costs microseconds of Python)."""
+    if memo is None:
+        return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
+    key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(0), tuple(block))
+    d = memo.get(key)
+    if d is None:
+        d = memo[key] = TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
+    return d
 
 
-def _weight_desc(w: torch.Tensor, nk: bool, cfg: dict):
+def _weight_desc(w: torch.Tensor, nk: bool, cfg: dict, memo: dict | None = None):
     """B = w^T (w stored [N, K]) when ``nk``, else B = w (stored [K, N]); the box covers the full weight."""
-    return _desc(w, [cfg["BLOCK_N"], cfg["BLOCK_K"]] if nk else [cfg["BLOCK_K"], cfg["BLOCK_N"]])
+    return _desc(w, [cfg["BLOCK_N"], cfg["BLOCK_K"]] if nk else [cfg["BLOCK_K"], cfg["BLOCK_N"]], memo)
 
 
 def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id, backward, store_pre, cfg, sorted_,
-               tma, gated, plan=None):
+               tma, gated, plan=None, memo=None):
     """``B = w^T`` (``w`` stored ``[I, K]``) when ``nk`` (forward), else ``B = w`` (``[K, I]``, backward).
     With ``tma``, ``src`` must already be in sorted order. ``plan``: the tail split's plan (_tail_prep), where the
-    config asks for the split (``TAIL``)."""
+    config asks for the split (``TAIL``). ``memo``: descriptors shared with the call's other launches (_desc)."""
     T, K = src.shape
     assert cfg["BLOCK_N"] * cdiv(inter, cfg["BLOCK_N"]) <= a.shape[1]
     b1 = w1.t() if nk else w1
     b2 = (w2.t() if nk else w2) if w2 is not None else b1
     dummy = a
+    memo = {} if memo is None else memo
     if tma == "device":
         ensure_scratch_allocator()
     cfg = dict(cfg)
@@ -703,12 +712,12 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
 
     def descs(c):
         if tma == "host":
-            d = (_desc(src, [c["BLOCK_M"], c["BLOCK_K"]]), _weight_desc(w1, nk, c),
-                 _weight_desc(w2 if w2 is not None else w1, nk, c))
+            d = (_desc(src, [c["BLOCK_M"], c["BLOCK_K"]], memo), _weight_desc(w1, nk, c, memo),
+                 _weight_desc(w2 if w2 is not None else w1, nk, c, memo))
         else:
             d = (src, b1, b2)
         box = [c["BLOCK_M"], c["BLOCK_N"] // epi_split]
-        return d + tuple(_desc(b, box) if epi and b is not None else a for b in (a, h, g, dh, dg))
+        return d + tuple(_desc(b, box, memo) if epi and b is not None else a for b in (a, h, g, dh, dg))
 
     # Tail split (sorted batches, ``plan`` from _tail_prep): the head launch over the tile grid, then a launch
     # of a program per narrow tail tile (at most TAIL_ROUNDS waves), with its own weight and buffer boxes.
@@ -774,7 +783,7 @@ def _down_counts(T: int, N: int, inter: int, cfg: dict, pad: int) -> int:
     return _grid(T, N, cfg)[0] if cdiv(cdiv(inter, pad) * pad, kc) > 1 else 0
 
 
-def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, pad, tma, counts=None):
+def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, pad, tma, counts=None, memo=None):
     """``out = a1 B1 (+ a2 B2)`` with ``B = w^T`` (``w`` stored ``[N, I]``) when ``nk`` (forward), else
     ``B = w`` (``[I, N]``, backward), scattered to token order. ``counts``: zeroed split-K arrival counts
     (_down_counts of them), where the caller has them (the tail plan's launch zeroes them)."""
@@ -800,9 +809,10 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
         ensure_scratch_allocator()
     if tma == "host":
         box = [cfg["BLOCK_M"], cfg["BLOCK_K"]]
-        d1 = _desc(a1, box)
-        descs = (d1, _desc(a2, box) if a2 is not None else d1, _weight_desc(w1, nk, cfg),
-                 _weight_desc(w2 if w2 is not None else w1, nk, cfg))
+        memo = {} if memo is None else memo
+        d1 = _desc(a1, box, memo)
+        descs = (d1, _desc(a2, box, memo) if a2 is not None else d1, _weight_desc(w1, nk, cfg, memo),
+                 _weight_desc(w2 if w2 is not None else w1, nk, cfg, memo))
     else:
         descs = (a1, a1, b1, b2)
     _down_kernel[_grid(T, N, cfg) + (splits,)](
@@ -817,15 +827,16 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
     )
 
 
-def _launch_wgrad(a1, a2, order, sw, cnt, src, c1, c2, db, inter, cfg, sorted_, tma=False):
+def _launch_wgrad(a1, a2, order, sw, cnt, src, c1, c2, db, inter, cfg, sorted_, tma=False, memo=None):
     """``C[j, n] = sum_t A[t, j] S[t, n]`` over the tokens using neuron ``j``. With ``tma``, ``src`` must already be
     in sorted order."""
     T, N = src.shape
     c2_ = c2 if c2 is not None else c1
     if tma:
         box = [cfg["BLOCK_T"], cfg["BLOCK_J"]]
-        d1 = _desc(a1, box)
-        descs = (d1, _desc(a2, box) if a2 is not None else d1, _desc(src, [cfg["BLOCK_T"], cfg["BLOCK_N"]]))
+        memo = {} if memo is None else memo
+        d1 = _desc(a1, box, memo)
+        descs = (d1, _desc(a2, box, memo) if a2 is not None else d1, _desc(src, [cfg["BLOCK_T"], cfg["BLOCK_N"]], memo))
     else:
         descs = (a1, a1, src)
     _wgrad_kernel[_grid(inter, N, cfg, "BLOCK_J")](
@@ -859,11 +870,12 @@ def _forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths,
     # The TMA form reads x in sorted order: one gather (T x H, ~1% of the MLP's time at prefill sizes).
     src = x2.index_select(0, order) if tma else x2
     tail_plan, counts = _tail_prep(sw, T, H, inter, plan, pad) if plan["sorted"] else (None, None)
+    memo = {}  # host TMA descriptors shared by the launches
     _launch_up(src, order, sw, up_weight, gate_weight, True, up_bias, h, g, a, None, None, inter, act_id, False,
-               training, plan["up"], plan["sorted"], tma, gate_weight is not None, tail_plan)
+               training, plan["up"], plan["sorted"], tma, gate_weight is not None, tail_plan, memo)
     y = torch.empty((T, H), dtype=x.dtype, device=x.device)
     _launch_down(a, None, order, sw, down_weight, None, True, down_bias, y, inter, plan["down"], plan["sorted"], pad,
-                 tma, counts)
+                 tma, counts, memo)
     return y.view(x.shape), (x2, sw, order, h, g, dict(plan, tma=bool(tma)))
 
 
@@ -894,26 +906,27 @@ class _NestedMLP(torch.autograd.Function):
         tma = plan["tma_bwd"] and _tma_ok(plan, dy2)  # "host", "device" or False
         # dA = dy Wd[:, :w], then the activation's derivative in the epilogue (a is recomputed there).
         src = dy2.index_select(0, order) if tma else dy2
+        memo = {}  # host TMA descriptors shared by the launches
         _launch_up(src, order, sw, down_w, None, False, None, h, g, a, dh, dg, inter, ctx.act_id, True, False,
-                   up_cfg, srt, tma, gate_w is not None)
+                   up_cfg, srt, tma, gate_w is not None, memo=memo)
         dx = dup = ddown = dgate = dub = ddb = None
         if need[0]:
             dx = torch.empty((T, H), dtype=x2.dtype, device=x2.device)
             _launch_down(dh, dg, order, sw, up_w, gate_w, False, None, dx, inter, plan["down"], srt,
-                         plan["up"]["BLOCK_N"], tma)
+                         plan["up"]["BLOCK_N"], tma, memo=memo)
             dx = dx.view(ctx.x_shape)
         cnt = wider_counts(sw, inter) if srt else None
         if need[2]:
             ddown = torch.empty(down_w.shape, dtype=down_w.dtype, device=down_w.device)
             # Written as dWd^T[j, n] through strides, so the token loop runs along the neuron axis.
             # The TMA form reads dy in sorted order: the gather made for dA above.
-            _launch_wgrad(a, None, order, sw, cnt, src, ddown.t(), None, None, inter, plan["wgrad"], srt, tma)
+            _launch_wgrad(a, None, order, sw, cnt, src, ddown.t(), None, None, inter, plan["wgrad"], srt, tma, memo)
         if need[1] or need[3] or need[4]:
             dup = torch.empty(up_w.shape, dtype=up_w.dtype, device=up_w.device)
             dgate = torch.empty(gate_w.shape, dtype=gate_w.dtype, device=gate_w.device) if gate_w is not None else None
             dub = torch.empty(inter, dtype=up_w.dtype, device=up_w.device) if up_b is not None else None
             xs = x2.index_select(0, order) if tma else x2
-            _launch_wgrad(dh, dg, order, sw, cnt, xs, dup, dgate, dub, inter, plan["wgrad"], srt, tma)
+            _launch_wgrad(dh, dg, order, sw, cnt, xs, dup, dgate, dub, inter, plan["wgrad"], srt, tma, memo)
         if ctx.has_down_bias and need[5]:
             ddb = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
         return dx, dup, ddown, dgate, dub, ddb, None, None
