@@ -334,6 +334,7 @@ EXPLORE = {
     "tail4_k128": {"up": {"TAIL": 4, "TAIL_ROUNDS": 2, "TAIL_CFG": {"num_warps": 4, "num_stages": 3, "BLOCK_K": 128}}},
     "tail4_w4_s5": {"up": {"TAIL": 4, "TAIL_ROUNDS": 2, "TAIL_CFG": {"num_warps": 4, "num_stages": 5}}},
     "tail2_w4_s4": {"up": {"TAIL": 2, "TAIL_ROUNDS": 2, "TAIL_CFG": {"num_warps": 4, "num_stages": 4}}},
+    "tail2_w4_s3": {"up": {"TAIL": 2, "TAIL_ROUNDS": 2, "TAIL_CFG": {"num_warps": 4, "num_stages": 3}}},
     "bwd_up_s3": {"up_bwd": {"num_stages": 3}},
     "bwd_up_w4": {"up_bwd": {"num_warps": 4}},
     "bwd_up_s4": {"up_bwd": {"num_stages": 4}},
