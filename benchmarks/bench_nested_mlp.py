@@ -324,7 +324,6 @@ EXPLORE = {
     "bwd_tma": {"tma_bwd": True},  # the backward's up, down and weight-gradient tiles by TMA below 1025 tokens
     "bwd_tma_s4": {"tma_bwd": True, "up_bwd": {"num_stages": 4}},
     "tail0": {"up": {"TAIL": 1}},  # no tail split of the up product (one launch)
-    "tail_fwd": {"up_bwd": {"TAIL": 1}},  # the tail split in the forward only (dA runs whole)
     "tail4": {"up": {"TAIL": 4}},
     "tail2_s4": {"up": {"TAIL": 2, "TAIL_CFG": {"num_stages": 4}}},
     "tail4_w4": {"up": {"TAIL": 4, "TAIL_ROUNDS": 2, "TAIL_CFG": {"num_warps": 4, "num_stages": 4}}},

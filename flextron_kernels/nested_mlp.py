@@ -876,7 +876,7 @@ def _forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths,
     y = torch.empty((T, H), dtype=x.dtype, device=x.device)
     _launch_down(a, None, order, sw, down_weight, None, True, down_bias, y, inter, plan["down"], plan["sorted"], pad,
                  tma, counts, memo)
-    return y.view(x.shape), (x2, sw, order, h, g, dict(plan, tma=bool(tma), tail_plan=tail_plan))
+    return y.view(x.shape), (x2, sw, order, h, g, dict(plan, tma=bool(tma)))
 
 
 class _NestedMLP(torch.autograd.Function):
@@ -900,8 +900,6 @@ class _NestedMLP(torch.autograd.Function):
         # The backward's buffers are as wide as its own up kernel's N blocks need (a multiple of the forward's).
         up_cfg = _up_bwd_cfg(plan)
         bn = up_cfg["BLOCK_N"]
-        # dA's tiles are the forward up product's where their blocks agree: its tail split plan holds for them too.
-        same_tiles = bn == plan["up"]["BLOCK_N"]
         dh = torch.empty((T, cdiv(inter, bn) * bn), dtype=h.dtype, device=h.device)
         dg = torch.empty_like(dh) if gate_w is not None else None
         a = torch.empty_like(dh)
@@ -910,7 +908,7 @@ class _NestedMLP(torch.autograd.Function):
         src = dy2.index_select(0, order) if tma else dy2
         memo = {}  # host TMA descriptors shared by the launches
         _launch_up(src, order, sw, down_w, None, False, None, h, g, a, dh, dg, inter, ctx.act_id, True, False,
-                   up_cfg, srt, tma, gate_w is not None, plan["tail_plan"] if same_tiles else None, memo)
+                   up_cfg, srt, tma, gate_w is not None, memo=memo)
         dx = dup = ddown = dgate = dub = ddb = None
         if need[0]:
             dx = torch.empty((T, H), dtype=x2.dtype, device=x2.device)
