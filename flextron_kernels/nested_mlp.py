@@ -22,6 +22,9 @@ Kernels (all fp32 accumulation, weights read through their strides, never copied
 - ``_down_kernel``    ``A[T, :w_tile] @ B[:w_tile, N]`` with the K loop ending at the tile's width and rows
   masked to their own width, + bias, scattered back to token order. Forward ``y = a Wd^T``; backward
   ``dx = dh Wu + dg Wg``.
+- ``_tail_prep_kernel`` (up to 384 tokens) plans, on the device, which up tiles run past the last whole wave of
+  the chip; the up kernel's second launch runs those cut along N into narrower tiles, so the partial wave ends
+  sooner (a full-width 256-token batch is 1.3 waves of up tiles on an H200).
 - ``_wgrad_kernel``   ``C[j, n] = sum_t A[t, j] S[t, n]`` over the tokens using neuron ``j``. Sorted by width
   descending, those are a prefix of the order, so the token loop of a ``BLOCK_J`` block ends at the count
   of tokens wider than its first neuron. Neurons no token uses come out as exact zeros.
