@@ -347,6 +347,12 @@ EXPLORE = {
     "wgrad_j64": {"wgrad": {"BLOCK_J": 64}},
     "wgrad_t32": {"wgrad": {"BLOCK_T": 32}},
     "bwd_nospill": {"down": {"num_warps": 8}, "wgrad": {"BLOCK_T": 32}},
+    # Weight gradients at 256 tokens: with the plan's 128x128 tiles in 8 warps, ptxas gives 183 / 255 registers (dWd /
+    # dWu+dWg): one program per SM, so a tile's 8-step K loop and its store never overlap another tile's. These give
+    # two programs per SM (ptxas for sm_90 on the CPU, benchmarks/kernel_regs.py; not yet timed on a GPU):
+    "wgrad_j64_w4": {"wgrad": {"BLOCK_J": 64, "num_warps": 4}},  # 254 / 255 registers of 128 threads, no spills
+    "wgrad_j64_w4_s2": {"wgrad": {"BLOCK_J": 64, "num_warps": 4, "num_stages": 2}},
+    "wgrad_64x64_w4": {"wgrad": {"BLOCK_J": 64, "BLOCK_N": 64, "num_warps": 4}},  # 128 / 220 registers, no spills
 }
 
 
