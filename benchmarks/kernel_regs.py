@@ -63,7 +63,7 @@ def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True
     ``_plan`` with ``changes`` (``{"up": {...}, ...}``) would launch it: SwiGLU, bf16, a sorted batch of T tokens,
     host TMA descriptors where the plan takes them; nothing runs. Returns (launch, ptxas report) per launch."""
     launches = []
-    real = {name: getattr(NM, name) for name in ("_up_kernel", "_down_kernel", "_wgrad_kernel", "_tail_prep_kernel")}
+    real = {name: getattr(NM, name) for name in ("_up_kernel", "_down_kernel", "_wgrad_kernel", "_route_kernel")}
 
     class Capture:
         def __init__(self, name):
@@ -76,7 +76,7 @@ def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True
     real_plan = NM._plan
     dt = torch.bfloat16
 
-    def routing(widths, sort):  # CPU stand-ins: routing is its own kernel, not reported here
+    def routing(widths, sort):  # CPU stand-ins above the routing launch's token limit (index_select, torch.sort)
         return widths.to(torch.int32), torch.arange(widths.numel())
     try:
         for name in real:
@@ -103,8 +103,8 @@ def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True
 def _tag(name: str, kw: dict) -> str:
     """The launch's name in the report: up, up tail (the tail split's second launch), down; (dA) and (dx) in the
     backward; dWd, dWu+dWg for the weight gradients."""
-    if name == "_tail_prep_kernel":
-        return "tail plan"
+    if name == "_route_kernel":
+        return "route" if kw["RANK"] else "tail plan"
     if name == "_wgrad_kernel":
         return "dWu+dWg" if kw["HAS_DB"] or kw["DUAL"] else "dWd"
     if name == "_up_kernel":

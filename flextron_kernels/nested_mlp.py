@@ -22,15 +22,18 @@ Kernels (all fp32 accumulation, weights read through their strides, never copied
 - ``_down_kernel``    ``A[T, :w_tile] @ B[:w_tile, N]`` with the K loop ending at the tile's width and rows
   masked to their own width, + bias, scattered back to token order. Forward ``y = a Wd^T``; backward
   ``dx = dh Wu + dg Wg``.
-- ``_tail_prep_kernel`` (up to 384 tokens) plans, on the device, which up tiles run past the last whole wave of
-  the chip; the up kernel's second launch runs those cut along N into narrower tiles, so the partial wave ends
-  sooner (a full-width 256-token batch is 1.3 waves of up tiles on an H200).
+- ``_route_kernel``   (sorted batches up to 1024 tokens) the routing in one launch: ranks the tokens, gathers
+  ``x`` into sorted order for the TMA form, zeroes the down product's split-K counts and (up to 384 tokens)
+  plans which up tiles run past the last whole wave of the chip; the up kernel's second launch runs those cut
+  along N into narrower tiles, so the partial wave ends sooner (a full-width 256-token batch is 1.3 waves of up
+  tiles on an H200).
 - ``_wgrad_kernel``   ``C[j, n] = sum_t A[t, j] S[t, n]`` over the tokens using neuron ``j``. Sorted by width
   descending, those are a prefix of the order, so the token loop of a ``BLOCK_J`` block ends at the count
   of tokens wider than its first neuron. Neurons no token uses come out as exact zeros.
 
 On Hopper (and under the interpreter) the sorted path's up and down products move every tile by TMA: the
-source rows are gathered once into sorted order (``index_select``, ~1% of the MLP's time at prefill sizes), so a
+source rows are gathered once into sorted order (by the routing launch, or ``index_select`` above 1024 tokens:
+~1% of the MLP's time at prefill sizes), so a
 row tile is a plain box, and each weight is a descriptor over its full tensor whose boxes past ``I`` read zeros.
 The descriptors come from the host; a plan may ask for them to be built in the kernel instead (``dev_desc``:
 ``tl.make_tensor_descriptor``, scratch from torch's allocator), which measured slower on the GPU.
@@ -44,6 +47,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._runtime import (
     INTERPRET,
@@ -58,7 +62,7 @@ from ._runtime import (
     use_triton,
 )
 from .reference import ACTIVATIONS, nested_mlp_ref
-from .routing import nested_mlp_routing, wider_counts
+from .routing import nested_mlp_routing, rank_count, wider_counts
 from .sliced_linear import TensorDescriptor, _aligned, _tma_sms
 
 _ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2, relu 3
@@ -108,41 +112,83 @@ def _tile_rows(pid_m, sw_ptr, order_ptr, T, I, SORTED: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
-def _tail_prep_kernel(sw_ptr, plan_ptr, zero_ptr, n_zero, T, I, NSM, MAX_UNITS, PARTS: tl.constexpr,
-                      M_POW2: tl.constexpr, N_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_Z: tl.constexpr):
-    """The up product's tail split (sorted batches), planned once per call by one program, which also zeroes
-    ``n_zero`` int32 counts at ``zero_ptr`` (the down product's split-K arrivals: one launch for both).
+def _pdl_enter(PDL: tl.constexpr):
+    """Programmatic dependent launch (Hopper; ``launch_pdl``): the grid may start while the previous kernel still
+    runs, so wait for its results here, before any memory access; then let the next launch start its programs
+    (they wait likewise) once all of this grid's are running. The launch gap in between is hidden."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
-    Active tiles (N block ``c`` of row tile ``r`` below the row tile's width, its first row's) are ranked column
-    by column, as the swizzled grid runs them (all row tiles of an N block share its weights through L2); rows are
-    sorted by width descending, so the active row tiles of a column are its first ``col_cnt[c]``. The head launch
-    runs the columns below ``n_end`` whole: the most whole columns that fit in the whole waves of NSM programs. The
-    tiles past them (they would cost one more whole wave) run in the tail launch, each cut along N into PARTS
-    narrower tiles, where that costs fewer waves, ceil(tail PARTS / NSM) / PARTS against ceil(tail / NSM), and
-    the tail launch has programs for them (MAX_UNITS); otherwise every tile runs in the head. Writes
-    ``plan_ptr[0] = n_end``, ``plan_ptr[1]`` = the tail launch's programs with work, and ``plan_ptr[2 + c]`` =
+
+@triton.jit
+def _route_kernel(w_ptr, x_ptr, xs_ptr, sw_ptr, order_ptr, plan_ptr, zero_ptr, n_zero, T, H, I, stride_xt, stride_xh,
+                  stride_xs, H_CHUNK, NSM, MAX_UNITS, RANK: tl.constexpr, GATHER: tl.constexpr, PLAN: tl.constexpr,
+                  PARTS: tl.constexpr, N_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Z: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    """A sorted batch's routing in one launch (up to ``_ROUTE_MAX_T`` tokens; at 256 tokens the three launches it
+    replaces took 9.3 us of GPU time on an H200, and a graph pays a gap between any two launches):
+
+    - RANK: program ``(i, j)`` ranks the tokens of block ``i`` by counting over all T (routing.rank_count; every
+      ``j`` counts the same, cheaply); the ``j = 0`` programs scatter ``order`` and the sorted widths;
+    - GATHER: program ``(i, j)`` copies columns ``[j H_CHUNK, (j + 1) H_CHUNK)`` of its tokens' rows of ``x`` to their
+      ranks in ``xs`` (the TMA form's source in sorted order);
+    - program (0, 0): with PLAN, the up product's tail split; and it zeroes ``n_zero`` int32 counts at ``zero_ptr``
+      (the down product's split-K arrivals: no memset launch).
+
+    The tail plan: active tiles (N block ``c`` of row tile ``r`` below the row tile's width, its first row's) are
+    ranked column by column, as the swizzled grid runs them (all row tiles of an N block share its weights through
+    L2). Rows are sorted by width descending, so the active row tiles of column ``c`` are the first
+    ``cdiv(#{t: w_t > c BLOCK_N}, BLOCK_M)``: a count over the widths in any order, so the plan needs no sorted
+    output. The head launch runs the columns below ``n_end`` whole: the most whole columns that fit in the whole
+    waves of NSM programs. The tiles past them (they would cost one more whole wave) run in the tail launch, each
+    cut along N into PARTS narrower tiles, where that costs fewer waves, ceil(tail PARTS / NSM) / PARTS against
+    ceil(tail / NSM), and the tail launch has programs for them (MAX_UNITS); otherwise every tile runs in the head.
+    Writes ``plan_ptr[0] = n_end``, ``plan_ptr[1]`` = the tail launch's programs with work, and ``plan_ptr[2 + c]`` =
     the tail's tiles in columns up to ``c``."""
-    num_m = tl.cdiv(T, BLOCK_M)
-    mm = tl.arange(0, M_POW2)
-    cc = tl.arange(0, N_POW2)
-    wm = tl.load(sw_ptr + mm * BLOCK_M, mask=mm < num_m, other=0)
-    nb = tl.cdiv(tl.minimum(tl.maximum(wm, 0), I).to(tl.int32), BLOCK_N)  # active N blocks per row tile
-    col_cnt = tl.sum((nb[:, None] > cc[None, :]).to(tl.int32), 0)  # active row tiles per N block
-    upto = tl.cumsum(col_cnt, 0)
-    total = tl.sum(col_cnt, 0)
-    whole = (total // NSM) * NSM
-    n_end = tl.sum((upto <= whole).to(tl.int32), 0)
-    tail = total - tl.sum(tl.where(cc < n_end, col_cnt, 0), 0)
-    split = (tl.cdiv(tail * PARTS, NSM) < PARTS * tl.cdiv(tail, NSM)) & (tail * PARTS <= MAX_UNITS)
-    n_end = tl.where(split, n_end, N_POW2)
-    tail_cnt = tl.where(cc >= n_end, col_cnt, 0)
-    tl.store(plan_ptr, n_end)
-    tl.store(plan_ptr + 1, tl.where(split, tail * PARTS, 0))
-    tl.store(plan_ptr + 2 + cc, tl.cumsum(tail_cnt, 0))
-    for z in range(0, n_zero, BLOCK_Z):
-        zz = z + tl.arange(0, BLOCK_Z)
-        tl.store(zero_ptr + zz, tl.zeros((BLOCK_Z,), dtype=tl.int32), mask=zz < n_zero)
+    _pdl_enter(PDL)
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    if RANK:
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_in = t < T
+        wt = tl.load(w_ptr + t, mask=t_in, other=0)
+        rank = rank_count(w_ptr, t, wt, 0, T, BLOCK_T, BLOCK_U)
+        if pid_h == 0:
+            tl.store(order_ptr + rank, t.to(order_ptr.dtype.element_ty), mask=t_in)
+            tl.store(sw_ptr + rank, wt, mask=t_in)
+        if GATHER:  # H_CHUNK is a multiple of BLOCK_H
+            src = x_ptr + t.to(tl.int64)[:, None] * stride_xt
+            dst = xs_ptr + rank.to(tl.int64)[:, None] * stride_xs
+            for h0 in range(pid_h * H_CHUNK, tl.minimum(pid_h * H_CHUNK + H_CHUNK, H), BLOCK_H):
+                hh = h0 + tl.arange(0, BLOCK_H)
+                m = t_in[:, None] & (hh < H)[None, :]
+                tl.store(dst + hh[None, :], tl.load(src + hh[None, :].to(tl.int64) * stride_xh, mask=m), mask=m)
+    if (pid_t == 0) & (pid_h == 0):
+        if PLAN:
+            cc = tl.arange(0, N_POW2)
+            wider = tl.zeros((N_POW2,), dtype=tl.int32)  # tokens wider than c BLOCK_N
+            for u0 in range(0, T, BLOCK_U):
+                u = u0 + tl.arange(0, BLOCK_U)
+                # Clamped as the kernels clamp (_tile_rows); tokens past T count as width 0.
+                wu = tl.minimum(tl.maximum(tl.load(w_ptr + u, mask=u < T, other=0), 0), I).to(tl.int32)
+                wider += tl.sum((wu[:, None] > cc[None, :] * BLOCK_N).to(tl.int32), 0)
+            col_cnt = tl.cdiv(wider, BLOCK_M)  # active row tiles per N block
+            upto = tl.cumsum(col_cnt, 0)
+            total = tl.sum(col_cnt, 0)
+            whole = (total // NSM) * NSM
+            n_end = tl.sum((upto <= whole).to(tl.int32), 0)
+            tail = total - tl.sum(tl.where(cc < n_end, col_cnt, 0), 0)
+            split = (tl.cdiv(tail * PARTS, NSM) < PARTS * tl.cdiv(tail, NSM)) & (tail * PARTS <= MAX_UNITS)
+            n_end = tl.where(split, n_end, N_POW2)
+            tail_cnt = tl.where(cc >= n_end, col_cnt, 0)
+            tl.store(plan_ptr, n_end)
+            tl.store(plan_ptr + 1, tl.where(split, tail * PARTS, 0))
+            tl.store(plan_ptr + 2 + cc, tl.cumsum(tail_cnt, 0))
+        for z in range(0, n_zero, BLOCK_Z):
+            zz = z + tl.arange(0, BLOCK_Z)
+            tl.store(zero_ptr + zz, tl.zeros((BLOCK_Z,), dtype=tl.int32), mask=zz < n_zero)
 
 
 @triton.jit
@@ -195,12 +241,14 @@ def _up_kernel(
     TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr, TAIL: tl.constexpr,
     TAIL_LAUNCH: tl.constexpr, N_POW2: tl.constexpr, EPI_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """TAIL = 1: one launch over the swizzled tile grid. TAIL = PARTS > 1 (sorted batches, planned by
-    _tail_prep_kernel into ``plan_ptr``): the head launch (TAIL_LAUNCH False) runs the tile grid's N blocks below
+    _route_kernel into ``plan_ptr``): the head launch (TAIL_LAUNCH False) runs the tile grid's N blocks below
     the plan's ``n_end`` as usual; the tail launch runs the rest, each N block of the head's width cut into PARTS
     tiles of BLOCK_N (its own, narrower) columns, one per program: no partial sums, every part of an active block
     stored (zeros past each row's width), as readers expect whole head-width blocks."""
+    _pdl_enter(PDL)
     KI = tl.cdiv(K, BLOCK_K)
     if DEV_DESC:
         a_desc = tl.make_tensor_descriptor(src_ptr, [T, K], [stride_sm, 1], [BLOCK_M, BLOCK_K])
@@ -390,7 +438,9 @@ def _down_kernel(
     PRECISION: tl.constexpr, PAD: tl.constexpr, TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    _pdl_enter(PDL)
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     t, w_row, w_tile, rows = _tile_rows(pid_m, sw_ptr, order_ptr, T, I, SORTED, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -492,7 +542,9 @@ def _wgrad_kernel(
     SORTED: tl.constexpr, DUAL: tl.constexpr, HAS_DB: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    _pdl_enter(PDL)
     pid_j, pid_n = _swizzle(tl.program_id(0), tl.cdiv(I, BLOCK_J), tl.cdiv(N, BLOCK_N), GROUP_M)
     rj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -593,7 +645,7 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         up = dict(BLOCK_M=64 if few else 128, BLOCK_N=256 // kdiv if few else 128, BLOCK_K=64 // kdiv, GROUP_M=8,
                   num_warps=8, num_stages=3 if few or kdiv == 2 else 4)  # fp32: halved tiles, fewer stages
         # The last partial wave of up tiles cut along N into narrower tiles, in a second launch (TAIL parts per
-        # N block; _tail_prep_kernel plans it on the device): at 256 tokens a full-width Llama-2-7B batch is 172
+        # N block; _route_kernel plans it on the device): at 256 tokens a full-width Llama-2-7B batch is 172
         # tiles of 64x256 on 132 SMs, and ncu showed the SMs busy only 61% of the kernel's time (the 40 tiles past
         # the first wave took ~75% of a wave), ~89% tensor-pipe busy while active.
         # Before it (benchmarks/NOTES.md): stream-K in one launch, slower even where nothing split (its tiles waited
@@ -677,6 +729,12 @@ def _tma_ok(plan: dict, *tensors) -> str | bool:
     return "device" if plan["dev_desc"] else "host"
 
 
+def _pdl(plan: dict, tma) -> dict:
+    """Launch options and constexpr for programmatic dependent launch (_pdl_enter), where the plan asks for it: the
+    TMA forms only (Hopper), never under the interpreter."""
+    return {"PDL": True, "launch_pdl": True} if plan.get("pdl") and tma and not INTERPRET else {}
+
+
 def _desc(t: torch.Tensor, block: list[int], memo: dict | None = None):
     """A host TMA descriptor over all of ``t``. ``memo``: one call's descriptors by tensor and box, so that launches
     of one call share them (host time: each costs microseconds of Python)."""
@@ -697,7 +755,7 @@ def _weight_desc(w: torch.Tensor, nk: bool, cfg: dict, memo: dict | None = None)
 def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id, backward, store_pre, cfg, sorted_,
                tma, gated, plan=None, memo=None):
     """``B = w^T`` (``w`` stored ``[I, K]``) when ``nk`` (forward), else ``B = w`` (``[K, I]``, backward).
-    With ``tma``, ``src`` must already be in sorted order. ``plan``: the tail split's plan (_tail_prep), where the
+    With ``tma``, ``src`` must already be in sorted order. ``plan``: the tail split's plan (_route), where the
     config asks for the split (``TAIL``). ``memo``: descriptors shared with the call's other launches (_desc)."""
     T, K = src.shape
     assert cfg["BLOCK_N"] * cdiv(inter, cfg["BLOCK_N"]) <= a.shape[1]
@@ -722,7 +780,7 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
         box = [c["BLOCK_M"], c["BLOCK_N"] // epi_split]
         return d + tuple(_desc(b, box, memo) if epi and b is not None else a for b in (a, h, g, dh, dg))
 
-    # Tail split (sorted batches, ``plan`` from _tail_prep): the head launch over the tile grid, then a launch
+    # Tail split (sorted batches, ``plan`` from _route): the head launch over the tile grid, then a launch
     # of a program per narrow tail tile (at most TAIL_ROUNDS waves), with its own weight and buffer boxes.
     parts = _tail_parts(cfg.pop("TAIL", 1)) if sorted_ and plan is not None else 1
     rounds = cfg.pop("TAIL_ROUNDS", 1)
@@ -747,21 +805,54 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
                                                      **tcfg)
 
 
-def _tail_prep(sw, T: int, H: int, inter: int, plan: dict, pad: int):
-    """Where the forward's up config asks for the tail split (``TAIL`` > 1): one program plans it on the device
-    (_tail_prep_kernel) and zeroes the down launch's split-K counts in the same launch. Returns (tail plan or None,
-    zeroed counts or None)."""
+# Up to this many tokens a sorted batch's routing is one launch (_route_kernel): each program counts over every
+# token (routing's count kernel splits that count over programs from _RANK_CHUNK tokens on the GPU).
+_ROUTE_MAX_T = 1024
+
+
+def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, pdl: dict | None = None):
+    """``(sorted widths, order, src, tail plan, counts)``: the routing of one call. ``src`` is what the up product
+    reads: ``x`` in sorted order for the TMA form, else ``x2`` itself. ``tail plan``: where the up config asks for
+    the tail split (``TAIL`` > 1), its plan (_route_kernel), else None. ``counts``: the down launch's split-K
+    arrival counts, zeroed, where this launch zeroes them (else None: the down launch zeroes its own).
+
+    Sorted batches up to _ROUTE_MAX_T tokens: one launch does it all (rank, gather, plan, counts). Above: the
+    routing's sort (nested_mlp_routing), ``index_select`` for the gather, and a one-program launch for the plan."""
+    T, H = x2.shape
+    if not plan["sorted"]:
+        sw, order = nested_mlp_routing(widths, False)
+        return sw, order, x2, None, None
     up = plan["up"]
-    if _tail_parts(up.get("TAIL", 1)) == 1:
-        return None, None
-    n_pow2 = _tail_n_pow2(inter, up["BLOCK_N"])
-    n_cnt = _down_counts(T, H, inter, plan["down"], pad)
-    buf = torch.empty(2 + n_pow2 + n_cnt, dtype=torch.int32, device=sw.device)
-    nsm = up.get("TAIL_SMS", 0) or _sm_count(sw.device)
-    _tail_prep_kernel[(1,)](sw, buf, buf[2 + n_pow2:], n_cnt, T, inter, nsm, up.get("TAIL_ROUNDS", 1) * nsm,
-                            PARTS=up["TAIL"], M_POW2=max(16, _pow2(cdiv(T, up["BLOCK_M"]))), N_POW2=n_pow2,
-                            BLOCK_M=up["BLOCK_M"], BLOCK_N=up["BLOCK_N"], BLOCK_Z=256)
-    return buf[:2 + n_pow2], (buf[2 + n_pow2:] if n_cnt else None)
+    pad = up["BLOCK_N"]
+    parts = _tail_parts(up.get("TAIL", 1))
+    fused = T <= _ROUTE_MAX_T
+    n_pow2 = _tail_n_pow2(inter, pad) if parts > 1 else 1
+    n_cnt = _down_counts(T, H, inter, plan["down"], pad) if fused or parts > 1 else 0
+    if not (fused or parts > 1):
+        sw, order = nested_mlp_routing(widths)
+        return sw, order, x2.index_select(0, order) if tma else x2, None, None
+    buf = torch.empty(2 + n_pow2 + n_cnt, dtype=torch.int32, device=x2.device)
+    nsm = up.get("TAIL_SMS", 0) or _sm_count(x2.device)
+    bt, bu, bh = (32, 32, 64) if INTERPRET else (64, 128, 128)
+    if fused:
+        w = widths.reshape(-1).contiguous()
+        sw = torch.empty_like(w)
+        order = torch.empty(T, dtype=torch.int64, device=w.device)
+        src = torch.empty((T, H), dtype=x2.dtype, device=x2.device) if tma else x2
+        # Column chunks: about two programs per SM in all (each counts over T tokens again, a few us at most).
+        n_h = max(1, min(cdiv(H, bh), cdiv(2 * nsm, cdiv(T, bt)))) if tma else 1
+        chunk = cdiv(cdiv(H, n_h), bh) * bh
+        grid = (cdiv(T, bt), cdiv(H, chunk))
+    else:
+        sw, order = nested_mlp_routing(widths)
+        src = x2.index_select(0, order) if tma else x2
+        w, chunk, grid = sw, 0, (1, 1)  # the plan only
+    _route_kernel[grid](w, x2, src, sw, order, buf, buf[2 + n_pow2:], n_cnt, T, H, inter, x2.stride(0), x2.stride(1),
+                        src.stride(0), chunk, nsm, up.get("TAIL_ROUNDS", 1) * nsm,
+                        RANK=fused, GATHER=fused and bool(tma), PLAN=parts > 1, PARTS=parts, N_POW2=n_pow2,
+                        BLOCK_M=up["BLOCK_M"], BLOCK_N=pad, BLOCK_T=bt, BLOCK_U=bu, BLOCK_H=bh, BLOCK_Z=256,
+                        num_warps=4, **(pdl or {}))
+    return sw, order, src, buf[:2 + n_pow2] if parts > 1 else None, buf[2 + n_pow2:] if n_cnt else None
 
 
 def _tail_parts(parts: int) -> int:
@@ -862,23 +953,22 @@ def _forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths,
     x2 = x.reshape(-1, H)
     T = x2.shape[0]
     plan = _plan(T, x.dtype)
-    sw, order = nested_mlp_routing(widths, plan["sorted"])
     tma = _tma_ok(plan, x2, up_weight, down_weight, gate_weight)
+    # The TMA form reads x in sorted order: gathered by the routing (T x H, ~1% of the MLP's time at prefill sizes).
+    pdl = _pdl(plan, tma)
+    sw, order, src, tail_plan, counts = _route(x2, widths, inter, plan, tma, pdl)
     # Sorted-layout intermediates [T, I rounded up to the up kernel's N block]; a row tile's blocks up to
     # its width are written (zeros past each row's own width), the rest is never read.
     pad = plan["up"]["BLOCK_N"]
     a = torch.empty((T, cdiv(inter, pad) * pad), dtype=x.dtype, device=x.device)
     h = torch.empty_like(a) if training else None
     g = torch.empty_like(a) if training and gate_weight is not None else None
-    # The TMA form reads x in sorted order: one gather (T x H, ~1% of the MLP's time at prefill sizes).
-    src = x2.index_select(0, order) if tma else x2
-    tail_plan, counts = _tail_prep(sw, T, H, inter, plan, pad) if plan["sorted"] else (None, None)
     memo = {}  # host TMA descriptors shared by the launches
     _launch_up(src, order, sw, up_weight, gate_weight, True, up_bias, h, g, a, None, None, inter, act_id, False,
-               training, plan["up"], plan["sorted"], tma, gate_weight is not None, tail_plan, memo)
+               training, dict(plan["up"], **pdl), plan["sorted"], tma, gate_weight is not None, tail_plan, memo)
     y = torch.empty((T, H), dtype=x.dtype, device=x.device)
-    _launch_down(a, None, order, sw, down_weight, None, True, down_bias, y, inter, plan["down"], plan["sorted"], pad,
-                 tma, counts, memo)
+    _launch_down(a, None, order, sw, down_weight, None, True, down_bias, y, inter, dict(plan["down"], **pdl),
+                 plan["sorted"], pad, tma, counts, memo)
     return y.view(x.shape), (x2, sw, order, h, g, dict(plan, tma=bool(tma)))
 
 
@@ -907,15 +997,16 @@ class _NestedMLP(torch.autograd.Function):
         dg = torch.empty_like(dh) if gate_w is not None else None
         a = torch.empty_like(dh)
         tma = plan["tma_bwd"] and _tma_ok(plan, dy2)  # "host", "device" or False
+        pdl = _pdl(plan, tma)
         # dA = dy Wd[:, :w], then the activation's derivative in the epilogue (a is recomputed there).
         src = dy2.index_select(0, order) if tma else dy2
         memo = {}  # host TMA descriptors shared by the launches
         _launch_up(src, order, sw, down_w, None, False, None, h, g, a, dh, dg, inter, ctx.act_id, True, False,
-                   up_cfg, srt, tma, gate_w is not None, memo=memo)
+                   dict(up_cfg, **pdl), srt, tma, gate_w is not None, memo=memo)
         dx = dup = ddown = dgate = dub = ddb = None
         if need[0]:
             dx = torch.empty((T, H), dtype=x2.dtype, device=x2.device)
-            _launch_down(dh, dg, order, sw, up_w, gate_w, False, None, dx, inter, plan["down"], srt,
+            _launch_down(dh, dg, order, sw, up_w, gate_w, False, None, dx, inter, dict(plan["down"], **pdl), srt,
                          plan["up"]["BLOCK_N"], tma, memo=memo)
             dx = dx.view(ctx.x_shape)
         cnt = wider_counts(sw, inter) if srt else None
@@ -923,13 +1014,15 @@ class _NestedMLP(torch.autograd.Function):
             ddown = torch.empty(down_w.shape, dtype=down_w.dtype, device=down_w.device)
             # Written as dWd^T[j, n] through strides, so the token loop runs along the neuron axis.
             # The TMA form reads dy in sorted order: the gather made for dA above.
-            _launch_wgrad(a, None, order, sw, cnt, src, ddown.t(), None, None, inter, plan["wgrad"], srt, tma, memo)
+            _launch_wgrad(a, None, order, sw, cnt, src, ddown.t(), None, None, inter, dict(plan["wgrad"], **pdl), srt,
+                          tma, memo)
         if need[1] or need[3] or need[4]:
             dup = torch.empty(up_w.shape, dtype=up_w.dtype, device=up_w.device)
             dgate = torch.empty(gate_w.shape, dtype=gate_w.dtype, device=gate_w.device) if gate_w is not None else None
             dub = torch.empty(inter, dtype=up_w.dtype, device=up_w.device) if up_b is not None else None
             xs = x2.index_select(0, order) if tma else x2
-            _launch_wgrad(dh, dg, order, sw, cnt, xs, dup, dgate, dub, inter, plan["wgrad"], srt, tma, memo)
+            _launch_wgrad(dh, dg, order, sw, cnt, xs, dup, dgate, dub, inter, dict(plan["wgrad"], **pdl), srt, tma,
+                          memo)
         if ctx.has_down_bias and need[5]:
             ddb = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
         return dx, dup, ddown, dgate, dub, ddb, None, None

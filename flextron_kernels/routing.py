@@ -23,6 +23,20 @@ from ._runtime import INTERPRET, cdiv, use_triton
 
 
 @triton.jit
+def rank_count(w_ptr, t, wt, u_lo, u_hi, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr):
+    """For tokens ``t`` of widths ``wt``: how many tokens ``u`` in ``[u_lo, u_hi)`` come before each in the stable
+    descending order (wider, or as wide and earlier)."""
+    rank = tl.zeros((BLOCK_T,), dtype=tl.int32)
+    for u0 in range(u_lo, u_hi, BLOCK_U):
+        u = u0 + tl.arange(0, BLOCK_U)
+        wu = tl.load(w_ptr + u, mask=u < u_hi, other=0)
+        u_in = (u < u_hi)[None, :]
+        before = (wu[None, :] > wt[:, None]) | ((wu[None, :] == wt[:, None]) & (u[None, :] < t[:, None]))
+        rank += tl.sum((before & u_in).to(tl.int32), axis=1)
+    return rank
+
+
+@triton.jit
 def _rank_kernel(w_ptr, sw_ptr, order_ptr, rank_ptr, cnt_ptr, T, U_CHUNK,
                  SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr):
     """Rank of every token of a ``BLOCK_T`` block, counted over the tokens ``u`` of chunk ``program_id(1)``.
@@ -31,15 +45,8 @@ def _rank_kernel(w_ptr, sw_ptr, order_ptr, rank_ptr, cnt_ptr, T, U_CHUNK,
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_in = t < T
     wt = tl.load(w_ptr + t, mask=t_in, other=0)
-    rank = tl.zeros((BLOCK_T,), dtype=tl.int32)
     u_lo = tl.program_id(1) * U_CHUNK
-    u_hi = tl.minimum(u_lo + U_CHUNK, T)
-    for u0 in range(u_lo, u_hi, BLOCK_U):
-        u = u0 + tl.arange(0, BLOCK_U)
-        wu = tl.load(w_ptr + u, mask=u < u_hi, other=0)
-        u_in = (u < u_hi)[None, :]
-        before = (wu[None, :] > wt[:, None]) | ((wu[None, :] == wt[:, None]) & (u[None, :] < t[:, None]))
-        rank += tl.sum((before & u_in).to(tl.int32), axis=1)
+    rank = rank_count(w_ptr, t, wt, u_lo, tl.minimum(u_lo + U_CHUNK, T), BLOCK_T, BLOCK_U)
     last = True
     if SPLIT:
         tl.atomic_add(rank_ptr + t, rank, mask=t_in, sem="relaxed", scope="gpu")

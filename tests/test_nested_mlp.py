@@ -191,13 +191,14 @@ def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch):
 @pytest.mark.parametrize("gated", [True, False])
 def test_backward_up_kernel_wider_blocks(tma, gated, monkeypatch):
     """The backward's up kernel (dA) in N blocks twice the forward's: its buffers are wider than the forward's
-    pre-activation buffers it reads (I = 300 pads to different widths), and dx and the weight gradients read them."""
+    pre-activation buffers it reads (I = 312 pads to different widths; its bf16 rows are 16-byte multiples, so the
+    TMA form does run), and dx and the weight gradients read them."""
     def plan(p):
         up = dict(p["up"], BLOCK_N=min(p["up"]["BLOCK_N"], 128))
         return dict(p, tma=True, tma_bwd=True, up=up, up_bwd={"BLOCK_N": 2 * up["BLOCK_N"]})
     nm = _kernels(tma, monkeypatch, plan)
     blocks = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: (k["BACKWARD"], k["BLOCK_N"]))
-    inter, T = 300, 150
+    inter, T = 312, 150
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T, inter), _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter),
          "silu" if gated else "gelu_tanh", torch.bfloat16)
@@ -223,23 +224,28 @@ def _tail_rule(nb: list[int], nsm: int, parts: int, rounds: int = 1) -> tuple[in
     return None, 0
 
 
-# (tma, gated, programs per wave, widths, parts, waves of tail programs): with 32x64 up tiles, 150 tokens and I = 300
+# (tma, gated, programs per wave, widths, parts, waves of tail programs): with 32x64 up tiles, 150 tokens and I = 312
 # the row tiles have 5/4/3/2/1 ("mixed"), 5/2/2/2/1 ("few") or 5 x 5 ("full") active N blocks.
 TAIL_CASES = [(True, True, 7, "mixed", 2, 1), (False, False, 64, "mixed", 4, 1), (True, False, 5, "few", 2, 1),
               (False, True, 8, "full", 4, 3), (True, True, 4, "full", 2, 3), (True, False, 15, "mixed", 2, 1),
               (True, True, 9, "full", 2, 3)]
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("tma,gated,sms,kind,parts,rounds", TAIL_CASES)
-def test_up_tail_split(tma, gated, sms, kind, parts, rounds, monkeypatch):
+def test_up_tail_split(tma, gated, sms, kind, parts, rounds, fused, monkeypatch):
     """The up product's tail split: a head launch over the tile grid's first N blocks (whole waves of ``sms``
     programs), then a launch of the remaining tiles cut along N into ``parts`` narrower ones, forward (the backward's
-    dA runs whole); against the reference, with the device's plan checked against the rule worked out here."""
+    dA runs whole); against the reference, with the device's plan checked against the rule worked out here. The plan
+    comes from the routing's one launch (``fused``) or, above its token limit, from a launch of its own."""
     def plan(p):  # the same tiles on every device, so the cases above hold
         up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, TAIL=parts, TAIL_SMS=sms, TAIL_ROUNDS=rounds)
         return dict(p, tma=True, tma_bwd=True, up=up, down=dict(p["down"], BLOCK_M=32),
                     wgrad=dict(p["wgrad"], BLOCK_J=64))
     nm = _kernels(tma, monkeypatch, plan)
+    if not fused:
+        monkeypatch.setattr(nm, "_ROUTE_MAX_T", 64)
+    routes = _spy(nm, monkeypatch, "_route_kernel", lambda grid, k: (k["RANK"], k["GATHER"], k["PLAN"]))
     launches = []
     real = nm._up_kernel
 
@@ -251,7 +257,7 @@ def test_up_tail_split(tma, gated, sms, kind, parts, rounds, monkeypatch):
             return launch
     k_plan = list(real.arg_names).index("plan_ptr")
     monkeypatch.setattr(nm, "_up_kernel", Spy())
-    T, inter, hidden = 150, 300, 256
+    T, inter, hidden = 150, 312, 256  # rows of 16-byte multiples (TMA)
     x = randn(T, hidden, dtype=torch.bfloat16, requires_grad=True)
     w = _widths(kind, T, inter)
     params_ = _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter, hidden=hidden)
@@ -264,6 +270,53 @@ def test_up_tail_split(tma, gated, sms, kind, parts, rounds, monkeypatch):
     tail_plan = launches[1][3].tolist()
     assert tail_plan[1] == units and (n_end is None and tail_plan[0] >= 5 or tail_plan[0] == n_end), tail_plan
     assert (units == 0) == ((kind, sms) == ("mixed", 15))  # one case where nothing splits (15 tiles, 15 programs)
+    assert routes == [(fused, fused and bool(tma), True)]
+
+
+# (T, tokens per width kind, the up product's tail split in parts, down split-K chunks, strided x)
+ROUTE_CASES = [(150, "mixed", 4, 2, False), (150, "few", 1, 1, True), (1, "full", 2, 4, False),
+               (33, "one", 1, 4, True), (300, "one_per_width", 2, 1, False)]
+
+
+@pytest.mark.parametrize("T,kind,parts,splits,strided", ROUTE_CASES)
+def test_route_launch(T, kind, parts, splits, strided, monkeypatch):
+    """The routing's one launch against torch: the stable descending sort of the widths, ``x``'s rows gathered in
+    that order (exactly; ``x`` with a column stride too), the down product's split-K counts zeroed (poisoned memory
+    before), and the tail plan as worked out on the host."""
+    def plan(p):
+        up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, TAIL=parts, TAIL_SMS=5, TAIL_ROUNDS=2)
+        return dict(p, sorted=True, tma=True, up=up, down=dict(p["down"], BLOCK_M=32, SPLIT_K=splits))
+    nm = _kernels(False, monkeypatch, plan)
+    launches = _spy(nm, monkeypatch, "_route_kernel", lambda grid, k: grid)
+    inter, hidden = 300, 96
+    x = randn(hidden, T, dtype=torch.bfloat16).t() if strided else randn(T, hidden, dtype=torch.bfloat16)
+    w = _widths(kind, T, inter).to(torch.int32)
+    p = nm._plan(T, torch.bfloat16)
+    real_empty = torch.empty
+
+    def poisoned(*a, **k):  # integer scratch full of -1: the counts must be zeroed
+        t = real_empty(*a, **k)
+        return t.fill_(-1) if not t.is_floating_point() else t.fill_(float("nan"))
+    monkeypatch.setattr(torch, "empty", poisoned)
+    sw, order, src, tail_plan, counts = nm._route(x, w, inter, p, "host")
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert len(launches) == 1
+    ref = torch.sort(w.cpu(), descending=True, stable=True)
+    assert torch.equal(order.cpu(), ref.indices) and torch.equal(sw.cpu(), ref.values) and sw.dtype == w.dtype
+    assert src.is_contiguous() and torch.equal(src, x[order])
+    n_cnt = nm._down_counts(T, hidden, inter, p["down"], p["up"]["BLOCK_N"])
+    assert (n_cnt > 0) == (splits > 1 and inter > 64)
+    if n_cnt:
+        assert counts.numel() == n_cnt and int(counts.abs().sum()) == 0
+    else:
+        assert counts is None
+    if parts == 1:
+        assert tail_plan is None
+    else:
+        nb = [-(-int(ref.values[m * 32]) // 64) for m in range(-(-T // 32))]
+        n_end, units = _tail_rule(nb, 5, parts, 2)
+        got = tail_plan.tolist()
+        assert got[1] == units and (n_end is None and got[0] >= max(nb) or got[0] == n_end), got
 
 
 def test_up_tail_split_bad_config(monkeypatch):
@@ -468,6 +521,38 @@ def test_cuda_graph_capture():
         g.replay()
         ref = nested_mlp_ref(x.double(), args[0].double(), args[1].double(), w,
                              gate_weight=p["gate_weight"].detach().double())
+    assert_close(y, ref, torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch needs a Hopper GPU")
+@pytest.mark.parametrize("T,kind", [(200, "mixed"), (1500, "few")])  # the routing in one launch; sort + gather
+def test_programmatic_dependent_launch(T, kind, monkeypatch):
+    """Every kernel launched with programmatic dependent launch (each may start before the previous one ends and
+    waits for its results in the kernel): forward and gradients against the reference, back-to-back calls, and a
+    CUDA graph replayed with new widths. The spies check that the launches asked for it."""
+    nm = _kernels(True, monkeypatch, lambda p: dict(p, pdl=True))
+    seen = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: k.get("PDL"))
+    inter, hidden = 1024, 256
+    x = randn(T, hidden, dtype=torch.bfloat16, requires_grad=True)
+    params_ = _params(torch.bfloat16, gated=True, biases=True, inter=inter, hidden=hidden)
+    _run(x, _widths(kind, T, inter), params_, "silu", torch.bfloat16)
+    assert seen == [True, True]  # forward, backward (dA)
+    args = (params_["up_weight"].detach(), params_["down_weight"].detach())
+    kw = {"gate_weight": params_["gate_weight"].detach(), "up_bias": params_["up_bias"].detach()}
+    xs = [randn(T, hidden, dtype=torch.bfloat16) for _ in range(3)]
+    w = _widths("mixed", T, inter)
+    with torch.no_grad():
+        ys = [nested_mlp(xi, *args, w, **kw) for xi in xs]  # back to back: each call's routing overlaps the last
+        for xi, y in zip(xs, ys):
+            assert_close(y, nested_mlp_ref(xi.double(), args[0].double(), args[1].double(), w,
+                                           **{k: v.double() for k, v in kw.items()}), torch.bfloat16)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = nested_mlp(xs[0], *args, w, **kw)
+        w.copy_(_widths("few", T, inter))
+        g.replay()
+        ref = nested_mlp_ref(xs[0].double(), args[0].double(), args[1].double(), w,
+                             **{k: v.double() for k, v in kw.items()})
     assert_close(y, ref, torch.bfloat16)
 
 
