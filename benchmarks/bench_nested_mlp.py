@@ -323,7 +323,9 @@ EXPLORE = {
     "up_64x128_w4_s3": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}},
     "bwd_tma": {"tma_bwd": True},  # the backward's up, down and weight-gradient tiles by TMA below 1025 tokens
     "bwd_tma_s4": {"tma_bwd": True, "up_bwd": {"num_stages": 4}},
+    "route1": {"fused_route": True},  # the routing in one launch (rank, gather, tail plan, zeroed counts)
     "pdl": {"pdl": True},  # programmatic dependent launch of every kernel (TMA forms)
+    "route1_pdl": {"fused_route": True, "pdl": True},
     "tail0": {"up": {"TAIL": 1}},  # no tail split of the up product (one launch)
     "tail4": {"up": {"TAIL": 4}},
     "tail2_s4": {"up": {"TAIL": 2, "TAIL_CFG": {"num_stages": 4}}},

@@ -22,9 +22,10 @@ Kernels (all fp32 accumulation, weights read through their strides, never copied
 - ``_down_kernel``    ``A[T, :w_tile] @ B[:w_tile, N]`` with the K loop ending at the tile's width and rows
   masked to their own width, + bias, scattered back to token order. Forward ``y = a Wd^T``; backward
   ``dx = dh Wu + dg Wg``.
-- ``_route_kernel``   (sorted batches up to 1024 tokens) the routing in one launch: ranks the tokens, gathers
-  ``x`` into sorted order for the TMA form, zeroes the down product's split-K counts and (up to 384 tokens)
-  plans which up tiles run past the last whole wave of the chip; the up kernel's second launch runs those cut
+- ``_route_kernel``   the routing of sorted batches up to 1024 tokens in one launch where the plan asks for it
+  (``fused_route``): ranks the tokens, gathers ``x`` into sorted order for the TMA form, zeroes the down product's
+  split-K counts; and (up to 384 tokens, in that launch or in one of its own) plans which up tiles run past the
+  last whole wave of the chip; the up kernel's second launch runs those cut
   along N into narrower tiles, so the partial wave ends sooner (a full-width 256-token batch is 1.3 waves of up
   tiles on an H200).
 - ``_wgrad_kernel``   ``C[j, n] = sum_t A[t, j] S[t, n]`` over the tokens using neuron ``j``. Sorted by width
@@ -623,8 +624,8 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         # The interpreter's cost grows with the number of programs: big blocks.
         bm = 16 if small else 32
         up = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
-        return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, up=up, up_bwd={},
-                    down=dict(up), wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
+        return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, fused_route=True, up=up,
+                    up_bwd={}, down=dict(up), wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
     # fp32 tiles take twice the shared memory per stage: halve the K step instead of the stages.
     kdiv = 2 if dtype == torch.float32 else 1
     if small:
@@ -689,8 +690,11 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # Descriptors from the host. Building them in the kernel (dev_desc, tl.make_tensor_descriptor) cost GPU time
     # in every program: graph replay at 256 tokens 0.134 ms against 0.126, and 5-10% at 8192-16384 tokens; the
     # host time it saves was within the run-to-run noise of --host (+-40 us per call; benchmarks/NOTES.md).
-    return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, up=up, up_bwd=up_bwd,
-                down=down, wgrad=wgrad)
+    # The routing in one launch (fused_route, _route_kernel) and programmatic dependent launch (pdl): written in a
+    # session with no GPU lent (2026-12-04); off on the GPU until a run there has checked and timed them (EXPLORE
+    # "route1", "pdl", "route1_pdl" in bench_nested_mlp.py). The interpreter runs the routing launch throughout.
+    return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, fused_route=False, pdl=False,
+                up=up, up_bwd=up_bwd, down=down, wgrad=wgrad)
 
 
 @functools.cache
@@ -816,8 +820,9 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
     the tail split (``TAIL`` > 1), its plan (_route_kernel), else None. ``counts``: the down launch's split-K
     arrival counts, zeroed, where this launch zeroes them (else None: the down launch zeroes its own).
 
-    Sorted batches up to _ROUTE_MAX_T tokens: one launch does it all (rank, gather, plan, counts). Above: the
-    routing's sort (nested_mlp_routing), ``index_select`` for the gather, and a one-program launch for the plan."""
+    Sorted batches up to _ROUTE_MAX_T tokens, where the plan asks for it (``fused_route``): one launch does it all
+    (rank, gather, plan, counts). Otherwise: the routing's sort (nested_mlp_routing), ``index_select`` for the
+    gather, and a one-program launch for the plan."""
     T, H = x2.shape
     if not plan["sorted"]:
         sw, order = nested_mlp_routing(widths, False)
@@ -825,7 +830,7 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
     up = plan["up"]
     pad = up["BLOCK_N"]
     parts = _tail_parts(up.get("TAIL", 1))
-    fused = T <= _ROUTE_MAX_T
+    fused = plan.get("fused_route", False) and T <= _ROUTE_MAX_T
     n_pow2 = _tail_n_pow2(inter, pad) if parts > 1 else 1
     n_cnt = _down_counts(T, H, inter, plan["down"], pad) if fused or parts > 1 else 0
     if not (fused or parts > 1):

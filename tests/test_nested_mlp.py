@@ -237,14 +237,12 @@ def test_up_tail_split(tma, gated, sms, kind, parts, rounds, fused, monkeypatch)
     """The up product's tail split: a head launch over the tile grid's first N blocks (whole waves of ``sms``
     programs), then a launch of the remaining tiles cut along N into ``parts`` narrower ones, forward (the backward's
     dA runs whole); against the reference, with the device's plan checked against the rule worked out here. The plan
-    comes from the routing's one launch (``fused``) or, above its token limit, from a launch of its own."""
+    comes from the routing's one launch (``fused``) or from a launch of its own."""
     def plan(p):  # the same tiles on every device, so the cases above hold
         up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, TAIL=parts, TAIL_SMS=sms, TAIL_ROUNDS=rounds)
         return dict(p, tma=True, tma_bwd=True, up=up, down=dict(p["down"], BLOCK_M=32),
                     wgrad=dict(p["wgrad"], BLOCK_J=64))
-    nm = _kernels(tma, monkeypatch, plan)
-    if not fused:
-        monkeypatch.setattr(nm, "_ROUTE_MAX_T", 64)
+    nm = _kernels(tma, monkeypatch, lambda p: dict(plan(p), fused_route=fused))
     routes = _spy(nm, monkeypatch, "_route_kernel", lambda grid, k: (k["RANK"], k["GATHER"], k["PLAN"]))
     launches = []
     real = nm._up_kernel
@@ -285,7 +283,8 @@ def test_route_launch(T, kind, parts, splits, strided, monkeypatch):
     before), and the tail plan as worked out on the host."""
     def plan(p):
         up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, TAIL=parts, TAIL_SMS=5, TAIL_ROUNDS=2)
-        return dict(p, sorted=True, tma=True, up=up, down=dict(p["down"], BLOCK_M=32, SPLIT_K=splits))
+        return dict(p, sorted=True, tma=True, fused_route=True, up=up,
+                    down=dict(p["down"], BLOCK_M=32, SPLIT_K=splits))
     nm = _kernels(False, monkeypatch, plan)
     launches = _spy(nm, monkeypatch, "_route_kernel", lambda grid, k: grid)
     inter, hidden = 300, 96
@@ -343,9 +342,14 @@ def test_backward_epilogue_in_halves(gated, monkeypatch):
 @pytest.mark.skipif(not ON_GPU, reason="the GPU's block plans (the interpreter has its own)")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [200, 520, 1100])
-def test_gpu_plan_buckets(T, dtype):
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_plan_buckets(T, dtype, fused, monkeypatch):
     """Each token-count bucket of the GPU plan (split-K down + 256-wide up tiles; 128-row up tiles over 64-row
-    down tiles; prefill tiles) in every dtype, against the float64 reference."""
+    down tiles; prefill tiles) in every dtype, against the float64 reference; with the routing in one launch
+    (``fused_route``, up to 1024 tokens) and without."""
+    nm = importlib.import_module("flextron_kernels.nested_mlp")
+    real_plan = nm._plan
+    monkeypatch.setattr(nm, "_plan", lambda T_, dt: dict(real_plan(T_, dt), fused_route=fused))
     inter, hidden = 1000, 256
     x = randn(T, hidden, dtype=dtype, requires_grad=True)
     _run(x, _widths("mixed", T, inter), _params(dtype, gated=True, biases=True, inter=inter, hidden=hidden), "silu",
@@ -530,7 +534,7 @@ def test_programmatic_dependent_launch(T, kind, monkeypatch):
     """Every kernel launched with programmatic dependent launch (each may start before the previous one ends and
     waits for its results in the kernel): forward and gradients against the reference, back-to-back calls, and a
     CUDA graph replayed with new widths. The spies check that the launches asked for it."""
-    nm = _kernels(True, monkeypatch, lambda p: dict(p, pdl=True))
+    nm = _kernels(True, monkeypatch, lambda p: dict(p, pdl=True, fused_route=True))
     seen = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: k.get("PDL"))
     inter, hidden = 1024, 256
     x = randn(T, hidden, dtype=torch.bfloat16, requires_grad=True)
