@@ -326,6 +326,9 @@ EXPLORE = {
     "route1": {"fused_route": True},  # the routing in one launch (rank, gather, tail plan, zeroed counts)
     "pdl": {"pdl": True},  # programmatic dependent launch of every kernel (TMA forms)
     "route1_pdl": {"fused_route": True, "pdl": True},
+    "route1_w8": {"fused_route": True, "route": {"num_warps": 8}},  # ptxas: 213 registers (4 warps: 255), no spills
+    "route1_u256": {"fused_route": True, "route": {"BLOCK_U": 256}},  # one counting step at 256 tokens
+    "route1_pdl_tail0": {"fused_route": True, "pdl": True, "up": {"TAIL": 1}},
     "tail0": {"up": {"TAIL": 1}},  # no tail split of the up product (one launch)
     "tail4": {"up": {"TAIL": 4}},
     "tail2_s4": {"up": {"TAIL": 2, "TAIL_CFG": {"num_stages": 4}}},

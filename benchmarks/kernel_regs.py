@@ -81,7 +81,7 @@ def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True
     try:
         for name in real:
             setattr(NM, name, Capture(name))
-        NM._plan = lambda T_, dtype: {k: dict(v, **changes.get(k, {})) if isinstance(v, dict) else v
+        NM._plan = lambda T_, dtype: {k: dict(v, **changes.get(k, {})) if isinstance(v, dict) else changes.get(k, v)
                                       for k, v in real_plan(T_, dtype).items()}
         NM._tma_sms = lambda device: 132  # as on the H200
         NM.nested_mlp_routing = routing
@@ -119,13 +119,17 @@ def main():
     ap.add_argument("--I", type=int, default=11008)
     ap.add_argument("--inference", action="store_true", help="an inference forward (no stored pre-activations)")
     ap.add_argument("--set", action="append", default=[], metavar="KERNEL.KEY=VALUE",
-                    help="a change to the plan, e.g. up.TAIL=8 or up_bwd.EPI_SPLIT=2")
+                    help="a change to the plan, e.g. up.TAIL=8 or up_bwd.EPI_SPLIT=2; a plan-wide KEY=VALUE too, "
+                         "e.g. fused_route=True")
     args = ap.parse_args()
     changes = {}
     for item in args.set:
         key, value = item.split("=", 1)
-        kernel, name = key.split(".", 1)
-        changes.setdefault(kernel, {})[name] = _value(value)
+        if "." in key:
+            kernel, name = key.split(".", 1)
+            changes.setdefault(kernel, {})[name] = _value(value)
+        else:
+            changes[key] = _value(value)
     print(f"T={args.T} H={args.H} I={args.I} {'inference' if args.inference else 'training'} {changes or 'plan'}")
     for tag, res in step_resources(args.T, args.H, args.I, changes, not args.inference):
         print(f"  {tag:14s} shared {res['shared_bytes']:6d} B; " + "; ".join(res["ptxas"]))

@@ -624,8 +624,9 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         # The interpreter's cost grows with the number of programs: big blocks.
         bm = 16 if small else 32
         up = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
-        return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, fused_route=True, up=up,
-                    up_bwd={}, down=dict(up), wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
+        return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, fused_route=True,
+                    route=dict(BLOCK_T=32, BLOCK_U=32, BLOCK_H=64, num_warps=4), up=up, up_bwd={}, down=dict(up),
+                    wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
     # fp32 tiles take twice the shared memory per stage: halve the K step instead of the stages.
     kdiv = 2 if dtype == torch.float32 else 1
     if small:
@@ -693,8 +694,12 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # The routing in one launch (fused_route, _route_kernel) and programmatic dependent launch (pdl): written in a
     # session with no GPU lent (2026-12-04); off on the GPU until a run there has checked and timed them (EXPLORE
     # "route1", "pdl", "route1_pdl" in bench_nested_mlp.py). The interpreter runs the routing launch throughout.
+    # The routing launch's blocks: BLOCK_T tokens ranked per program, counting BLOCK_U tokens a step; BLOCK_H columns
+    # a gather step. Its programs count over all T each: at 256 tokens, two steps of 128 (ptxas: 255 registers in 4
+    # warps, no spills).
+    route = dict(BLOCK_T=64, BLOCK_U=128, BLOCK_H=128, num_warps=4)
     return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, fused_route=False, pdl=False,
-                up=up, up_bwd=up_bwd, down=down, wgrad=wgrad)
+                route=route, up=up, up_bwd=up_bwd, down=down, wgrad=wgrad)
 
 
 @functools.cache
@@ -838,7 +843,8 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
         return sw, order, x2.index_select(0, order) if tma else x2, None, None
     buf = torch.empty(2 + n_pow2 + n_cnt, dtype=torch.int32, device=x2.device)
     nsm = up.get("TAIL_SMS", 0) or _sm_count(x2.device)
-    bt, bu, bh = (32, 32, 64) if INTERPRET else (64, 128, 128)
+    rc = dict(plan["route"])
+    bt, bu, bh = rc.pop("BLOCK_T"), rc.pop("BLOCK_U"), rc.pop("BLOCK_H")
     if fused:
         w = widths.reshape(-1).contiguous()
         sw = torch.empty_like(w)
@@ -856,7 +862,7 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
                         src.stride(0), chunk, nsm, up.get("TAIL_ROUNDS", 1) * nsm,
                         RANK=fused, GATHER=fused and bool(tma), PLAN=parts > 1, PARTS=parts, N_POW2=n_pow2,
                         BLOCK_M=up["BLOCK_M"], BLOCK_N=pad, BLOCK_T=bt, BLOCK_U=bu, BLOCK_H=bh, BLOCK_Z=256,
-                        num_warps=4, **(pdl or {}))
+                        **rc, **(pdl or {}))
     return sw, order, src, buf[:2 + n_pow2] if parts > 1 else None, buf[2 + n_pow2:] if n_cnt else None
 
 
