@@ -326,8 +326,9 @@ EXPLORE = {
     "route1": {"fused_route": True},  # the routing in one launch (rank, gather, tail plan, zeroed counts)
     "pdl": {"pdl": True},  # programmatic dependent launch of every kernel (TMA forms)
     "route1_pdl": {"fused_route": True, "pdl": True},
-    "route1_w8": {"fused_route": True, "route": {"num_warps": 8}},  # ptxas: 213 registers (4 warps: 255), no spills
-    "route1_u256": {"fused_route": True, "route": {"BLOCK_U": 256}},  # one counting step at 256 tokens
+    # 64 tokens a program, counting steps of 128, 4 warps (the count kernel's blocks; ptxas: 255 registers)
+    "route1_t64": {"fused_route": True, "route": {"BLOCK_T": 64, "BLOCK_U": 128, "num_warps": 4}},
+    "route1_t32": {"fused_route": True, "route": {"BLOCK_T": 32}},  # 128-198 registers at 256-1024 tokens
     "route1_pdl_tail0": {"fused_route": True, "pdl": True, "up": {"TAIL": 1}},
     "tail0": {"up": {"TAIL": 1}},  # no tail split of the up product (one launch)
     "tail4": {"up": {"TAIL": 4}},

@@ -126,8 +126,8 @@ def _pdl_enter(PDL: tl.constexpr):
 def _route_kernel(w_ptr, x_ptr, xs_ptr, sw_ptr, order_ptr, plan_ptr, zero_ptr, n_zero, T, H, I, stride_xt, stride_xh,
                   stride_xs, H_CHUNK, NSM, MAX_UNITS, RANK: tl.constexpr, GATHER: tl.constexpr, PLAN: tl.constexpr,
                   PARTS: tl.constexpr, N_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Z: tl.constexpr,
-                  PDL: tl.constexpr = False):
+                  BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_Z: tl.constexpr, PDL: tl.constexpr = False):
     """A sorted batch's routing in one launch (up to ``_ROUTE_MAX_T`` tokens; at 256 tokens the three launches it
     replaces took 9.3 us of GPU time on an H200, and a graph pays a gap between any two launches):
 
@@ -170,8 +170,8 @@ def _route_kernel(w_ptr, x_ptr, xs_ptr, sw_ptr, order_ptr, plan_ptr, zero_ptr, n
         if PLAN:
             cc = tl.arange(0, N_POW2)
             wider = tl.zeros((N_POW2,), dtype=tl.int32)  # tokens wider than c BLOCK_N
-            for u0 in range(0, T, BLOCK_U):
-                u = u0 + tl.arange(0, BLOCK_U)
+            for u0 in range(0, T, BLOCK_P):
+                u = u0 + tl.arange(0, BLOCK_P)
                 # Clamped as the kernels clamp (_tile_rows); tokens past T count as width 0.
                 wu = tl.minimum(tl.maximum(tl.load(w_ptr + u, mask=u < T, other=0), 0), I).to(tl.int32)
                 wider += tl.sum((wu[:, None] > cc[None, :] * BLOCK_N).to(tl.int32), 0)
@@ -695,9 +695,11 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # session with no GPU lent (2026-12-04); off on the GPU until a run there has checked and timed them (EXPLORE
     # "route1", "pdl", "route1_pdl" in bench_nested_mlp.py). The interpreter runs the routing launch throughout.
     # The routing launch's blocks: BLOCK_T tokens ranked per program, counting BLOCK_U tokens a step; BLOCK_H columns
-    # a gather step. Its programs count over all T each: at 256 tokens, two steps of 128 (ptxas: 255 registers in 4
-    # warps, no spills).
-    route = dict(BLOCK_T=64, BLOCK_U=128, BLOCK_H=128, num_warps=4)
+    # a gather step. Every program counts over all T tokens: in one step here (the count kernel's steps of 128 are
+    # latency-bound: graph replays of 8.7 us at 256 tokens, 20.8 at 1024, one program per 64 tokens). ptxas for
+    # sm_90, 16 tokens a program in 8 warps: 77-128 registers at 100-1024 tokens, no spills (64 tokens, steps of 128,
+    # 4 warps: 255).
+    route = dict(BLOCK_T=16, BLOCK_U=min(1024, _pow2(T)), BLOCK_H=128, num_warps=8)
     return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, fused_route=False, pdl=False,
                 route=route, up=up, up_bwd=up_bwd, down=down, wgrad=wgrad)
 
@@ -861,7 +863,8 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
     _route_kernel[grid](w, x2, src, sw, order, buf, buf[2 + n_pow2:], n_cnt, T, H, inter, x2.stride(0), x2.stride(1),
                         src.stride(0), chunk, nsm, up.get("TAIL_ROUNDS", 1) * nsm,
                         RANK=fused, GATHER=fused and bool(tma), PLAN=parts > 1, PARTS=parts, N_POW2=n_pow2,
-                        BLOCK_M=up["BLOCK_M"], BLOCK_N=pad, BLOCK_T=bt, BLOCK_U=bu, BLOCK_H=bh, BLOCK_Z=256,
+                        BLOCK_M=up["BLOCK_M"], BLOCK_N=pad, BLOCK_T=bt, BLOCK_U=bu, BLOCK_H=bh,
+                        BLOCK_P=min(bu, 128), BLOCK_Z=256,
                         **rc, **(pdl or {}))
     return sw, order, src, buf[:2 + n_pow2] if parts > 1 else None, buf[2 + n_pow2:] if n_cnt else None
 
