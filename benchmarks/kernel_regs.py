@@ -76,7 +76,7 @@ def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True
     real_plan = NM._plan
     dt = torch.bfloat16
 
-    def routing(widths, sort):  # CPU stand-ins above the routing launch's token limit (index_select, torch.sort)
+    def routing(widths, sort=True):  # CPU stand-ins above the routing launch's token limit (index_select, torch.sort)
         return widths.to(torch.int32), torch.arange(widths.numel())
     try:
         for name in real:

@@ -538,13 +538,16 @@ def _wgrad_step(a1, a2, s, acc1, acc2, dbacc, DUAL: tl.constexpr, HAS_DB: tl.con
 @triton.jit
 def _wgrad_kernel(
     a1_ptr, a2_ptr, order_ptr, sw_ptr, cnt_ptr, src_ptr, c1_ptr, c2_ptr, db_ptr, a1_desc, a2_desc, s_desc,
+    c1_desc, c2_desc,
     T, N, I, LDA,
     stride_sm, stride_sn, stride_c1j, stride_c1n, stride_c2j, stride_c2n,
     SORTED: tl.constexpr, DUAL: tl.constexpr, HAS_DB: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
-    PDL: tl.constexpr = False,
+    EPI_TMA: tl.constexpr = False, C1_T: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    """EPI_TMA: the gradient tiles leave by TMA stores (boxes clipped at the tensor's edges) over ``c1_desc`` /
+    ``c2_desc``; C1_T: ``c1_desc`` is over C1's transpose (dWd, stored [N, I]), so the tile is stored transposed."""
     _pdl_enter(PDL)
     pid_j, pid_n = _swizzle(tl.program_id(0), tl.cdiv(I, BLOCK_J), tl.cdiv(N, BLOCK_N), GROUP_M)
     rj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -593,13 +596,21 @@ def _wgrad_kernel(
                     mask=t_in[:, None] & n_in[None, :], other=0.0)
         acc1, acc2, dbacc = _wgrad_step(a1, a2, s, acc1, acc2, dbacc, DUAL, HAS_DB, UPCAST, PRECISION)
     # Every element of the full-shape gradient is written here: zeros where no token reached.
-    c_mask = (rj[:, None] < I) & n_in[None, :]
-    rj64 = rj.to(tl.int64)
-    tl.store(c1_ptr + rj64[:, None] * stride_c1j + rn[None, :] * stride_c1n,
-             acc1.to(c1_ptr.dtype.element_ty), mask=c_mask)
-    if DUAL:
-        tl.store(c2_ptr + rj64[:, None] * stride_c2j + rn[None, :] * stride_c2n,
-                 acc2.to(c2_ptr.dtype.element_ty), mask=c_mask)
+    if EPI_TMA:
+        if C1_T:
+            c1_desc.store([pid_n * BLOCK_N, pid_j * BLOCK_J], tl.trans(acc1.to(c1_ptr.dtype.element_ty)))
+        else:
+            c1_desc.store([pid_j * BLOCK_J, pid_n * BLOCK_N], acc1.to(c1_ptr.dtype.element_ty))
+        if DUAL:
+            c2_desc.store([pid_j * BLOCK_J, pid_n * BLOCK_N], acc2.to(c2_ptr.dtype.element_ty))
+    else:
+        c_mask = (rj[:, None] < I) & n_in[None, :]
+        rj64 = rj.to(tl.int64)
+        tl.store(c1_ptr + rj64[:, None] * stride_c1j + rn[None, :] * stride_c1n,
+                 acc1.to(c1_ptr.dtype.element_ty), mask=c_mask)
+        if DUAL:
+            tl.store(c2_ptr + rj64[:, None] * stride_c2j + rn[None, :] * stride_c2n,
+                     acc2.to(c2_ptr.dtype.element_ty), mask=c_mask)
     if HAS_DB:
         tl.store(db_ptr + rj, dbacc.to(db_ptr.dtype.element_ty), mask=(rj < I) & (pid_n == 0))
 
@@ -940,6 +951,10 @@ def _launch_wgrad(a1, a2, order, sw, cnt, src, c1, c2, db, inter, cfg, sorted_, 
     in sorted order."""
     T, N = src.shape
     c2_ = c2 if c2 is not None else c1
+    cfg = dict(cfg)
+    # The gradient tiles by TMA stores (host descriptors only), where the plan asks for it (EPI_TMA).
+    epi = bool(cfg.pop("EPI_TMA", False) and tma == "host")
+    c1_t = c1.stride(1) != 1  # C1 given as a transposed view (dWd): the descriptor is over the stored tensor
     if tma:
         box = [cfg["BLOCK_T"], cfg["BLOCK_J"]]
         memo = {} if memo is None else memo
@@ -947,13 +962,21 @@ def _launch_wgrad(a1, a2, order, sw, cnt, src, c1, c2, db, inter, cfg, sorted_, 
         descs = (d1, _desc(a2, box, memo) if a2 is not None else d1, _desc(src, [cfg["BLOCK_T"], cfg["BLOCK_N"]], memo))
     else:
         descs = (a1, a1, src)
+    if epi:
+        jn, nj = [cfg["BLOCK_J"], cfg["BLOCK_N"]], [cfg["BLOCK_N"], cfg["BLOCK_J"]]
+        c1s = c1.t() if c1_t else c1  # the tensor as stored
+        assert c1s.stride(1) == 1 and not (c1_t and c2 is not None)
+        d_c1 = _desc(c1s, nj if c1_t else jn)
+        descs += (d_c1, _desc(c2, jn) if c2 is not None else d_c1)
+    else:
+        descs += (c1, c2_)
     _wgrad_kernel[_grid(inter, N, cfg, "BLOCK_J")](
         a1, a2 if a2 is not None else a1, order if order is not None else sw, sw,
         cnt if cnt is not None else sw, src, c1, c2_, db if db is not None else c1, *descs,
         T, N, inter, a1.stride(0),
         src.stride(0), src.stride(1), c1.stride(0), c1.stride(1), c2_.stride(0), c2_.stride(1),
         SORTED=sorted_, DUAL=c2 is not None, HAS_DB=db is not None, UPCAST=upcast_flag(src.dtype),
-        PRECISION=dot_precision(src.dtype), TMA=bool(tma), **cfg,
+        PRECISION=dot_precision(src.dtype), TMA=bool(tma), EPI_TMA=epi, C1_T=epi and c1_t, **cfg,
     )
 
 

@@ -206,6 +206,21 @@ def test_backward_up_kernel_wider_blocks(tma, gated, monkeypatch):
     assert not f and b and bn2 == 2 * bn
 
 
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("kind", ["mixed", "full"])
+def test_wgrad_tma_store_epilogue(gated, kind, monkeypatch):
+    """The weight gradients' tiles stored by TMA (EPI_TMA): dWu and dWg as [I, H] boxes, dWd through its transpose;
+    I = 312 and H = 48 end inside a tile (the boxes are clipped at the edges); against the reference, and the spy
+    checks the launches took that form."""
+    nm = _kernels(True, monkeypatch, lambda p: dict(p, tma=True, tma_bwd=True, wgrad=dict(p["wgrad"], EPI_TMA=True)))
+    seen = _spy(nm, monkeypatch, "_wgrad_kernel", lambda grid, k: (k["EPI_TMA"], k["C1_T"]))
+    inter, T = 312, 150
+    x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
+    _run(x, _widths(kind, T, inter), _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter),
+         "silu" if gated else "gelu_tanh", torch.bfloat16)
+    assert seen == [(True, True), (True, False)]  # dWd (transposed), then dWu (and dWg)
+
+
 def _tail_rule(nb: list[int], nsm: int, parts: int, rounds: int = 1) -> tuple[int, int]:
     """The up product's tail split worked out on the host from the row tiles' active N block counts (the rule of
     _tail_prep_kernel, in Python): (the head's N block limit, or None for all; narrow tail tiles)."""
