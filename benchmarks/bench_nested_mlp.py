@@ -360,6 +360,11 @@ EXPLORE = {
     "wgrad_j64_w4": {"wgrad": {"BLOCK_J": 64, "num_warps": 4}},  # 254 / 255 registers of 128 threads, no spills
     "wgrad_j64_w4_s2": {"wgrad": {"BLOCK_J": 64, "num_warps": 4, "num_stages": 2}},
     "wgrad_64x64_w4": {"wgrad": {"BLOCK_J": 64, "BLOCK_N": 64, "num_warps": 4}},  # 128 / 220 registers, no spills
+    # The weight gradients' tiles by TMA stores (ptxas at 256 tokens: 196 / 250 registers; 64x128 in 4 warps 168 /
+    # 255; 64x64 96 / 144; no spills)
+    "wgrad_epi": {"wgrad": {"EPI_TMA": True}},
+    "wgrad_j64_w4_epi": {"wgrad": {"BLOCK_J": 64, "num_warps": 4, "EPI_TMA": True}},
+    "wgrad_64x64_w4_epi": {"wgrad": {"BLOCK_J": 64, "BLOCK_N": 64, "num_warps": 4, "EPI_TMA": True}},
 }
 
 
