@@ -556,6 +556,10 @@ def main():
         for model in args.models.split(","):
             H, inter = MODELS[model]
             result["kernel_us_T256"][model] = kernel_times(H, inter, gen)
+            if "route1" in names:  # the routing's one launch against the three it replaces, kernel by kernel
+                print("kernel times, route1", flush=True)
+                result.setdefault("kernel_us_T256_route1", {})[model] = kernel_times(H, inter, gen,
+                                                                                     over=EXPLORE["route1"])
             for mix in args.explore_mix.split(","):
                 rows = explore(H, inter, gen, tuple(int(t) for t in args.explore_t.split(",")), mix, names)
                 result["explore"] += [dict(r, model=model) for r in rows]

@@ -2,6 +2,8 @@
 # One call on a CUDA machine: install (no deps: keep the machine's torch/triton), run the whole test suite
 # on CUDA with the interpreter off, then every benchmark. Results land in $OUT (device tool) or
 # benchmarks/results/. Usage: bash benchmarks/gpu_check.sh [tests|bench|all] [bench-name-filter]
+#        bash benchmarks/gpu_check.sh explore "<bench_nested_mlp.py --explore arguments>"  (the CUDA suite, then the
+#        nested_mlp variant sweep; a compact table of it at the end)
 # Result files are named by commit: where the machine's copy of .git may be stale (the device tool copies the
 # working tree), pass FLEXTRON_COMMIT=<short sha> in the environment; the benchmarks prefer it to git.
 set -uo pipefail
@@ -18,12 +20,24 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || ech
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 status=0
-if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
+if [ "$MODE" = all ] || [ "$MODE" = tests ] || [ "$MODE" = explore ]; then
   # Triton compiles each kernel variant the tests touch (minutes in one process): spread over processes.
   XDIST=""
   $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
   $PY -m pytest -q $XDIST --benchmark-disable -p no:cacheprovider 2>&1 | tee "$OUTDIR/pytest_cuda.log" | tail -25
   status=${PIPESTATUS[0]}
+fi
+if [ "$MODE" = explore ]; then
+  # shellcheck disable=SC2086  # the arguments are meant to split
+  $PY benchmarks/bench_nested_mlp.py --explore $FILTER --out "$OUTDIR" 2>&1 | tee "$OUTDIR/explore.log" | grep -v "^{"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  $PY - "$OUTDIR/explore.log" <<'PY'
+import ast, sys
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        row = ast.literal_eval(line)
+        print(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in row.items()))
+PY
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   for b in benchmarks/bench_*.py; do
