@@ -724,10 +724,15 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _up_bwd_cfg(plan: dict) -> dict:
-    """The backward's up kernel config: the forward's with the plan's ``up_bwd`` changes. It may run wider N
-    blocks (a multiple of the forward's, so every block the forward wrote lies in one of them), on the same rows."""
+    """The backward's up kernel config: the forward's with the plan's ``up_bwd`` changes, on the same rows. Its N
+    blocks may be wider (a multiple of the forward's: its epilogue masks each row to its width, so the forward's
+    unwritten blocks past a tile's width are never used) or narrower (a divisor: a block below a tile's width lies in
+    a forward block below it, which the forward wrote whole). The weight gradients read its buffers in blocks of
+    BLOCK_J, which must lie inside its N blocks."""
     cfg = dict(plan["up"], **plan["up_bwd"])
-    assert cfg["BLOCK_M"] == plan["up"]["BLOCK_M"] and cfg["BLOCK_N"] % plan["up"]["BLOCK_N"] == 0
+    bn, fwd = cfg["BLOCK_N"], plan["up"]["BLOCK_N"]
+    assert cfg["BLOCK_M"] == plan["up"]["BLOCK_M"] and (bn % fwd == 0 or fwd % bn == 0)
+    assert bn % plan["wgrad"]["BLOCK_J"] == 0
     return cfg
 
 
@@ -850,7 +855,7 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
     parts = _tail_parts(up.get("TAIL", 1))
     fused = plan.get("fused_route", False) and T <= _ROUTE_MAX_T
     n_pow2 = _tail_n_pow2(inter, pad) if parts > 1 else 1
-    n_cnt = _down_counts(T, H, inter, plan["down"], pad) if fused or parts > 1 else 0
+    n_cnt = _down_counts(T, H, inter, plan["down"], pad, tma) if fused or parts > 1 else 0
     if not (fused or parts > 1):
         sw, order = nested_mlp_routing(widths)
         return sw, order, x2.index_select(0, order) if tma else x2, None, None
@@ -895,10 +900,17 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _down_counts(T: int, N: int, inter: int, cfg: dict, pad: int) -> int:
+def _down_block_k(cfg: dict, pad: int, tma) -> int:
+    """The down product's K step: in the TMA form no longer than the pad (whole steps read only the zeros the up
+    kernel wrote past a tile's width; the pointer form masks at the pad instead)."""
+    return min(cfg["BLOCK_K"], pad) if tma else cfg["BLOCK_K"]
+
+
+def _down_counts(T: int, N: int, inter: int, cfg: dict, pad: int, tma) -> int:
     """How many split-K arrival counts the down launch needs (0: not split); as _launch_down works them out."""
     splits = cfg.get("SPLIT_K", 1)
-    kc = cdiv(cdiv(cdiv(inter, pad) * pad, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    bk = _down_block_k(cfg, pad, tma)
+    kc = cdiv(cdiv(cdiv(inter, pad) * pad, splits), bk) * bk
     return _grid(T, N, cfg)[0] if cdiv(cdiv(inter, pad) * pad, kc) > 1 else 0
 
 
@@ -909,7 +921,7 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
     T, N = out.shape
     if a2 is not None:  # two A and two B tiles per stage: stay in shared memory
         cfg = dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 128), BLOCK_K=cfg["BLOCK_K"] // (2 if cfg["BLOCK_K"] > 64 else 1))
-    cfg = dict(cfg)
+    cfg = dict(cfg, BLOCK_K=_down_block_k(cfg, pad, tma))
     splits = cfg.pop("SPLIT_K", 1)
     b1 = w1.t() if nk else w1
     b2 = (w2.t() if nk else w2) if w2 is not None else b1
@@ -1043,8 +1055,9 @@ class _NestedMLP(torch.autograd.Function):
         dx = dup = ddown = dgate = dub = ddb = None
         if need[0]:
             dx = torch.empty((T, H), dtype=x2.dtype, device=x2.device)
+            # dh and dg hold zeros up to the tile's width rounded up to the smaller of the two N blocks.
             _launch_down(dh, dg, order, sw, up_w, gate_w, False, None, dx, inter, dict(plan["down"], **pdl), srt,
-                         plan["up"]["BLOCK_N"], tma, memo=memo)
+                         min(bn, plan["up"]["BLOCK_N"]), tma, memo=memo)
             dx = dx.view(ctx.x_shape)
         cnt = wider_counts(sw, inter) if srt else None
         if need[2]:
