@@ -360,6 +360,14 @@ EXPLORE = {
     "wgrad_j64_w4": {"wgrad": {"BLOCK_J": 64, "num_warps": 4}},  # 254 / 255 registers of 128 threads, no spills
     "wgrad_j64_w4_s2": {"wgrad": {"BLOCK_J": 64, "num_warps": 4, "num_stages": 2}},
     "wgrad_64x64_w4": {"wgrad": {"BLOCK_J": 64, "BLOCK_N": 64, "num_warps": 4}},  # 128 / 220 registers, no spills
+    # dx (the backward's down product) on its own config (ptxas at 256 tokens: the plan's 255 registers, 224 B
+    # spilled, from the split-K fixup; unsplit 90 registers; 64-column tiles 216, no spills)
+    "dx_split1": {"down_bwd": {"SPLIT_K": 1}},
+    "dx_n64": {"down_bwd": {"BLOCK_N": 64}},
+    "dx_n64_s3": {"down_bwd": {"BLOCK_N": 64, "num_stages": 3}},  # 98 KB shared: two programs per SM
+    # dA in 64x128 tiles (twice the programs; ptxas at 256 tokens: 80 registers in 8 warps, 190 in 4; 98 KB shared)
+    "bwd_up_n128": {"up_bwd": {"BLOCK_N": 128}},
+    "bwd_up_n128_w4": {"up_bwd": {"BLOCK_N": 128, "num_warps": 4}},
     # The weight gradients' tiles by TMA stores (ptxas at 256 tokens: 196 / 250 registers; 64x128 in 4 warps 168 /
     # 255; 64x64 96 / 144; no spills)
     "wgrad_epi": {"wgrad": {"EPI_TMA": True}},

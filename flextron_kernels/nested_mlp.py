@@ -637,7 +637,7 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         up = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
         return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, fused_route=True,
                     route=dict(BLOCK_T=32, BLOCK_U=32, BLOCK_H=64, num_warps=4), up=up, up_bwd={}, down=dict(up),
-                    wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
+                    down_bwd={}, wgrad=dict(BLOCK_J=64, BLOCK_N=64, BLOCK_T=bm, GROUP_M=4))
     # fp32 tiles take twice the shared memory per stage: halve the K step instead of the stages.
     kdiv = 2 if dtype == torch.float32 else 1
     if small:
@@ -712,7 +712,7 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # 4 warps: 255).
     route = dict(BLOCK_T=16, BLOCK_U=min(1024, _pow2(T)), BLOCK_H=128, num_warps=8)
     return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, fused_route=False, pdl=False,
-                route=route, up=up, up_bwd=up_bwd, down=down, wgrad=wgrad)
+                route=route, up=up, up_bwd=up_bwd, down=down, down_bwd={}, wgrad=wgrad)
 
 
 @functools.cache
@@ -1056,7 +1056,8 @@ class _NestedMLP(torch.autograd.Function):
         if need[0]:
             dx = torch.empty((T, H), dtype=x2.dtype, device=x2.device)
             # dh and dg hold zeros up to the tile's width rounded up to the smaller of the two N blocks.
-            _launch_down(dh, dg, order, sw, up_w, gate_w, False, None, dx, inter, dict(plan["down"], **pdl), srt,
+            dx_cfg = dict(plan["down"], **plan["down_bwd"], **pdl)  # dx: the down config with the plan's changes
+            _launch_down(dh, dg, order, sw, up_w, gate_w, False, None, dx, inter, dx_cfg, srt,
                          min(bn, plan["up"]["BLOCK_N"]), tma, memo=memo)
             dx = dx.view(ctx.x_shape)
         cnt = wider_counts(sw, inter) if srt else None
