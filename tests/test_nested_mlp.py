@@ -188,6 +188,19 @@ def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch):
 
 
 @pytest.mark.parametrize("tma", [True, False])
+def test_dx_own_config(tma, monkeypatch):
+    """dx (the backward's down product) on the plan's ``down_bwd`` changes: the forward's down product split along K,
+    dx whole, with narrower column tiles; against the reference, the spy checking each launch's form."""
+    nm = _kernels(tma, monkeypatch, lambda p: dict(p, tma=True, tma_bwd=True, down=dict(p["down"], SPLIT_K=2),
+                                                   down_bwd={"SPLIT_K": 1, "BLOCK_N": 32}))
+    launches = _spy(nm, monkeypatch, "_down_kernel", lambda grid, k: (k["DUAL"], k["SPLIT"], k["BLOCK_N"]))
+    x = randn(150, H, dtype=torch.bfloat16, requires_grad=True)
+    _run(x, _widths("mixed", 150), _params(torch.bfloat16, gated=True, biases=True), "silu", torch.bfloat16)
+    (f_dual, f_split, _), (b_dual, b_split, b_bn) = launches
+    assert not f_dual and f_split and b_dual and not b_split and b_bn == 32
+
+
+@pytest.mark.parametrize("tma", [True, False])
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("ratio", [2, 0.5])
 def test_backward_up_kernel_other_blocks(tma, gated, ratio, monkeypatch):
