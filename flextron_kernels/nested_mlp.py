@@ -25,9 +25,8 @@ Kernels (all fp32 accumulation, weights read through their strides, never copied
 - ``_route_kernel``   the routing of sorted batches up to 1024 tokens in one launch where the plan asks for it
   (``fused_route``): ranks the tokens, gathers ``x`` into sorted order for the TMA form, zeroes the down product's
   split-K counts; and (up to 384 tokens, in that launch or in one of its own) plans which up tiles run past the
-  last whole wave of the chip; the up kernel's second launch runs those cut
-  along N into narrower tiles, so the partial wave ends sooner (a full-width 256-token batch is 1.3 waves of up
-  tiles on an H200).
+  last whole wave of the chip. The up kernel's second launch runs those cut along N into narrower tiles, so the
+  partial wave ends sooner (a full-width 256-token batch is 1.3 waves of up tiles on an H200).
 - ``_wgrad_kernel``   ``C[j, n] = sum_t A[t, j] S[t, n]`` over the tokens using neuron ``j``. Sorted by width
   descending, those are a prefix of the order, so the token loop of a ``BLOCK_J`` block ends at the count
   of tokens wider than its first neuron. Neurons no token uses come out as exact zeros.
