@@ -3,7 +3,7 @@
 # on CUDA with the interpreter off, then every benchmark. Results land in $OUT (device tool) or
 # benchmarks/results/. Usage: bash benchmarks/gpu_check.sh [tests|bench|all] [bench-name-filter]
 #        bash benchmarks/gpu_check.sh explore "<bench_nested_mlp.py --explore arguments>"  (the CUDA suite, then the
-#        nested_mlp variant sweep; a compact table of it at the end)
+#        nested_mlp variant sweep; its table of variant / base times at the end, report.py)
 # Result files are named by commit: where the machine's copy of .git may be stale (the device tool copies the
 # working tree), pass FLEXTRON_COMMIT=<short sha> in the environment; the benchmarks prefer it to git.
 set -uo pipefail
@@ -31,13 +31,8 @@ if [ "$MODE" = explore ]; then
   # shellcheck disable=SC2086  # the arguments are meant to split
   $PY benchmarks/bench_nested_mlp.py --explore $FILTER --out "$OUTDIR" 2>&1 | tee "$OUTDIR/explore.log" | grep -v "^{"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  $PY - "$OUTDIR/explore.log" <<'PY'
-import ast, sys
-for line in open(sys.argv[1]):
-    if line.startswith("{"):
-        row = ast.literal_eval(line)
-        print(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in row.items()))
-PY
+  # shellcheck disable=SC2012  # the newest sweep file
+  $PY benchmarks/report.py "$(ls -t "$OUTDIR"/nested_mlp_explore_*.json | head -1)"
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   for b in benchmarks/bench_*.py; do

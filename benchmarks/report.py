@@ -30,8 +30,38 @@ def sliced_linear_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def explore_table(d: dict) -> str:
+    """``bench_nested_mlp.py --explore``: each variant's times over the plan's (``base``) in the same run, per model,
+    token count and width mix, graph replays where the run has them (below 1025 tokens), eager above; < 1 is faster.
+    The dense row gives the graph-timed cuBLAS MLP where the run has it."""
+    keys = ("fwd_graph_ms", "fwd_bwd_graph_ms", "fwd_ms", "fwd_bwd_ms")
+    groups: dict = {}
+    for r in d["explore"]:
+        groups.setdefault((r.get("model", ""), r["T"], r["mix"]), {})[r["variant"]] = r
+    lines = [f"GPU {d['gpu']}, commit {d['commit']}, {d['date']}: variant time / base time (< 1: faster)", "",
+             "| model | T | mix | variant | fwd | fwd+bwd | base fwd ms | base fwd+bwd ms | dense fwd ms |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for (model, T, mix), rows in groups.items():
+        base, dense = rows.get("base"), rows.get("dense", {})
+        if base is None:
+            continue
+        fwd = next(k for k in keys[::2] if k in base)
+        bwd = next(k for k in keys[1::2] if k in base)
+        for name, r in rows.items():
+            if name in ("base", "dense"):
+                continue
+            if "error" in r:
+                lines.append(f"| {model} | {T} | {mix} | {name} | error: {r['error'][:60]} | | | | |")
+                continue
+            lines.append(f"| {model} | {T} | {mix} | {name} | {r[fwd] / base[fwd]:.3f} | {r[bwd] / base[bwd]:.3f} | "
+                         f"{base[fwd]:.4f} | {base[bwd]:.4f} | {dense.get('fwd_graph_ms', float('nan')):.4f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         d = json.load(open(path))
         if path.split("/")[-1].startswith("sliced_linear"):
             print(sliced_linear_table(d))
+        elif "explore" in d:
+            print(explore_table(d))
