@@ -709,7 +709,7 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # latency-bound: graph replays of 8.7 us at 256 tokens, 20.8 at 1024, one program per 64 tokens). ptxas for
     # sm_90, 16 tokens a program in 8 warps: 77-128 registers at 100-1024 tokens, no spills (64 tokens, steps of 128,
     # 4 warps: 255).
-    route = dict(BLOCK_T=16, BLOCK_U=min(1024, _pow2(T)), BLOCK_H=128, num_warps=8)
+    route = dict(BLOCK_T=16, BLOCK_U=min(1024, max(16, _pow2(T))), BLOCK_H=128, num_warps=8)
     return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, fused_route=False, pdl=False,
                 route=route, up=up, up_bwd=up_bwd, down=down, down_bwd={}, wgrad=wgrad)
 
