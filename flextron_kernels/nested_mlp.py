@@ -994,6 +994,11 @@ def _launch_wgrad(a1, a2, order, sw, cnt, src, c1, c2, db, inter, cfg, sorted_, 
 # ---------------------------------------------------------------------------------------------- autograd
 
 
+# The forward's buffers (a; h and g for the backward) have I rounded up to this many columns: a multiple of every
+# plan's up N block, so their shape depends on I alone (torch.compile's fake tensors get it without the plan).
+_BUF_COLS = 256
+
+
 def _forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, act_id, training):
     """Route, up kernel, down kernel. ``training`` also keeps the pre-activations for backward."""
     H = x.shape[-1]
@@ -1005,10 +1010,12 @@ def _forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths,
     # The TMA form reads x in sorted order: gathered by the routing (T x H, ~1% of the MLP's time at prefill sizes).
     pdl = _pdl(plan, tma)
     sw, order, src, tail_plan, counts = _route(x2, widths, inter, plan, tma, pdl)
-    # Sorted-layout intermediates [T, I rounded up to the up kernel's N block]; a row tile's blocks up to
-    # its width are written (zeros past each row's own width), the rest is never read.
+    # Sorted-layout intermediates [T, I rounded up to _BUF_COLS, a multiple of the up kernel's N block]; a row tile's
+    # blocks up to its width are written (zeros past each row's own width), the rest is never read.
     pad = plan["up"]["BLOCK_N"]
-    a = torch.empty((T, cdiv(inter, pad) * pad), dtype=x.dtype, device=x.device)
+    if _BUF_COLS % pad:
+        raise ValueError(f"the up product's BLOCK_N must divide {_BUF_COLS}, got {pad}")
+    a = torch.empty((T, cdiv(inter, _BUF_COLS) * _BUF_COLS), dtype=x.dtype, device=x.device)
     h = torch.empty_like(a) if training else None
     g = torch.empty_like(a) if training and gate_weight is not None else None
     memo = {}  # host TMA descriptors shared by the launches
@@ -1033,49 +1040,57 @@ class _NestedMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, up_w, down_w, gate_w, up_b, sw, order, h, g = ctx.saved_tensors
-        plan, srt = ctx.plan, ctx.plan["sorted"]
-        T, H = x2.shape
-        inter = up_w.shape[0]
-        dy2 = dy.reshape(-1, H)
-        need = ctx.needs_input_grad
-        # The backward's buffers are as wide as its own up kernel's N blocks need (a multiple of the forward's).
-        up_cfg = _up_bwd_cfg(plan)
-        bn = up_cfg["BLOCK_N"]
-        dh = torch.empty((T, cdiv(inter, bn) * bn), dtype=h.dtype, device=h.device)
-        dg = torch.empty_like(dh) if gate_w is not None else None
-        a = torch.empty_like(dh)
-        tma = plan["tma_bwd"] and _tma_ok(plan, dy2)  # "host", "device" or False
-        pdl = _pdl(plan, tma)
-        # dA = dy Wd[:, :w], then the activation's derivative in the epilogue (a is recomputed there).
-        src = dy2.index_select(0, order) if tma else dy2
-        memo = {}  # host TMA descriptors shared by the launches
-        _launch_up(src, order, sw, down_w, None, False, None, h, g, a, dh, dg, inter, ctx.act_id, True, False,
-                   dict(up_cfg, **pdl), srt, tma, gate_w is not None, memo=memo)
-        dx = dup = ddown = dgate = dub = ddb = None
-        if need[0]:
-            dx = torch.empty((T, H), dtype=x2.dtype, device=x2.device)
-            # dh and dg hold zeros up to the tile's width rounded up to the smaller of the two N blocks.
-            dx_cfg = dict(plan["down"], **plan["down_bwd"], **pdl)  # dx: the down config with the plan's changes
-            _launch_down(dh, dg, order, sw, up_w, gate_w, False, None, dx, inter, dx_cfg, srt,
-                         min(bn, plan["up"]["BLOCK_N"]), tma, memo=memo)
-            dx = dx.view(ctx.x_shape)
-        cnt = wider_counts(sw, inter) if srt else None
-        if need[2]:
-            ddown = torch.empty(down_w.shape, dtype=down_w.dtype, device=down_w.device)
-            # Written as dWd^T[j, n] through strides, so the token loop runs along the neuron axis.
-            # The TMA form reads dy in sorted order: the gather made for dA above.
-            _launch_wgrad(a, None, order, sw, cnt, src, ddown.t(), None, None, inter, dict(plan["wgrad"], **pdl), srt,
-                          tma, memo)
-        if need[1] or need[3] or need[4]:
-            dup = torch.empty(up_w.shape, dtype=up_w.dtype, device=up_w.device)
-            dgate = torch.empty(gate_w.shape, dtype=gate_w.dtype, device=gate_w.device) if gate_w is not None else None
-            dub = torch.empty(inter, dtype=up_w.dtype, device=up_w.device) if up_b is not None else None
-            xs = x2.index_select(0, order) if tma else x2
-            _launch_wgrad(dh, dg, order, sw, cnt, xs, dup, dgate, dub, inter, dict(plan["wgrad"], **pdl), srt, tma,
-                          memo)
-        if ctx.has_down_bias and need[5]:
-            ddb = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, dup, ddown, dgate, dub, ddb, None, None
+        grads = _backward(dy, x2, up_w, down_w, gate_w, up_b, sw, order, h, g, ctx.act_id, ctx.plan, ctx.x_shape,
+                          ctx.has_down_bias, ctx.needs_input_grad[:6])
+        return (*grads, None, None)
+
+
+def _backward(dy, x2, up_w, down_w, gate_w, up_b, sw, order, h, g, act_id, plan, x_shape, has_down_bias, need):
+    """Gradients ``(dx, dup, ddown, dgate, dub, ddb)`` (None where not needed or absent) of one call, from what its
+    forward kept (``_forward``'s extras). ``need``: whether x, up_weight, down_weight, gate_weight, up_bias, down_bias
+    need gradients."""
+    srt = plan["sorted"]
+    T, H = x2.shape
+    inter = up_w.shape[0]
+    dy2 = dy.reshape(-1, H)
+    # The backward's buffers are as wide as its own up kernel's N blocks need (a multiple of the forward's).
+    up_cfg = _up_bwd_cfg(plan)
+    bn = up_cfg["BLOCK_N"]
+    dh = torch.empty((T, cdiv(inter, bn) * bn), dtype=h.dtype, device=h.device)
+    dg = torch.empty_like(dh) if gate_w is not None else None
+    a = torch.empty_like(dh)
+    tma = plan["tma_bwd"] and _tma_ok(plan, dy2)  # "host", "device" or False
+    pdl = _pdl(plan, tma)
+    # dA = dy Wd[:, :w], then the activation's derivative in the epilogue (a is recomputed there).
+    src = dy2.index_select(0, order) if tma else dy2
+    memo = {}  # host TMA descriptors shared by the launches
+    _launch_up(src, order, sw, down_w, None, False, None, h, g, a, dh, dg, inter, act_id, True, False,
+               dict(up_cfg, **pdl), srt, tma, gate_w is not None, memo=memo)
+    dx = dup = ddown = dgate = dub = ddb = None
+    if need[0]:
+        dx = torch.empty((T, H), dtype=x2.dtype, device=x2.device)
+        # dh and dg hold zeros up to the tile's width rounded up to the smaller of the two N blocks.
+        dx_cfg = dict(plan["down"], **plan["down_bwd"], **pdl)  # dx: the down config with the plan's changes
+        _launch_down(dh, dg, order, sw, up_w, gate_w, False, None, dx, inter, dx_cfg, srt,
+                     min(bn, plan["up"]["BLOCK_N"]), tma, memo=memo)
+        dx = dx.view(x_shape)
+    cnt = wider_counts(sw, inter) if srt else None
+    if need[2]:
+        ddown = torch.empty(down_w.shape, dtype=down_w.dtype, device=down_w.device)
+        # Written as dWd^T[j, n] through strides, so the token loop runs along the neuron axis.
+        # The TMA form reads dy in sorted order: the gather made for dA above.
+        _launch_wgrad(a, None, order, sw, cnt, src, ddown.t(), None, None, inter, dict(plan["wgrad"], **pdl), srt,
+                      tma, memo)
+    if need[1] or need[3] or need[4]:
+        dup = torch.empty(up_w.shape, dtype=up_w.dtype, device=up_w.device)
+        dgate = torch.empty(gate_w.shape, dtype=gate_w.dtype, device=gate_w.device) if gate_w is not None else None
+        dub = torch.empty(inter, dtype=up_w.dtype, device=up_w.device) if up_b is not None else None
+        xs = x2.index_select(0, order) if tma else x2
+        _launch_wgrad(dh, dg, order, sw, cnt, xs, dup, dgate, dub, inter, dict(plan["wgrad"], **pdl), srt, tma,
+                      memo)
+    if has_down_bias and need[5]:
+        ddb = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, dup, ddown, dgate, dub, ddb
 
 
 # ---------------------------------------------------------------------------------------------- public op
@@ -1137,7 +1152,8 @@ def nested_mlp(
         widths: integer tensor of shape ``x.shape[:-1]``: the neurons each token uses, ``1 <= w <= I``.
         activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` (GPT-2) or ``"relu"``.
         check_widths: check the range of ``widths`` (one host synchronisation). It is skipped on its own
-            while a CUDA graph is being captured; pass False to skip it in eager decode loops. Unchecked
+            while a CUDA graph is being captured or ``torch.compile`` traces the call; pass False to skip it in
+            eager decode loops. Unchecked
             out-of-range widths are clamped to ``[0, I]`` in the kernels (never read past a weight).
 
     Returns ``[..., H]``: ``a = act(x Wg[:w]^T) * (x Wu[:w]^T + bu[:w])`` with a gate, else
@@ -1148,7 +1164,9 @@ def nested_mlp(
     amp = autocast_dtype(x)
     inter = _check(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, activation, amp is None)
     used = inter
-    if check_widths and widths.numel() > 0 and not (widths.is_cuda and torch.cuda.is_current_stream_capturing()):
+    compiling = torch.compiler.is_compiling()
+    if (check_widths and widths.numel() > 0 and not compiling
+            and not (widths.is_cuda and torch.cuda.is_current_stream_capturing())):
         lo, hi = (int(v) for v in torch.aminmax(widths))
         if lo < 1 or hi > inter:
             raise ValueError(f"widths must be in [1, {inter}] (up_weight.shape[0]), got values in [{lo}, {hi}]")
@@ -1162,7 +1180,11 @@ def nested_mlp(
         return nested_mlp_ref(x, up_weight, down_weight, widths, gate_weight=gate_weight, up_bias=up_bias,
                               down_bias=down_bias, activation=activation)
     tensors = (x, up_weight, down_weight, gate_weight, up_bias, down_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if compiling:  # one opaque custom op in the traced graph (_nested_mlp_op), with its backward registered
+        return torch.ops.flextron.nested_mlp_fwd(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias,
+                                                 _ACT_ID[activation], training)[0]
+    if training:
         return _NestedMLP.apply(*tensors, widths, _ACT_ID[activation])
     # Inference: no autograd node, no saved pre-activations (a decode step pays the least host time).
     return _forward(*tensors, widths, _ACT_ID[activation], False)[0]

@@ -428,6 +428,64 @@ def test_empty_batch():
     assert y.shape == (0, H)
 
 
+# ---------------------------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("T", [7, 100])  # one unsorted tile; sorted, with the tail split
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("frozen", [(), ("x", "up_weight", "down_bias")])
+def test_torch_compile_fullgraph(T, gated, frozen):
+    """Under torch.compile the call is one custom op with its backward registered (fullgraph: no graph break, and
+    check_widths left on: its host sync is skipped while tracing). Output and the gradient of every input that
+    needs one (``frozen`` ones do not) equal the eager op's exactly (the same kernels), and the output the float64
+    reference's within tolerance."""
+    torch._dynamo.reset()
+    dt = torch.bfloat16
+    p = _params(dt, gated=gated, biases=True)
+    x = randn(T, H, dtype=dt, requires_grad=True)
+    w = _widths("mixed", T)
+    dy = randn(T, H, dtype=dt)
+    act = "silu" if gated else "gelu_tanh"
+    for name in frozen:
+        (x if name == "x" else p[name]).requires_grad_(False)
+    leaves = [t for t in (x, *p.values()) if t.requires_grad]
+
+    def step(x, w, p):
+        return nested_mlp(x, p["up_weight"], p["down_weight"], w, activation=act,
+                          **{k: v for k, v in p.items() if k not in ("up_weight", "down_weight")})
+    y_eager = step(x, w, p)
+    g_eager = torch.autograd.grad(y_eager, leaves, dy)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    y = compiled(x, w, p)
+    grads = torch.autograd.grad(y, leaves, dy)
+    assert torch.equal(y, y_eager)
+    assert all(torch.equal(a, b) for a, b in zip(grads, g_eager))
+    pr = {k: v.detach().double() for k, v in p.items()}
+    yr = nested_mlp_ref(x.detach().double(), pr["up_weight"], pr["down_weight"], w, activation=act,
+                        **{k: v for k, v in pr.items() if k not in ("up_weight", "down_weight")})
+    assert_close(y, yr, dt, "y")
+    with torch.no_grad():  # inference: the op without the backward's buffers
+        assert torch.equal(compiled(x, w, p), y_eager)
+
+
+def test_custom_ops_opcheck():
+    """torch.library.opcheck of the forward and backward custom ops: schema, autograd registration, fake tensors, and
+    (where the outputs are deterministic) eager against AOT-dispatch tracing with dynamic shapes. The training
+    forward's h and g are scratch past each row's width (never read, unwritten): that comparison does not apply."""
+    T = 100
+    args = [randn(T, H), randn(I, H), randn(H, I), _widths("mixed", T), randn(I, H), randn(I), randn(H)]
+    op_fwd, op_bwd = torch.ops.flextron.nested_mlp_fwd.default, torch.ops.flextron.nested_mlp_bwd.default
+    torch.library.opcheck(op_fwd, (*args, 0, False))
+    grad_args = [a.requires_grad_() if a.is_floating_point() else a for a in args]
+    torch.library.opcheck(op_fwd, (*grad_args, 0, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    x, up, down, w, gate, ub, db = (a.detach() for a in args)
+    _, sw, order, h, g = op_fwd(x, up, down, w, gate, ub, db, 0, True)
+    dy = randn(T, H)
+    for need in ([True] * 6, [True, False, True, False, False, True]):
+        torch.library.opcheck(op_bwd, (dy, x, up, down, gate, ub, sw, order, h, g, 0, True, need))
+
+
 # ---------------------------------------------------------------------------------------------- routing
 
 

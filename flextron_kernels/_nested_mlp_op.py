@@ -1,0 +1,92 @@
+"""``nested_mlp`` as torch custom ops, for ``torch.compile``.
+
+Traced by Dynamo, ``nested_mlp``'s own Python (plans, TMA descriptors, Triton launches) fails; while compiling it
+calls ``torch.ops.flextron.nested_mlp_fwd`` instead: one opaque op whose fake implementation gives the output
+shapes, with its backward (``nested_mlp_bwd``) registered for autograd. The graph then holds no Triton internals,
+and a compiled decode step can be captured whole (``mode="reduce-overhead"``). Eager calls keep the direct path
+(a custom op's dispatch would add to their host time).
+
+Outputs of ``nested_mlp_fwd``: ``y`` and what the backward needs: the sorted widths, the order (empty where the
+batch is not sorted), and the pre-activations ``h``, ``g`` (empty unless ``training``; ``g`` only with a gate).
+"""
+
+import importlib
+
+import torch
+
+from ._runtime import cdiv
+
+_nm = importlib.import_module(".nested_mlp", __package__)  # the module (the package exports the function by its name)
+
+
+@torch.library.custom_op("flextron::nested_mlp_fwd", mutates_args=())
+def nested_mlp_fwd(x: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.Tensor, widths: torch.Tensor,
+                   gate_weight: torch.Tensor | None, up_bias: torch.Tensor | None,
+                   down_bias: torch.Tensor | None, act_id: int,
+                   training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, (_, sw, order, h, g, _) = _nm._forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths,
+                                              act_id, training)
+    empty = x.new_empty(0)
+    if order is None:  # not sorted: the widths themselves, which a custom op may not return as a view
+        sw, order = sw.clone(), torch.empty(0, dtype=torch.int64, device=x.device)
+    return y, sw, order, h if h is not None else empty, g if g is not None else empty.clone()
+
+
+@nested_mlp_fwd.register_fake
+def _(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, act_id, training):
+    T = widths.numel()
+    cols = cdiv(up_weight.shape[0], _nm._BUF_COLS) * _nm._BUF_COLS
+    order = torch.empty((T,) if T > _nm._UNSORTED_MAX_T else (0,), dtype=torch.int64, device=x.device)
+    h = x.new_empty((T, cols) if training else (0,))
+    g = x.new_empty((T, cols) if training and gate_weight is not None else (0,))
+    return x.new_empty(x.shape), widths.new_empty(T), order, h, g
+
+
+@torch.library.custom_op("flextron::nested_mlp_bwd", mutates_args=())
+def nested_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.Tensor,
+                   gate_weight: torch.Tensor | None, up_bias: torch.Tensor | None, sw: torch.Tensor,
+                   order: torch.Tensor, h: torch.Tensor, g: torch.Tensor, act_id: int, has_down_bias: bool,
+                   need: list[bool]) -> list[torch.Tensor]:
+    """Gradients of x, up_weight, down_weight, gate_weight, up_bias, down_bias: each an empty tensor where ``need``
+    says it is not needed (or the input is absent)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    plan = _nm._plan(x2.shape[0], x.dtype)
+    # The forward's choice of tile form, made again from the same tensors.
+    plan = dict(plan, tma=bool(_nm._tma_ok(plan, x2, up_weight, down_weight, gate_weight)))
+    grads = _nm._backward(dy, x2, up_weight, down_weight, gate_weight, up_bias, sw,
+                          order if plan["sorted"] else None, h, g if gate_weight is not None else None, act_id, plan,
+                          x.shape, has_down_bias, need)
+    return [t if (t is not None and n) else dy.new_empty(0) for t, n in zip(grads, need)]
+
+
+@nested_mlp_bwd.register_fake
+def _(dy, x, up_weight, down_weight, gate_weight, up_bias, sw, order, h, g, act_id, has_down_bias, need):
+    like = (x, up_weight, down_weight, gate_weight, up_bias, None)
+    out = []
+    for i, (t, n) in enumerate(zip(like, need)):
+        if i == 5:  # down_bias: [H]
+            out.append(dy.new_empty(x.shape[-1]) if n and has_down_bias else dy.new_empty(0))
+        else:
+            out.append(t.new_empty(t.shape) if n and t is not None else dy.new_empty(0))
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, act_id, training = inputs
+    _, sw, order, h, g = output
+    ctx.save_for_backward(x, up_weight, down_weight, gate_weight, up_bias, sw, order, h, g)
+    ctx.act_id, ctx.has_down_bias = act_id, down_bias is not None
+    ctx.mark_non_differentiable(sw, order, h, g)
+
+
+def _backward(ctx, dy, *_):
+    x, up_weight, down_weight, gate_weight, up_bias, sw, order, h, g = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    need = [n[0], n[1], n[2], n[4], n[5], n[6]]
+    grads = torch.ops.flextron.nested_mlp_bwd(dy.contiguous(), x, up_weight, down_weight, gate_weight, up_bias, sw,
+                                              order, h, g, ctx.act_id, ctx.has_down_bias, need)
+    dx, dup, ddown, dgate, dub, ddb = (t if k else None for t, k in zip(grads, need))
+    return dx, dup, ddown, None, dgate, dub, ddb, None, None
+
+
+nested_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
