@@ -5,7 +5,7 @@ Every op reads weight prefixes in place (no copies) and has a plain-torch defini
 ``TRITON_INTERPRET=1`` (the tests) and otherwise the reference runs.
 """
 
-from . import _nested_mlp_op  # noqa: F401  (registers nested_mlp's custom ops for torch.compile)
+from . import _ops  # noqa: F401  (registers the ops' custom ops for torch.compile)
 from .elastic_attention import elastic_attention
 from .elastic_attention_decode import elastic_attention_decode
 from .nested_mlp import nested_mlp

@@ -1181,7 +1181,7 @@ def nested_mlp(
                               down_bias=down_bias, activation=activation)
     tensors = (x, up_weight, down_weight, gate_weight, up_bias, down_bias)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if compiling:  # one opaque custom op in the traced graph (_nested_mlp_op), with its backward registered
+    if compiling:  # one opaque custom op in the traced graph (_ops), with its backward registered
         return torch.ops.flextron.nested_mlp_fwd(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias,
                                                  _ACT_ID[activation], training)[0]
     if training:

@@ -304,24 +304,29 @@ class _SlicedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight = ctx.saved_tensors
-        n, k = ctx.n, x2.shape[1]
-        dy2 = _flatten(dy)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
-            matmul_strided(dy2, weight, dx, None, dx.shape[0], k, n, *dy2.stride(), *weight.stride(), k, 1)
-            dx = dx.view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            # Only the complement is zero-filled: the kernel writes the prefix once.
-            dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
-            dw[n:].zero_()
-            dw[:n, k:].zero_()
-            sd0, sd1 = dy2.stride()
-            matmul_strided(dy2, x2, dw, None, n, k, x2.shape[0], sd1, sd0, *x2.stride(), *dw.stride())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = torch.zeros(weight.shape[0], dtype=dy.dtype, device=dy.device)
-            db[:n] = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, dw, db, None
+        return (*_backward(dy, x2, weight, ctx.n, ctx.x_shape, ctx.has_bias, ctx.needs_input_grad[:3]), None)
+
+
+def _backward(dy, x2, weight, n: int, x_shape, has_bias: bool, need):
+    """``(dx, dw, db)`` (None where not needed): ``need`` says whether x, weight and bias need gradients."""
+    k = x2.shape[1]
+    dy2 = _flatten(dy)
+    dx = dw = db = None
+    if need[0]:
+        dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+        matmul_strided(dy2, weight, dx, None, dx.shape[0], k, n, *dy2.stride(), *weight.stride(), k, 1)
+        dx = dx.view(x_shape)
+    if need[1]:
+        # Only the complement is zero-filled: the kernel writes the prefix once.
+        dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        dw[n:].zero_()
+        dw[:n, k:].zero_()
+        sd0, sd1 = dy2.stride()
+        matmul_strided(dy2, x2, dw, None, n, k, x2.shape[0], sd1, sd0, *x2.stride(), *dw.stride())
+    if has_bias and need[2]:
+        db = torch.zeros(weight.shape[0], dtype=dy.dtype, device=dy.device)
+        db[:n] = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, dw, db
 
 
 def _check(x, weight, bias, out_features, same_dtype: bool = True) -> int:
@@ -360,6 +365,8 @@ def sliced_linear(
         x, weight, bias = cast_to(amp, x, weight[:n, :k], None if bias is None else bias[:n])
     if not use_triton(x):
         return sliced_linear_ref(x, weight, bias, n)
+    if torch.compiler.is_compiling():  # one opaque custom op in the traced graph (_ops), its backward registered
+        return torch.ops.flextron.sliced_linear_fwd(x, weight, bias, n)
     needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if needs_grad and torch.is_grad_enabled():
         return _SlicedLinear.apply(x, weight, bias, n)

@@ -138,6 +138,44 @@ def test_full_width_matches_linear():
     assert_close(sliced_linear(x, w, b), torch.nn.functional.linear(x.double(), w.double(), b.double()), torch.float32)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("frozen", [(), ("x", "bias")])
+def test_torch_compile_fullgraph(with_bias, frozen):
+    """Under torch.compile (fullgraph: no graph break) the call is one custom op with its backward registered:
+    output and the gradient of every input that needs one equal the eager op's exactly (the same kernels)."""
+    torch._dynamo.reset()
+    w = randn(200, 130, scale=130**-0.5, requires_grad=True)
+    b = randn(200, requires_grad=True) if with_bias else None
+    x = randn(3, 7, 127, requires_grad=True)
+    for name in frozen:
+        if name == "x" or b is not None:
+            (x if name == "x" else b).requires_grad_(False)
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    dy = randn(3, 7, 129)
+
+    def step(x, w, b):
+        return sliced_linear(x, w, b, out_features=129)
+    y_eager = step(x, w, b)
+    g_eager = torch.autograd.grad(y_eager, leaves, dy)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    y = compiled(x, w, b)
+    grads = torch.autograd.grad(y, leaves, dy)
+    assert y.shape == (3, 7, 129) and torch.equal(y, y_eager)
+    assert all(torch.equal(a, c) for a, c in zip(grads, g_eager))
+    assert_close(y, _reference(x, w, b, 129), torch.float32)
+
+
+def test_custom_ops_opcheck():
+    """torch.library.opcheck of the forward and backward custom ops (schema, autograd registration, fake tensors,
+    eager against AOT-dispatch tracing with dynamic shapes)."""
+    w, b, x = randn(200, 130, requires_grad=True), randn(200, requires_grad=True), randn(9, 127, requires_grad=True)
+    torch.library.opcheck(torch.ops.flextron.sliced_linear_fwd.default, (x, w, b, 129))
+    torch.library.opcheck(torch.ops.flextron.sliced_linear_fwd.default, (x.detach(), w.detach(), None, 77))
+    for need in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(torch.ops.flextron.sliced_linear_bwd.default,
+                              (randn(9, 129), x.detach(), w.detach(), True, 129, need))
+
+
 def test_empty_batch():
     w, x = randn(16, 8), randn(0, 8)
     assert sliced_linear(x, w).shape == (0, 16)

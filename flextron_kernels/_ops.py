@@ -1,10 +1,10 @@
-"""``nested_mlp`` as torch custom ops, for ``torch.compile``.
+"""The ops as torch custom ops, for ``torch.compile``.
 
-Traced by Dynamo, ``nested_mlp``'s own Python (plans, TMA descriptors, Triton launches) fails; while compiling it
-calls ``torch.ops.flextron.nested_mlp_fwd`` instead: one opaque op whose fake implementation gives the output
-shapes, with its backward (``nested_mlp_bwd``) registered for autograd. The graph then holds no Triton internals,
-and a compiled decode step can be captured whole (``mode="reduce-overhead"``). Eager calls keep the direct path
-(a custom op's dispatch would add to their host time).
+Traced by Dynamo, an op's own Python (plans, TMA descriptors, Triton launches) fails; while compiling, each op
+calls its ``torch.ops.flextron.*_fwd`` instead: one opaque op whose fake implementation gives the output shapes,
+with its backward (``*_bwd``) registered for autograd. The graph then holds no Triton internals, and a compiled
+decode step can be captured whole (``mode="reduce-overhead"``). Eager calls keep the direct path (a custom op's
+dispatch would add to their host time).
 
 Outputs of ``nested_mlp_fwd``: ``y`` and what the backward needs: the sorted widths, the order (empty where the
 batch is not sorted), and the pre-activations ``h``, ``g`` (empty unless ``training``; ``g`` only with a gate).
@@ -16,7 +16,9 @@ import torch
 
 from ._runtime import cdiv
 
-_nm = importlib.import_module(".nested_mlp", __package__)  # the module (the package exports the function by its name)
+# The modules (the package exports each op's function by the module's name).
+_nm = importlib.import_module(".nested_mlp", __package__)
+_sl = importlib.import_module(".sliced_linear", __package__)
 
 
 @torch.library.custom_op("flextron::nested_mlp_fwd", mutates_args=())
@@ -71,7 +73,7 @@ def _(dy, x, up_weight, down_weight, gate_weight, up_bias, sw, order, h, g, act_
     return out
 
 
-def _setup_context(ctx, inputs, output):
+def _nm_setup_context(ctx, inputs, output):
     x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, act_id, training = inputs
     _, sw, order, h, g = output
     ctx.save_for_backward(x, up_weight, down_weight, gate_weight, up_bias, sw, order, h, g)
@@ -79,7 +81,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(sw, order, h, g)
 
 
-def _backward(ctx, dy, *_):
+def _nm_backward(ctx, dy, *_):
     x, up_weight, down_weight, gate_weight, up_bias, sw, order, h, g = ctx.saved_tensors
     n = ctx.needs_input_grad
     need = [n[0], n[1], n[2], n[4], n[5], n[6]]
@@ -89,4 +91,48 @@ def _backward(ctx, dy, *_):
     return dx, dup, ddown, None, dgate, dub, ddb, None, None
 
 
-nested_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+nested_mlp_fwd.register_autograd(_nm_backward, setup_context=_nm_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- sliced_linear
+
+
+@torch.library.custom_op("flextron::sliced_linear_fwd", mutates_args=())
+def sliced_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    return _sl._forward(_sl._flatten(x), weight, bias, n).view(*x.shape[:-1], n)
+
+
+@sliced_linear_fwd.register_fake
+def _(x, weight, bias, n):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("flextron::sliced_linear_bwd", mutates_args=())
+def sliced_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, n: int,
+                      need: list[bool]) -> list[torch.Tensor]:
+    """Gradients of x, weight and bias: each an empty tensor where ``need`` says it is not needed."""
+    grads = _sl._backward(dy, _sl._flatten(x), weight, n, x.shape, has_bias, need)
+    return [t if (t is not None and k) else dy.new_empty(0) for t, k in zip(grads, need)]
+
+
+@sliced_linear_bwd.register_fake
+def _(dy, x, weight, has_bias, n, need):
+    return [x.new_empty(x.shape) if need[0] else dy.new_empty(0),
+            weight.new_empty(weight.shape) if need[1] else dy.new_empty(0),
+            dy.new_empty(weight.shape[0]) if need[2] and has_bias else dy.new_empty(0)]
+
+
+def _sl_setup_context(ctx, inputs, output):
+    x, weight, bias, n = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.n, ctx.has_bias = n, bias is not None
+
+
+def _sl_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    need = list(ctx.needs_input_grad[:3])
+    grads = torch.ops.flextron.sliced_linear_bwd(dy, x, weight, ctx.has_bias, ctx.n, need)
+    return (*(t if k else None for t, k in zip(grads, need)), None)
+
+
+sliced_linear_fwd.register_autograd(_sl_backward, setup_context=_sl_setup_context)
