@@ -19,6 +19,8 @@ from ._runtime import cdiv
 # The modules (the package exports each op's function by the module's name).
 _nm = importlib.import_module(".nested_mlp", __package__)
 _sl = importlib.import_module(".sliced_linear", __package__)
+_ea = importlib.import_module(".elastic_attention", __package__)
+_ead = importlib.import_module(".elastic_attention_decode", __package__)
 
 
 @torch.library.custom_op("flextron::nested_mlp_fwd", mutates_args=())
@@ -136,3 +138,59 @@ def _sl_backward(ctx, dy):
 
 
 sliced_linear_fwd.register_autograd(_sl_backward, setup_context=_sl_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- elastic_attention
+
+
+@torch.library.custom_op("flextron::elastic_attention_fwd", mutates_args=())
+def elastic_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, causal: bool,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)``: the output and each query row's log-sum-exp (the backward's)."""
+    return _ea._forward(q, k, v, heads, causal, scale)
+
+
+@elastic_attention_fwd.register_fake
+def _(q, k, v, heads, causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("flextron::elastic_attention_bwd", mutates_args=())
+def elastic_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, heads: torch.Tensor, causal: bool,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ea._backward(do, q, k, v, o, lse, heads, causal, scale)
+
+
+@elastic_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, heads, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _ea_setup_context(ctx, inputs, output):
+    q, k, v, heads, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, heads)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _ea_backward(ctx, do, _dlse):
+    q, k, v, o, lse, heads = ctx.saved_tensors
+    dq, dk, dv = torch.ops.flextron.elastic_attention_bwd(do, q, k, v, o, lse, heads, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+elastic_attention_fwd.register_autograd(_ea_backward, setup_context=_ea_setup_context)
+
+
+@torch.library.custom_op("flextron::elastic_attention_decode_fwd", mutates_args=())
+def elastic_attention_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 cache_lens: torch.Tensor, heads: torch.Tensor, scale: float) -> torch.Tensor:
+    """Inference only, as ``elastic_attention_decode``."""
+    return _ead._decode(q, k_cache, v_cache, cache_lens, heads, scale)
+
+
+@elastic_attention_decode_fwd.register_fake
+def _(q, k_cache, v_cache, cache_lens, heads, scale):
+    return q.new_empty(q.shape)

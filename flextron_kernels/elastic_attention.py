@@ -399,8 +399,9 @@ def check_head_dim(name: str, d: int) -> None:
 
 def values_checked(t: torch.Tensor, validate: bool) -> bool:
     """Whether to check a tensor's values, which costs one host sync: not when asked not to, nor while a CUDA
-    graph is being captured (a sync is illegal there)."""
-    return validate and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    graph is being captured (a sync is illegal there) or torch.compile traces the call."""
+    capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
+    return validate and not capturing and not torch.compiler.is_compiling()
 
 
 def heads_tensor(num_heads, batch: int, hq: int, rep: int, device: torch.device, validate: bool = True) -> torch.Tensor:
@@ -472,7 +473,8 @@ def elastic_attention(
         num_heads: ``None`` (all heads), an int, or an integer tensor ``[B]``; each a multiple of ``Hq // Hkv``
             in ``[Hq // Hkv, Hq]``.
         validate: check a ``num_heads`` tensor's values, at the cost of one host sync per call; skipped anyway
-            while a CUDA graph is captured. Unchecked, heads ``h < num_heads[b]`` are kept (clamped to [0, Hq]).
+            while a CUDA graph is captured or torch.compile traces the call. Unchecked, heads ``h < num_heads[b]``
+            are kept (clamped to [0, Hq]).
         causal: mask key ``j > i + (Sk - Sq)`` (needs ``Sk >= Sq``).
         scale: softmax scale, default ``1 / sqrt(D)``.
 
@@ -486,4 +488,6 @@ def elastic_attention(
         return elastic_attention_ref(q, k, v, heads.long(), causal=causal, scale=scale)
     if q.numel() == 0 or k.shape[2] == 0:
         return elastic_attention_ref(q, k, v, heads.long(), causal=causal, scale=scale)
+    if torch.compiler.is_compiling():  # one opaque custom op in the traced graph (_ops), its backward registered
+        return torch.ops.flextron.elastic_attention_fwd(q, k, v, heads, bool(causal), scale)[0]
     return _ElasticAttention.apply(q, k, v, heads, bool(causal), scale)

@@ -230,18 +230,28 @@ def elastic_attention_decode(
         num_heads: as in ``elastic_attention``: None, an int, or an integer tensor ``[B]``.
         scale: softmax scale, default ``1 / sqrt(D)``.
         validate: check ``cache_lens`` (and a ``num_heads`` tensor) with one host sync; skipped anyway during
-            CUDA graph capture. A decode loop that already trusts its lengths passes False to stay sync-free.
+            CUDA graph capture and torch.compile tracing. A decode loop that already trusts its lengths passes False
+            to stay sync-free.
 
     Returns ``[B, Hq, D]`` in ``q``'s dtype; heads past a sequence's budget are zeros and read no cache.
     Inference only (no autograd).
     """
     q, k_cache, v_cache = cast_to(autocast_dtype(q), q, k_cache, v_cache)  # as SDPA under autocast
     heads = _check(q, k_cache, v_cache, cache_lens, num_heads, scale, validate)
-    B, HQ, D = q.shape
-    HKV, S_MAX = k_cache.shape[1], k_cache.shape[2]
+    B, D = q.shape[0], q.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not use_triton(q) or B == 0:
         return elastic_attention_decode_ref(q, k_cache, v_cache, cache_lens, heads.long(), scale=scale)
+    if torch.compiler.is_compiling():  # one opaque custom op in the traced graph (_ops); no gradient, as eager
+        return torch.ops.flextron.elastic_attention_decode_fwd(q.detach(), k_cache.detach(), v_cache.detach(),
+                                                               cache_lens, heads, scale)
+    return _decode(q, k_cache, v_cache, cache_lens, heads, scale)
+
+
+def _decode(q, k_cache, v_cache, cache_lens, heads, scale: float) -> torch.Tensor:
+    """The two launches of a decode step (split over the cache, then the merge of the splits)."""
+    B, HQ, D = q.shape
+    HKV, S_MAX = k_cache.shape[1], k_cache.shape[2]
     rep = HQ // HKV
     chunk, nsplit = _chunking(B, HKV, S_MAX, q.device)
     po = torch.empty((B, HQ, nsplit, D), dtype=torch.float32, device=q.device)

@@ -152,6 +152,54 @@ def test_decode_matches_prefill_last_row():
     assert_close(elastic_attention_decode(q[:, :, -1], k, v, lens, heads), full[:, :, -1].double(), torch.float32)
 
 
+# ---------------------------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("frozen", [False, True])  # every input needs a gradient, or only q
+def test_torch_compile_fullgraph(frozen):
+    """Prefill and decode under torch.compile (fullgraph: no graph break; validate left on, skipped while tracing):
+    each call one custom op, the prefill's backward registered. Outputs and gradients equal the eager ops' exactly
+    (the same kernels)."""
+    torch._dynamo.reset()
+    q, k, v = _qkv(2, 4, 2, 70, 32, torch.float32, requires_grad=True)
+    if frozen:
+        k.requires_grad_(False)
+        v.requires_grad_(False)
+    leaves = [t for t in (q, k, v) if t.requires_grad]
+    heads = torch.tensor([2, 4], device=DEVICE)
+    lens = torch.tensor([70, 31], device=DEVICE)
+    do = torch.randn_like(q)
+
+    def step(q, k, v, heads, lens):
+        return elastic_attention(q, k, v, heads), elastic_attention_decode(q[:, :, -1].detach(), k, v, lens, heads)
+    o_eager, d_eager = step(q, k, v, heads, lens)
+    g_eager = torch.autograd.grad(o_eager, leaves, do)
+    o, d = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, heads, lens)
+    grads = torch.autograd.grad(o, leaves, do)
+    assert torch.equal(o, o_eager) and torch.equal(d, d_eager)
+    assert all(torch.equal(a, b) for a, b in zip(grads, g_eager))
+
+
+def test_custom_ops_opcheck():
+    """torch.library.opcheck of the prefill's forward and backward custom ops and the decode op (schema, autograd
+    registration, fake tensors, eager against AOT-dispatch tracing with dynamic shapes). The forward's log-sum-exp is
+    scratch in heads past a budget (never read, unwritten): the eager-against-traced comparison runs with every
+    head kept."""
+    q, k, v = _qkv(2, 4, 2, 70, 32, torch.float32, requires_grad=True)
+    heads = torch.tensor([2, 4], device=DEVICE, dtype=torch.int32)
+    op_fwd = torch.ops.flextron.elastic_attention_fwd.default
+    torch.library.opcheck(op_fwd, (q, k, v, heads, True, 0.2),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(op_fwd, (q, k, v, torch.full_like(heads, 4), True, 0.2))
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    o, lse = torch.ops.flextron.elastic_attention_fwd(qd, kd, vd, heads, True, 0.2)
+    torch.library.opcheck(torch.ops.flextron.elastic_attention_bwd.default,
+                          (torch.randn_like(o), qd, kd, vd, o, lse, heads, True, 0.2))
+    lens = torch.tensor([70, 31], device=DEVICE, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.flextron.elastic_attention_decode_fwd.default,
+                          (qd[:, :, -1], kd, vd, lens, heads, 0.2))
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
