@@ -131,6 +131,35 @@ def test_per_token_mlp_widths(calls):
         mlp(x, widths[:, :3])
 
 
+def test_torch_compile_whole_model():
+    """A FlextronModel (head budgets, per-token MLP widths) under torch.compile: one graph, no graph break (each
+    kernel is an opaque custom op), logits equal to eager exactly, and a training step's loss and gradients equal to
+    eager's within float32 rounding."""
+    torch._dynamo.reset()
+    fm = FlextronModel.from_hf(_model(4))
+    fm.set_subnet(Subnet(mlp=[40, 80], heads=[2, 4]))
+    ids = _ids()
+    g = torch.Generator().manual_seed(5)
+    for m in fm.mlp_blocks:
+        m.token_widths = torch.randint(1, 81, ids.shape, generator=g).to(DEVICE)
+    explained = torch._dynamo.explain(fm)(ids)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(fm, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(ids).logits, fm(ids).logits)
+    params = [p for p in fm.parameters() if p.requires_grad]
+    losses, grads = [], []
+    for model in (fm, compiled):
+        loss = model(ids, labels=ids).loss
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=0)
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel(b, a) < 1e-5
+
+
 def test_no_padding_drops_a_materialised_causal_mask(calls):
     """Under ``no_padding()`` a plain causal mask (what transformers builds during CUDA-graph capture) no longer
     sends attention to SDPA: the causal kernel runs, with the same result."""
