@@ -160,6 +160,22 @@ def test_torch_compile_whole_model():
             assert rel(b, a) < 1e-5
 
 
+def test_generate_with_compiled_forward(calls):
+    """Greedy generation with the model's forward under torch.compile (prefill and the decode steps against the cache:
+    elastic_attention_decode as its custom op, no graph break) gives the eager tokens."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    fm = FlextronModel.from_hf(_model(6))
+    fm.set_subnet(Subnet(mlp=[40, 80], heads=[2, 4]))
+    ids = _ids()
+    kw = dict(max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
+    want = fm.generate(ids, **kw)
+    assert calls["prefill"] > 0 and calls["decode"] > 0, calls  # the kernels' paths, not SDPA's
+    fm.forward = torch.compile(fm.forward, backend="aot_eager")
+    assert torch.equal(fm.generate(ids, **kw), want)
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
 def test_no_padding_drops_a_materialised_causal_mask(calls):
     """Under ``no_padding()`` a plain causal mask (what transformers builds during CUDA-graph capture) no longer
     sends attention to SDPA: the causal kernel runs, with the same result."""
