@@ -400,8 +400,10 @@ def check_head_dim(name: str, d: int) -> None:
 def values_checked(t: torch.Tensor, validate: bool) -> bool:
     """Whether to check a tensor's values, which costs one host sync: not when asked not to, nor while a CUDA
     graph is being captured (a sync is illegal there) or torch.compile traces the call."""
-    capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
-    return validate and not capturing and not torch.compiler.is_compiling()
+    # is_compiling first: torch.compile cannot trace is_current_stream_capturing (a graph break on CUDA).
+    if not validate or torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def heads_tensor(num_heads, batch: int, hq: int, rep: int, device: torch.device, validate: bool = True) -> torch.Tensor:

@@ -677,8 +677,15 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
         # Up to 384 tokens, token steps of 32 in the weight gradients: no register spills (ptxas: dWu+dWg 255
         # registers and 268 bytes spilled with steps of 64) and forward+backward (graph, 256 tokens) 0.6-2.4% faster
         # in all four cases tried; at 8192 tokens the same change was 20% slower in the weight-gradient kernel.
-        wgrad = dict(BLOCK_J=128, BLOCK_N=128, BLOCK_T=(32 if few else 64) // kdiv, GROUP_M=8, num_warps=8,
-                     num_stages=3)
+        # There also 64-neuron blocks in 4 warps (twice the programs: the K loop of 8 token steps is short) with the
+        # tiles stored by TMA: forward+backward (graph, 256 tokens; H200, f292716) 0.913-0.934x the 128x128 / 8-warp
+        # pointer-store config in all four cases (Llama-2-7B, Llama-3-8B; uniform, all-full), 0.930-0.944x without
+        # the TMA stores; at 1024 tokens it was 0.99-1.04x, so 128x128 stays there.
+        if few:
+            wgrad = dict(BLOCK_J=64, BLOCK_N=128, BLOCK_T=32 // kdiv, GROUP_M=8, num_warps=4, num_stages=3,
+                         EPI_TMA=True)
+        else:
+            wgrad = dict(BLOCK_J=128, BLOCK_N=128, BLOCK_T=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
     else:
         # Prefill: wgmma-sized tiles; GROUP_M row tiles share each band of weight tiles through L2.
         up = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=8, num_stages=3)
@@ -701,16 +708,19 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # Descriptors from the host. Building them in the kernel (dev_desc, tl.make_tensor_descriptor) cost GPU time
     # in every program: graph replay at 256 tokens 0.134 ms against 0.126, and 5-10% at 8192-16384 tokens; the
     # host time it saves was within the run-to-run noise of --host (+-40 us per call; benchmarks/NOTES.md).
-    # The routing in one launch (fused_route, _route_kernel) and programmatic dependent launch (pdl): written in a
-    # session with no GPU lent (2026-12-04); off on the GPU until a run there has checked and timed them (EXPLORE
-    # "route1", "pdl", "route1_pdl" in bench_nested_mlp.py). The interpreter runs the routing launch throughout.
+    # The routing in one launch (fused_route, _route_kernel; sorted batches up to _ROUTE_MAX_T tokens) in place of
+    # three (rank + scatter, gather of x, tail plan): graph forward (H200, f292716) 0.952-0.959x the three launches'
+    # time at 256 tokens, 0.959-0.980x at 1024 (Llama-2-7B, Llama-3-8B; uniform, all-full); torch.profiler at 256
+    # tokens: 6.2 us against 5.0 + 2.5 + 3.8. Programmatic dependent launch (pdl: every TMA-form kernel launched
+    # early, waiting on griddepcontrol before its first load) was 0.98-1.05x at 256 tokens and 0.99-1.06x with
+    # the fused routing: off.
     # The routing launch's blocks: BLOCK_T tokens ranked per program, counting BLOCK_U tokens a step; BLOCK_H columns
     # a gather step. Every program counts over all T tokens: in one step here (the count kernel's steps of 128 are
     # latency-bound: graph replays of 8.7 us at 256 tokens, 20.8 at 1024, one program per 64 tokens). ptxas for
     # sm_90, 16 tokens a program in 8 warps: 77-128 registers at 100-1024 tokens, no spills (64 tokens, steps of 128,
     # 4 warps: 255).
     route = dict(BLOCK_T=16, BLOCK_U=min(1024, max(16, _pow2(T))), BLOCK_H=128, num_warps=8)
-    return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, fused_route=False, pdl=False,
+    return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, fused_route=True, pdl=False,
                 route=route, up=up, up_bwd=up_bwd, down=down, down_bwd={}, wgrad=wgrad)
 
 
