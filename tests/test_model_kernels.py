@@ -133,7 +133,9 @@ def test_per_token_mlp_widths(calls):
 
 def test_torch_compile_whole_model():
     """A FlextronModel (head budgets, per-token MLP widths) under torch.compile: one graph, no graph break (each
-    kernel is an opaque custom op), logits equal to eager exactly, and a training step's loss and gradients equal to
+    kernel is an opaque custom op), logits equal to eager's (exactly on CPU; within float32 rounding on CUDA, where
+    the traced graph's own torch ops round differently: the plain HF model under aot_eager differed from eager by
+    1.3e-7 on an H200, the FlextronModel by 2e-7 relative), and a training step's loss and gradients equal to
     eager's within float32 rounding."""
     torch._dynamo.reset()
     fm = FlextronModel.from_hf(_model(4))
@@ -146,7 +148,11 @@ def test_torch_compile_whole_model():
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
     compiled = torch.compile(fm, backend="aot_eager")
     with torch.no_grad():
-        assert torch.equal(compiled(ids).logits, fm(ids).logits)
+        got, want = compiled(ids).logits, fm(ids).logits
+    if DEVICE == "cpu":
+        assert torch.equal(got, want)
+    else:
+        assert rel(got, want) < 1e-6
     params = [p for p in fm.parameters() if p.requires_grad]
     losses, grads = [], []
     for model in (fm, compiled):
