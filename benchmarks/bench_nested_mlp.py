@@ -368,6 +368,8 @@ EXPLORE = {
     # dA in 64x128 tiles (twice the programs; ptxas at 256 tokens: 80 registers in 8 warps, 190 in 4; 98 KB shared)
     "bwd_up_n128": {"up_bwd": {"BLOCK_N": 128}},
     "bwd_up_n128_w4": {"up_bwd": {"BLOCK_N": 128, "num_warps": 4}},
+    # the backward at 256 tokens before 90ebac9's sweep (dx in two K chunks, dA on the forward's 64x256 tiles)
+    "bwd_prev": {"down_bwd": {"SPLIT_K": 2}, "up_bwd": {"BLOCK_N": 256}},
     # The weight gradients' tiles by TMA stores (ptxas at 256 tokens: 196 / 250 registers; 64x128 in 4 warps 168 /
     # 255; 64x64 96 / 144; no spills)
     "wgrad_epi": {"wgrad": {"EPI_TMA": True}},

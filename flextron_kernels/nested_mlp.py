@@ -698,6 +698,15 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # Its epilogue in two N halves: 255 registers and 372-452 bytes of spills otherwise (ptxas for sm_90 at 256 and
     # 8192 tokens, benchmarks/kernel_regs.py), 182-194 registers and none in halves.
     up_bwd = {} if small else {"num_stages": 4, "EPI_SPLIT": 2}
+    # Up to 384 tokens, the backward's dx (down product) in one K chunk, and dA (up product) in 64x128 tiles (twice
+    # the forward's 64x256 programs): forward+backward (graph, 256 tokens, H200, 90ebac9) 0.972-0.982x with dx
+    # unsplit (ptxas: the split-K fixup had 255 registers and 224 B spilled, unsplit 90 registers), 0.986-0.992x
+    # with the narrower dA, in all four cases (Llama-2-7B, Llama-3-8B; uniform, all-full). 64-column dx tiles were
+    # 1.03-1.10x, the down product in 8 warps 1.45-1.53x.
+    down_bwd = {}
+    if not small and T <= 384:
+        down_bwd = {"SPLIT_K": 1}
+        up_bwd["BLOCK_N"] = 128 // kdiv
     # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and
     # a weight-gradient neuron block must lie inside one up-kernel N block.
     assert up["BLOCK_M"] % down["BLOCK_M"] == 0 and up["BLOCK_N"] % wgrad["BLOCK_J"] == 0
@@ -721,7 +730,7 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # 4 warps: 255).
     route = dict(BLOCK_T=16, BLOCK_U=min(1024, max(16, _pow2(T))), BLOCK_H=128, num_warps=8)
     return dict(sorted=not small, tma=not small, tma_bwd=not small, dev_desc=False, fused_route=True, pdl=False,
-                route=route, up=up, up_bwd=up_bwd, down=down, down_bwd={}, wgrad=wgrad)
+                route=route, up=up, up_bwd=up_bwd, down=down, down_bwd=down_bwd, wgrad=wgrad)
 
 
 @functools.cache
