@@ -698,13 +698,14 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # Its epilogue in two N halves: 255 registers and 372-452 bytes of spills otherwise (ptxas for sm_90 at 256 and
     # 8192 tokens, benchmarks/kernel_regs.py), 182-194 registers and none in halves.
     up_bwd = {} if small else {"num_stages": 4, "EPI_SPLIT": 2}
-    # Up to 384 tokens, the backward's dx (down product) in one K chunk, and dA (up product) in 64x128 tiles (twice
+    # Up to 256 tokens, the backward's dx (down product) in one K chunk, and dA (up product) in 64x128 tiles (twice
     # the forward's 64x256 programs): forward+backward (graph, 256 tokens, H200, 90ebac9) 0.972-0.982x with dx
     # unsplit (ptxas: the split-K fixup had 255 registers and 224 B spilled, unsplit 90 registers), 0.986-0.992x
-    # with the narrower dA, in all four cases (Llama-2-7B, Llama-3-8B; uniform, all-full). 64-column dx tiles were
-    # 1.03-1.10x, the down product in 8 warps 1.45-1.53x.
+    # with the narrower dA, in all four cases (Llama-2-7B, Llama-3-8B; uniform, all-full); both together (8e54afe)
+    # 0.967-0.978x. At 384 tokens both together were 1.004x / 1.045x (Llama-2-7B uniform / all-full), 0.996x /
+    # 1.036x (Llama-3-8B): not there. 64-column dx tiles were 1.03-1.10x, the down product in 8 warps 1.45-1.53x.
     down_bwd = {}
-    if not small and T <= 384:
+    if not small and T <= 256:
         down_bwd = {"SPLIT_K": 1}
         up_bwd["BLOCK_N"] = 128 // kdiv
     # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and

@@ -171,7 +171,7 @@ def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch):
     def plan(p):
         up = dict(p["up"], BLOCK_M=2 * p["down"]["BLOCK_M"], BLOCK_N=min(p["up"]["BLOCK_N"], 128))  # smem
         down = dict(p["down"], SPLIT_K=4, BLOCK_K=min(p["down"]["BLOCK_K"], 64))
-        return dict(p, tma=True, tma_bwd=True, up=up, down=down)
+        return dict(p, tma=True, tma_bwd=True, up=up, down=down, down_bwd={})  # dx on the forward's config
     nm = _kernels(tma, monkeypatch, plan)
     launches = _spy(nm, monkeypatch, "_down_kernel", lambda grid, k: k["SPLIT"])
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
@@ -269,10 +269,10 @@ def test_up_tail_split(tma, gated, sms, kind, parts, rounds, fused, monkeypatch)
     programs), then a launch of the remaining tiles cut along N into ``parts`` narrower ones, forward (the backward's
     dA runs whole); against the reference, with the device's plan checked against the rule worked out here. The plan
     comes from the routing's one launch (``fused``) or from a launch of its own."""
-    def plan(p):  # the same tiles on every device, so the cases above hold
+    def plan(p):  # the same tiles on every device, so the cases above hold (dA on the forward's N blocks)
         up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, TAIL=parts, TAIL_SMS=sms, TAIL_ROUNDS=rounds)
         return dict(p, tma=True, tma_bwd=True, up=up, down=dict(p["down"], BLOCK_M=32),
-                    wgrad=dict(p["wgrad"], BLOCK_J=64))
+                    up_bwd=dict(p["up_bwd"], BLOCK_N=64), wgrad=dict(p["wgrad"], BLOCK_J=64))
     nm = _kernels(tma, monkeypatch, lambda p: dict(plan(p), fused_route=fused))
     routes = _spy(nm, monkeypatch, "_route_kernel", lambda grid, k: (k["RANK"], k["GATHER"], k["PLAN"]))
     launches = []
