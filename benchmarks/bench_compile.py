@@ -5,8 +5,11 @@ Small batches of an eager flextron forward are bound by host time (Python and Tr
 This times, per call (wall clock, host and device, synchronised every ``--calls`` calls), a Llama-shaped model with
 random weights (bf16; a sub-network with head budgets and per-token MLP widths) at a few token counts:
 
-- ``flextron_eager``, ``flextron_compiled`` (default mode), ``flextron_reduce_overhead``;
-- ``hf_eager`` and ``hf_reduce_overhead``: the dense HF model it came from, at full width.
+- ``flextron_eager``, ``flextron_compiled`` (default mode), ``flextron_reduce_overhead``: the sub-network;
+- ``full_eager``, ``full_reduce_overhead``: a second FlextronModel at full width with no per-token widths (every
+  projection through ``sliced_linear`` at full width, the MLP too): the kernels' own cost against cuBLAS;
+- ``hf_eager`` and ``hf_reduce_overhead``: the dense HF model it came from (an untouched copy: ``from_hf`` makes a
+  model elastic in place), at full width.
 
 Each compiled output is checked against eager (max abs difference, recorded). Writes one JSON file to ``--out``.
 
@@ -17,6 +20,7 @@ Each compiled output is checked against eager (max abs difference, recorded). Wr
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -44,13 +48,15 @@ def build(device: str, smoke: bool):
         dtype = torch.bfloat16
     torch.manual_seed(0)
     hf = LlamaForCausalLM(cfg).eval().to(device=device, dtype=dtype)
-    fm = FlextronModel.from_hf(hf)
+    # from_hf works in place: the dense baseline and the full-width FlextronModel are copies made before it.
+    full = FlextronModel.from_hf(copy.deepcopy(hf))
+    fm = FlextronModel.from_hf(copy.deepcopy(hf))
     # About three quarters of every layer, from the space's own choices.
     n = cfg.num_hidden_layers
     mlp = [min(fm.mlp_choices(i), key=lambda w: abs(w - 0.75 * cfg.intermediate_size)) for i in range(n)]
     heads = [min(fm.head_choices(i), key=lambda h: abs(h - 0.75 * cfg.num_attention_heads)) for i in range(n)]
     fm.set_subnet(Subnet(mlp=mlp, heads=heads))
-    return cfg, hf, fm
+    return cfg, hf, fm, full
 
 
 def per_call_ms(fn, calls: int, repeats: int) -> float:
@@ -80,7 +86,7 @@ def main():
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("bench_compile needs a CUDA GPU (or --device cpu --smoke)")
-    cfg, hf, fm = build(args.device, args.smoke)
+    cfg, hf, fm, full = build(args.device, args.smoke)
     backend = "inductor" if cuda else "aot_eager"
     rows = []
     for T in (int(t) for t in args.tokens.split(",")):
@@ -97,15 +103,18 @@ def main():
         providers = {"flextron_eager": call(fm), "flextron_compiled": torch.compile(call(fm), backend=backend)}
         if cuda:
             providers["flextron_reduce_overhead"] = torch.compile(call(fm), mode="reduce-overhead")
+            providers["full_eager"] = call(full)
+            providers["full_reduce_overhead"] = torch.compile(call(full), mode="reduce-overhead")
             providers["hf_eager"] = call(hf)
             providers["hf_reduce_overhead"] = torch.compile(call(hf), mode="reduce-overhead")
         row = {"T": T, "ms_per_call": {}, "max_abs_diff_vs_eager": {}}
         with torch.no_grad():
-            want = fm(ids).logits.float()
+            want = {"flextron": fm(ids).logits.float(), "full": full(ids).logits.float()}
             for name, fn in providers.items():
                 out = fn().float()
-                if name.startswith("flextron"):
-                    row["max_abs_diff_vs_eager"][name] = (out - want).abs().max().item()
+                kind = name.split("_")[0]
+                if kind in want:
+                    row["max_abs_diff_vs_eager"][name] = (out - want[kind]).abs().max().item()
                 if cuda:
                     row["ms_per_call"][name] = per_call_ms(fn, args.calls, args.repeats)
         rows.append(row)
@@ -116,8 +125,10 @@ def main():
         info = run_info()
         path = os.path.join(args.out, f"compile_{info['gpu'].replace(' ', '_')}_{info['commit']}.json")
         with open(path, "w") as f:
-            json.dump({"bench": "compile", "info": info, "config": cfg.to_dict(), "rows": rows}, f, indent=1,
-                      default=str)
+            subnet = {"mlp": [m.width for m in fm.mlp_blocks], "heads": [a.heads for a in fm.attention_blocks],
+                      "token_widths": "uniform in [1, the layer's mlp width] per token"}
+            json.dump({"bench": "compile", "info": info, "config": cfg.to_dict(), "subnet": subnet, "rows": rows}, f,
+                      indent=1, default=str)
         print("wrote", path)
 
 
