@@ -74,6 +74,21 @@ def per_call_ms(fn, calls: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def kernel_us(fn, calls: int = 5, top: int = 15) -> list:
+    """GPU time per kernel name of one call (torch.profiler over ``calls`` eager calls), the ``top`` largest, µs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = [(e.key[:70], round(e.device_time_total / calls, 1), e.count // calls) for e in prof.key_averages()
+             if e.device_time_total > 0]
+    return sorted(times, key=lambda r: -r[1])[:top]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -82,6 +97,8 @@ def main():
     ap.add_argument("--tokens", default="1,16,256", help="tokens per call (batch 1)")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--profile", type=int, default=0, metavar="T",
+                    help="also GPU time per kernel (torch.profiler over eager calls) at T tokens, top 15 per provider")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -117,6 +134,9 @@ def main():
                     row["max_abs_diff_vs_eager"][name] = (out - want[kind]).abs().max().item()
                 if cuda:
                     row["ms_per_call"][name] = per_call_ms(fn, args.calls, args.repeats)
+            if cuda and T == args.profile:
+                row["kernels_us"] = {name: kernel_us(providers[name]) for name in ("flextron_eager", "full_eager",
+                                                                                    "hf_eager")}
         rows.append(row)
         print(row, flush=True)
     if cuda:
