@@ -375,16 +375,6 @@ EXPLORE = {
     "wgrad_epi": {"wgrad": {"EPI_TMA": True}},
     "wgrad_j64_w4_epi": {"wgrad": {"BLOCK_J": 64, "num_warps": 4, "EPI_TMA": True}},
     "wgrad_64x64_w4_epi": {"wgrad": {"BLOCK_J": 64, "BLOCK_N": 64, "num_warps": 4, "EPI_TMA": True}},
-    # The down product overlapped with the up product's tail (nested_mlp._overlap): its K chunks over the head's
-    # columns (SPLIT_K of them) on a second stream beside the tail launch, the rest (SPLIT_TAIL) after both. The tail
-    # in the plan's quarters, or whole tiles on the head's config (p1), or halves in 8 warps (p2).
-    "overlap": {"overlap": True},
-    "overlap_s3": {"overlap": True, "down": {"SPLIT_K": 3}},
-    "overlap_s4": {"overlap": True, "down": {"SPLIT_K": 4}},
-    "overlap_p1": {"overlap": True, "up": {"TAIL": 1, "TAIL_ROUNDS": 2, "TAIL_CFG": {}}},
-    "overlap_p1_s3": {"overlap": True, "up": {"TAIL": 1, "TAIL_ROUNDS": 2, "TAIL_CFG": {}}, "down": {"SPLIT_K": 3}},
-    "overlap_p2": {"overlap": True, "up": {"TAIL": 2, "TAIL_ROUNDS": 2, "TAIL_CFG": {}}},
-    "overlap_t2": {"overlap": True, "down": {"SPLIT_TAIL": 2}},
 }
 
 

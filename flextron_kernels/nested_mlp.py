@@ -124,9 +124,9 @@ def _pdl_enter(PDL: tl.constexpr):
 @triton.jit
 def _route_kernel(w_ptr, x_ptr, xs_ptr, sw_ptr, order_ptr, plan_ptr, zero_ptr, n_zero, T, H, I, stride_xt, stride_xh,
                   stride_xs, H_CHUNK, NSM, MAX_UNITS, RANK: tl.constexpr, GATHER: tl.constexpr, PLAN: tl.constexpr,
-                  PARTS: tl.constexpr, FORCE: tl.constexpr, N_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_Z: tl.constexpr, PDL: tl.constexpr = False):
+                  PARTS: tl.constexpr, N_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_Z: tl.constexpr, PDL: tl.constexpr = False):
     """A sorted batch's routing in one launch (up to ``_ROUTE_MAX_T`` tokens; at 256 tokens the three launches it
     replaces took 9.3 us of GPU time on an H200, and a graph pays a gap between any two launches):
 
@@ -145,9 +145,6 @@ def _route_kernel(w_ptr, x_ptr, xs_ptr, sw_ptr, order_ptr, plan_ptr, zero_ptr, n
     waves of NSM programs. The tiles past them (they would cost one more whole wave) run in the tail launch, each
     cut along N into PARTS narrower tiles, where that costs fewer waves, ceil(tail PARTS / NSM) / PARTS against
     ceil(tail / NSM), and the tail launch has programs for them (MAX_UNITS); otherwise every tile runs in the head.
-    FORCE (the overlapped down product, _forward): the tail launch takes the tiles past the whole waves whenever there
-    are whole waves and it has programs for them, whatever it saves in waves (PARTS may be 1: whole tiles), as the
-    down product's K chunks over the head's columns run beside it.
     Writes ``plan_ptr[0] = n_end``, ``plan_ptr[1]`` = the tail launch's programs with work, and ``plan_ptr[2 + c]`` =
     the tail's tiles in columns up to ``c``."""
     _pdl_enter(PDL)
@@ -183,10 +180,7 @@ def _route_kernel(w_ptr, x_ptr, xs_ptr, sw_ptr, order_ptr, plan_ptr, zero_ptr, n
             whole = (total // NSM) * NSM
             n_end = tl.sum((upto <= whole).to(tl.int32), 0)
             tail = total - tl.sum(tl.where(cc < n_end, col_cnt, 0), 0)
-            if FORCE:
-                split = (whole > 0) & (tail > 0) & (tail * PARTS <= MAX_UNITS)
-            else:
-                split = (tl.cdiv(tail * PARTS, NSM) < PARTS * tl.cdiv(tail, NSM)) & (tail * PARTS <= MAX_UNITS)
+            split = (tl.cdiv(tail * PARTS, NSM) < PARTS * tl.cdiv(tail, NSM)) & (tail * PARTS <= MAX_UNITS)
             n_end = tl.where(split, n_end, N_POW2)
             tail_cnt = tl.where(cc >= n_end, col_cnt, 0)
             tl.store(plan_ptr, n_end)
@@ -249,7 +243,7 @@ def _up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """TAIL = 0: one launch over the swizzled tile grid. TAIL = PARTS >= 1 (sorted batches, planned by
+    """TAIL = 1: one launch over the swizzled tile grid. TAIL = PARTS > 1 (sorted batches, planned by
     _route_kernel into ``plan_ptr``): the head launch (TAIL_LAUNCH False) runs the tile grid's N blocks below
     the plan's ``n_end`` as usual; the tail launch runs the rest, each N block of the head's width cut into PARTS
     tiles of BLOCK_N (its own, narrower) columns, one per program: no partial sums, every part of an active block
@@ -280,7 +274,7 @@ def _up_kernel(
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
         runs = True
-        if TAIL > 0:
+        if TAIL > 1:
             runs = pid_n < tl.load(plan_ptr)
         _up_tile(src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, h_ptr, g_ptr, a_ptr, dh_ptr, dg_ptr,
                  a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc, dh_desc, dg_desc,
@@ -438,21 +432,14 @@ def _get(desc, ptrs, mask, ot, on, EPI_TMA: tl.constexpr):
 def _down_kernel(
     a1_ptr, a2_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, a1_desc, a2_desc,
     b1_desc, b2_desc,
-    T, N, I, LDA, KC, plan_ptr, HEAD_BN,
+    T, N, I, LDA, KC,
     stride_b1k, stride_b1n, stride_b2k, stride_b2n, stride_om, stride_on,
     SORTED: tl.constexpr, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, PAD: tl.constexpr, TMA: tl.constexpr, DEV_DESC: tl.constexpr, B_NK: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PHASE: tl.constexpr = 0, S_HEAD: tl.constexpr = 1, S_TAIL: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
-    """SPLIT: split-K, K chunk ``program_id(1)`` of KC columns (PHASE 0). PHASE 1 / 2 (the overlapped down product,
-    _forward): the K range of a tile splits at the up product's head boundary, ``plan_ptr[0]`` N blocks of HEAD_BN
-    columns (_route_kernel's plan): PHASE 1 runs the columns below it in S_HEAD chunks (the up kernel's head launch
-    wrote them: this launch runs beside its tail launch), PHASE 2 the rest in S_TAIL chunks (after the tail launch).
-    Workspace slices: ``[0, S_HEAD)`` then ``[S_HEAD, S_HEAD + S_TAIL)``; a tile's last chunk to arrive, in either
-    launch, sums those with work in slice order."""
     _pdl_enter(PDL)
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     t, w_row, w_tile, rows = _tile_rows(pid_m, sw_ptr, order_ptr, T, I, SORTED, BLOCK_M)
@@ -466,37 +453,13 @@ def _down_kernel(
     k_lo = 0
     n_chunks = 1
     has_work = True
-    n1 = 0
-    n2 = 0
-    slot = tl.program_id(1)
     if SPLIT:
-        if PHASE == 0:
-            # Split-K: this program sums K chunk program_id(1) ([k_lo, k_lo + KC), KC a multiple of BLOCK_K). A
-            # chunk at or past the tile's width runs no iteration and takes no part in the sum.
-            n_chunks = tl.cdiv(k_end, KC)
-            k_lo = tl.program_id(1) * KC
-            has_work = k_lo < k_end
-            k_end = tl.minimum(k_end, k_lo + KC)
-        else:
-            # The head's columns [0, k_head) and the tail's [k_head, k_end), each in whole BLOCK_Ks (HEAD_BN is a
-            # multiple of BLOCK_K), each cut into at most S chunks; chunks past a range's end take no part.
-            k_head = tl.load(plan_ptr) * HEAD_BN
-            k1 = tl.minimum(k_end, k_head)
-            k2 = tl.maximum(k_end - k_head, 0)
-            kc1 = tl.maximum(tl.cdiv(tl.cdiv(k1, S_HEAD), BLOCK_K) * BLOCK_K, BLOCK_K)
-            kc2 = tl.maximum(tl.cdiv(tl.cdiv(k2, S_TAIL), BLOCK_K) * BLOCK_K, BLOCK_K)
-            n1 = tl.cdiv(k1, kc1)
-            n2 = tl.cdiv(k2, kc2)
-            n_chunks = n1 + n2
-            if PHASE == 1:
-                k_lo = tl.program_id(1) * kc1
-                has_work = tl.program_id(1) < n1
-                k_end = tl.minimum(k1, k_lo + kc1)
-            else:
-                k_lo = k_head + tl.program_id(1) * kc2
-                has_work = tl.program_id(1) < n2
-                k_end = tl.minimum(k_end, k_lo + kc2)
-                slot = S_HEAD + tl.program_id(1)
+        # Split-K: this program sums K chunk program_id(1) ([k_lo, k_lo + KC), KC a multiple of BLOCK_K). A
+        # chunk at or past the tile's width runs no iteration and takes no part in the sum.
+        n_chunks = tl.cdiv(k_end, KC)
+        k_lo = tl.program_id(1) * KC
+        has_work = k_lo < k_end
+        k_end = tl.minimum(k_end, k_lo + KC)
     if TMA:
         # BLOCK_K divides PAD (checked at launch), so no box reaches past k_end into unwritten columns.
         if DEV_DESC:
@@ -534,29 +497,21 @@ def _down_kernel(
             a1_ptrs += BLOCK_K
             b1_ptrs += BLOCK_K * stride_b1k
     out_mask = (t[:, None] < T) & n_in[None, :]
-    last = has_work
+    last = True
     if SPLIT:
-        if n_chunks > 1:
-            # Each chunk stores its fp32 partial in its own workspace slice, then counts itself in (acq_rel: the
-            # store is visible to whoever counts in after). The tile's last chunk to arrive sums every slice with
-            # work in slice order (the same order whichever arrives last: deterministic) and writes the output.
-            # (A tile with one chunk of work writes its output directly.)
-            w_off = t[:, None] * N + rn[None, :]
-            tl.store(ws_ptr + slot.to(tl.int64) * T * N + w_off, acc, mask=out_mask & has_work)
-            arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, mask=has_work, sem="acq_rel", scope="gpu")
-            last = has_work & (arrived == n_chunks - 1)
-            if last:
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                p_ws = ws_ptr + w_off
-                if PHASE == 0:
-                    for _ in range(0, n_chunks):
-                        acc += tl.load(p_ws, mask=out_mask, other=0.0, cache_modifier=".cg")  # .cg: from L2
-                        p_ws += T * N
-                else:
-                    for j in range(0, S_HEAD + S_TAIL):
-                        if (j < n1) | ((j >= S_HEAD) & (j - S_HEAD < n2)):
-                            acc += tl.load(p_ws, mask=out_mask, other=0.0, cache_modifier=".cg")
-                        p_ws += T * N
+        # Each chunk stores its fp32 partial in its own workspace slice, then counts itself in (acq_rel: the
+        # store is visible to whoever counts in after). The tile's last chunk to arrive sums every slice in
+        # chunk order (the same order whichever arrives last: deterministic) and writes the output.
+        w_off = t[:, None] * N + rn[None, :]
+        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * T * N + w_off, acc, mask=out_mask & has_work)
+        arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, mask=has_work, sem="acq_rel", scope="gpu")
+        last = has_work & (arrived == n_chunks - 1)
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            p_ws = ws_ptr + w_off
+            for _ in range(0, n_chunks):
+                acc += tl.load(p_ws, mask=out_mask, other=0.0, cache_modifier=".cg")  # .cg: past L1, from L2
+                p_ws += T * N
     if last:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
@@ -820,14 +775,6 @@ def _tma_ok(plan: dict, *tensors) -> str | bool:
     return "device" if plan["dev_desc"] else "host"
 
 
-def _overlap(plan: dict) -> bool:
-    """Whether the forward overlaps the down product with the up product's tail (``overlap`` in the plan; sorted
-    batches): the routing plans a tail launch whenever there are tiles past the chip's whole waves, and the down
-    product's K chunks over the columns the head launch wrote run beside that tail launch, on a second stream
-    (_launch_down). The SMs the tail leaves idle (its last partial wave) take the down product's work."""
-    return bool(plan.get("overlap")) and plan["sorted"]
-
-
 def _pdl(plan: dict, tma) -> dict:
     """Launch options and constexpr for programmatic dependent launch (_pdl_enter), where the plan asks for it: the
     TMA forms only (Hopper), never under the interpreter."""
@@ -852,12 +799,10 @@ def _weight_desc(w: torch.Tensor, nk: bool, cfg: dict, memo: dict | None = None)
 
 
 def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id, backward, store_pre, cfg, sorted_,
-               tma, gated, plan=None, memo=None, defer_tail=False):
+               tma, gated, plan=None, memo=None):
     """``B = w^T`` (``w`` stored ``[I, K]``) when ``nk`` (forward), else ``B = w`` (``[K, I]``, backward).
     With ``tma``, ``src`` must already be in sorted order. ``plan``: the tail split's plan (_route), where the
-    routing made one (the config's ``TAIL`` parts > 1, or the overlapped down product). ``memo``: descriptors shared
-    with the call's other launches (_desc). ``defer_tail``: the tail launch is not made but returned (a callable, or
-    None where there is none), for the caller to make it beside other work."""
+    config asks for the split (``TAIL``). ``memo``: descriptors shared with the call's other launches (_desc)."""
     T, K = src.shape
     assert cfg["BLOCK_N"] * cdiv(inter, cfg["BLOCK_N"]) <= a.shape[1]
     b1 = w1.t() if nk else w1
@@ -883,8 +828,7 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
 
     # Tail split (sorted batches, ``plan`` from _route): the head launch over the tile grid, then a launch
     # of a program per narrow tail tile (at most TAIL_ROUNDS waves), with its own weight and buffer boxes.
-    planned = sorted_ and plan is not None
-    parts = _tail_parts(cfg.pop("TAIL", 1)) if planned else 0
+    parts = _tail_parts(cfg.pop("TAIL", 1)) if sorted_ and plan is not None else 1
     rounds = cfg.pop("TAIL_ROUNDS", 1)
     nsm = cfg.pop("TAIL_SMS", 0) or _sm_count(src.device)
     cfg.pop("TAIL", None)
@@ -897,22 +841,14 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
     kw = dict(SORTED=sorted_, BACKWARD=backward, GATED=gated, HAS_BIAS=bias is not None,
               STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype), PRECISION=dot_precision(src.dtype),
               TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk, EPI_TMA=epi, TAIL=parts, EPI_SPLIT=epi_split,
-              N_POW2=_tail_n_pow2(inter, cfg["BLOCK_N"]) if planned else 1)
+              N_POW2=_tail_n_pow2(inter, cfg["BLOCK_N"]) if parts > 1 else 1)
     hcfg = {k: v for k, v in cfg.items() if k != "TAIL_CFG"}
     _up_kernel[_grid(T, inter, hcfg)](*args, *descs(hcfg), *tail_args, TAIL_LAUNCH=False, **kw, **hcfg)
-    tail = None
-    if planned:
+    if parts > 1:
         tcfg = dict(cfg, BLOCK_N=cfg["BLOCK_N"] // parts)
         tcfg.update(tcfg.pop("TAIL_CFG", {}))
-        t_descs = descs(tcfg)
-
-        def tail():
-            _up_kernel[(rounds * nsm,)](*args, *t_descs, *tail_args, TAIL_LAUNCH=True, **kw, **tcfg)
-    if defer_tail:
-        return tail
-    if tail is not None:
-        tail()
-    return None
+        _up_kernel[(rounds * nsm,)](*args, *descs(tcfg), *tail_args, TAIL_LAUNCH=True, **kw,
+                                                     **tcfg)
 
 
 # Up to this many tokens a sorted batch's routing is one launch (_route_kernel): each program counts over every
@@ -924,8 +860,7 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
     """``(sorted widths, order, src, tail plan, counts)``: the routing of one call. ``src`` is what the up product
     reads: ``x`` in sorted order for the TMA form, else ``x2`` itself. ``tail plan``: where the up config asks for
     the tail split (``TAIL`` > 1), its plan (_route_kernel), else None. ``counts``: the down launch's split-K
-    arrival counts, zeroed, where this launch zeroes them (else None: the down launch zeroes its own). The tail plan
-    is also made for the overlapped down product (_overlap), which reads the head's column count from it.
+    arrival counts, zeroed, where this launch zeroes them (else None: the down launch zeroes its own).
 
     Sorted batches up to _ROUTE_MAX_T tokens, where the plan asks for it (``fused_route``): one launch does it all
     (rank, gather, plan, counts). Otherwise: the routing's sort (nested_mlp_routing), ``index_select`` for the
@@ -937,12 +872,10 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
     up = plan["up"]
     pad = up["BLOCK_N"]
     parts = _tail_parts(up.get("TAIL", 1))
-    overlap = _overlap(plan)
-    planned = parts > 1 or overlap
     fused = plan.get("fused_route", False) and T <= _ROUTE_MAX_T
-    n_pow2 = _tail_n_pow2(inter, pad) if planned else 1
-    n_cnt = _down_counts(T, H, inter, plan["down"], pad, tma, overlap) if fused or planned else 0
-    if not (fused or planned):
+    n_pow2 = _tail_n_pow2(inter, pad) if parts > 1 else 1
+    n_cnt = _down_counts(T, H, inter, plan["down"], pad, tma) if fused or parts > 1 else 0
+    if not (fused or parts > 1):
         sw, order = nested_mlp_routing(widths)
         return sw, order, x2.index_select(0, order) if tma else x2, None, None
     buf = torch.empty(2 + n_pow2 + n_cnt, dtype=torch.int32, device=x2.device)
@@ -964,12 +897,11 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
         w, chunk, grid = sw, 0, (1, 1)  # the plan only
     _route_kernel[grid](w, x2, src, sw, order, buf, buf[2 + n_pow2:], n_cnt, T, H, inter, x2.stride(0), x2.stride(1),
                         src.stride(0), chunk, nsm, up.get("TAIL_ROUNDS", 1) * nsm,
-                        RANK=fused, GATHER=fused and bool(tma), PLAN=planned, PARTS=parts, FORCE=overlap,
-                        N_POW2=n_pow2,
+                        RANK=fused, GATHER=fused and bool(tma), PLAN=parts > 1, PARTS=parts, N_POW2=n_pow2,
                         BLOCK_M=up["BLOCK_M"], BLOCK_N=pad, BLOCK_T=bt, BLOCK_U=bu, BLOCK_H=bh,
                         BLOCK_P=min(bu, 128), BLOCK_Z=256,
                         **rc, **(pdl or {}))
-    return sw, order, src, buf[:2 + n_pow2] if planned else None, buf[2 + n_pow2:] if n_cnt else None
+    return sw, order, src, buf[:2 + n_pow2] if parts > 1 else None, buf[2 + n_pow2:] if n_cnt else None
 
 
 def _tail_parts(parts: int) -> int:
@@ -993,56 +925,30 @@ def _down_block_k(cfg: dict, pad: int, tma) -> int:
     return min(cfg["BLOCK_K"], pad) if tma else cfg["BLOCK_K"]
 
 
-def _down_counts(T: int, N: int, inter: int, cfg: dict, pad: int, tma, overlap: bool = False) -> int:
-    """How many split-K arrival counts the down launch needs (0: not split); as _launch_down works them out. The
-    overlapped down product (two launches) always counts."""
-    if overlap:
-        return _grid(T, N, cfg)[0]
+def _down_counts(T: int, N: int, inter: int, cfg: dict, pad: int, tma) -> int:
+    """How many split-K arrival counts the down launch needs (0: not split); as _launch_down works them out."""
     splits = cfg.get("SPLIT_K", 1)
     bk = _down_block_k(cfg, pad, tma)
     kc = cdiv(cdiv(cdiv(inter, pad) * pad, splits), bk) * bk
     return _grid(T, N, cfg)[0] if cdiv(cdiv(inter, pad) * pad, kc) > 1 else 0
 
 
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device):
-    """A second stream per CUDA device, for the overlapped down product (None off CUDA and under the interpreter,
-    where launches run one after another)."""
-    if INTERPRET or device.type != "cuda":
-        return None
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
-    return _SIDE_STREAMS[key]
-
-
-def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, pad, tma, counts=None, memo=None,
-                 phases=None):
+def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, pad, tma, counts=None, memo=None):
     """``out = a1 B1 (+ a2 B2)`` with ``B = w^T`` (``w`` stored ``[N, I]``) when ``nk`` (forward), else
     ``B = w`` (``[I, N]``, backward), scattered to token order. ``counts``: zeroed split-K arrival counts
-    (_down_counts of them), where the caller has them (the tail plan's launch zeroes them).
-
-    ``phases = (tail plan, tail launch or None)``: the overlapped down product (_overlap). The K chunks over the up
-    product's head columns (``SPLIT_K`` of them) run on a second stream beside the up product's tail launch, which
-    this makes on the current stream; then, once both are done, the chunks over the tail's columns (``SPLIT_TAIL``).
-    In a CUDA graph the two are parallel branches."""
+    (_down_counts of them), where the caller has them (the tail plan's launch zeroes them)."""
     T, N = out.shape
     if a2 is not None:  # two A and two B tiles per stage: stay in shared memory
         cfg = dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 128), BLOCK_K=cfg["BLOCK_K"] // (2 if cfg["BLOCK_K"] > 64 else 1))
     cfg = dict(cfg, BLOCK_K=_down_block_k(cfg, pad, tma))
     splits = cfg.pop("SPLIT_K", 1)
-    s_tail = cfg.pop("SPLIT_TAIL", 1)
     b1 = w1.t() if nk else w1
     b2 = (w2.t() if nk else w2) if w2 is not None else b1
     # K chunks of whole BLOCK_Ks over the padded width; fewer chunks where the width is short.
     kc = cdiv(cdiv(cdiv(inter, pad) * pad, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    if phases is None:
-        splits = cdiv(cdiv(inter, pad) * pad, kc)
-    if splits > 1 or phases is not None:  # fp32 partial per chunk, and an arrival count per output tile
-        ws = torch.empty((splits + (s_tail if phases is not None else 0), T, N), dtype=torch.float32,
-                         device=out.device)
+    splits = cdiv(cdiv(inter, pad) * pad, kc)
+    if splits > 1:  # fp32 partial per chunk, and an arrival count per output tile
+        ws = torch.empty((splits, T, N), dtype=torch.float32, device=out.device)
         cnt = counts if counts is not None else torch.zeros(_grid(T, N, cfg)[0], dtype=torch.int32,
                                                             device=out.device)
     else:
@@ -1059,41 +965,16 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
                  _weight_desc(w2 if w2 is not None else w1, nk, cfg, memo))
     else:
         descs = (a1, a1, b1, b2)
-    plan_t = phases[0] if phases is not None else sw
-
-    def launch(n, **k):
-        _down_kernel[_grid(T, N, cfg) + (n,)](
-            a1, a2 if a2 is not None else a1, order if order is not None else sw, sw,
-            b1, b2, bias if bias is not None else out, out, ws, cnt, *descs,
-            T, N, inter, a1.stride(0), kc, plan_t, pad,
-            b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
-            out.stride(0), out.stride(1),
-            SORTED=sorted_, DUAL=a2 is not None, HAS_BIAS=bias is not None, UPCAST=upcast_flag(out.dtype),
-            PRECISION=dot_precision(out.dtype), PAD=pad, TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk,
-            **k, **cfg,
-        )
-
-    if phases is None:
-        launch(splits, SPLIT=splits > 1, PHASE=0, S_HEAD=1, S_TAIL=1)
-        return
-    tail = phases[1]
-    kw = dict(SPLIT=True, S_HEAD=splits, S_TAIL=s_tail)
-    side = _side_stream(out.device)
-    if side is None:
-        # One after another: the head's chunks first, so that one reading a tail column would read it unwritten
-        # (the tests poison fresh buffers).
-        launch(splits, PHASE=1, **kw)
-        if tail is not None:
-            tail()
-    else:
-        main = torch.cuda.current_stream(out.device)
-        side.wait_stream(main)  # after the up product's head launch
-        if tail is not None:
-            tail()
-        with torch.cuda.stream(side):
-            launch(splits, PHASE=1, **kw)
-        main.wait_stream(side)
-    launch(s_tail, PHASE=2, **kw)
+    _down_kernel[_grid(T, N, cfg) + (splits,)](
+        a1, a2 if a2 is not None else a1, order if order is not None else sw, sw,
+        b1, b2, bias if bias is not None else out, out, ws, cnt, *descs,
+        T, N, inter, a1.stride(0), kc,
+        b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
+        out.stride(0), out.stride(1),
+        SORTED=sorted_, DUAL=a2 is not None, HAS_BIAS=bias is not None, UPCAST=upcast_flag(out.dtype),
+        PRECISION=dot_precision(out.dtype), PAD=pad, TMA=bool(tma), DEV_DESC=tma == "device", B_NK=nk,
+        SPLIT=splits > 1, **cfg,
+    )
 
 
 def _launch_wgrad(a1, a2, order, sw, cnt, src, c1, c2, db, inter, cfg, sorted_, tma=False, memo=None):
@@ -1158,13 +1039,11 @@ def _forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths,
     h = torch.empty_like(a) if training else None
     g = torch.empty_like(a) if training and gate_weight is not None else None
     memo = {}  # host TMA descriptors shared by the launches
-    overlap = _overlap(plan) and tail_plan is not None
-    tail = _launch_up(src, order, sw, up_weight, gate_weight, True, up_bias, h, g, a, None, None, inter, act_id,
-                      False, training, dict(plan["up"], **pdl), plan["sorted"], tma, gate_weight is not None, tail_plan,
-                      memo, defer_tail=overlap)
+    _launch_up(src, order, sw, up_weight, gate_weight, True, up_bias, h, g, a, None, None, inter, act_id, False,
+               training, dict(plan["up"], **pdl), plan["sorted"], tma, gate_weight is not None, tail_plan, memo)
     y = torch.empty((T, H), dtype=x.dtype, device=x.device)
     _launch_down(a, None, order, sw, down_weight, None, True, down_bias, y, inter, dict(plan["down"], **pdl),
-                 plan["sorted"], pad, tma, counts, memo, phases=(tail_plan, tail) if overlap else None)
+                 plan["sorted"], pad, tma, counts, memo)
     return y.view(x.shape), (x2, sw, order, h, g, dict(plan, tma=bool(tma)))
 
 

@@ -241,11 +241,47 @@ def _tma_plan(a, b, out, M, N, K, sam, sak, sbk, sbn, scm, scn):
     return a_desc, b_desc, c_desc, cfg
 
 
+# Below the TMA kernel's sizes (fewer tiles than about a wave: decode and short prefill), cuBLAS on the prefix views
+# where it takes them as they are. A prefix of a row-major weight is a matrix with one unit stride and a leading
+# dimension at least its width, which torch passes to cuBLAS without a copy (ATen's prepare_matrix_for_cublas), so
+# this is as zero-copy as the Triton kernels. Measured on an H200 (benchmarks/NOTES.md): a ~1B Llama-shaped model at
+# 256 tokens spent 1080 us in the pointer kernel for its 56 projections, where the dense model's cuBLAS calls took
+# 509 us; at decode sizes the pointer kernel was within about +-10% of cuBLAS on the same views. The pointer kernel
+# stays for operands cuBLAS cannot take in place, and under the interpreter.
+_CUBLAS_BELOW_TMA = True
+
+
+def _use_blas(out: torch.Tensor) -> bool:
+    return _CUBLAS_BELOW_TMA and out.is_cuda and not INTERPRET
+
+
+def _blas_view(t: torch.Tensor, rows: int, cols: int, s_r: int, s_c: int) -> torch.Tensor | None:
+    """``t`` as the strided ``[rows, cols]`` matrix, where cuBLAS can read (or write) it in place: one unit stride
+    and the other at least the extent it steps over; else None."""
+    if (s_c == 1 and s_r >= max(1, cols)) or (s_r == 1 and s_c >= max(1, rows)):
+        return t.as_strided((rows, cols), (s_r, s_c))
+    return None
+
+
+def _blas_matmul(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn) -> bool:
+    """``out = A @ B (+ bias)`` through torch (cuBLAS) on views of the operands; False where a view would not go
+    to cuBLAS as it is (the caller then launches the pointer kernel)."""
+    va, vb, vc = (_blas_view(a, M, K, sam, sak), _blas_view(b, K, N, sbk, sbn), _blas_view(out, M, N, scm, scn))
+    if va is None or vb is None or vc is None:
+        return False
+    if bias is None:
+        torch.mm(va, vb, out=vc)
+    else:
+        torch.addmm(bias[:N], va, vb, out=vc)
+    return True
+
+
 def matmul_strided(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn) -> None:
     """``out[M, N] = A[M, K] @ B[K, N] (+ bias[:N])`` with every operand given by base tensor and strides.
 
     Passing strides instead of view tensors keeps the host cost of a launch low (decode is launch-bound).
-    Inputs are not checked here.
+    Inputs are not checked here. The TMA kernel where its plan serves; below its sizes, cuBLAS on views on a GPU
+    (_CUBLAS_BELOW_TMA), else the pointer kernel.
     """
     if M == 0 or N == 0:
         return
@@ -254,6 +290,8 @@ def matmul_strided(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn) -> No
         view.zero_() if bias is None else view.copy_(bias[:N].expand(M, N))
         return
     plan = _tma_plan(a, b, out, M, N, K, sam, sak, sbk, sbn, scm, scn)
+    if plan is None and _use_blas(out) and _blas_matmul(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn):
+        return
     if plan is not None:
         a_desc, b_desc, c_desc, cfg = plan
         _tma_matmul_kernel[(cfg["NUM_PROGRAMS"],)](

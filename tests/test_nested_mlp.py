@@ -1,6 +1,5 @@
 """nested_mlp against a float64 per-token reference: width mixes, odd shapes, dtypes, gradients, routing, bad input."""
 
-import functools
 import importlib
 
 import pytest
@@ -238,10 +237,9 @@ def test_wgrad_tma_store_epilogue(gated, kind, monkeypatch):
     assert seen == [(True, True), (True, False)]  # dWd (transposed), then dWu (and dWg)
 
 
-def _tail_rule(nb: list[int], nsm: int, parts: int, rounds: int = 1, force: bool = False) -> tuple[int, int]:
+def _tail_rule(nb: list[int], nsm: int, parts: int, rounds: int = 1) -> tuple[int, int]:
     """The up product's tail split worked out on the host from the row tiles' active N block counts (the rule of
-    _route_kernel's plan, in Python): (the head's N block limit, or None for all; narrow tail tiles). ``force``: the
-    overlapped down product's rule (a tail launch whenever there are whole waves and tiles past them)."""
+    _tail_prep_kernel, in Python): (the head's N block limit, or None for all; narrow tail tiles)."""
     cols = [sum(n > c for n in nb) for c in range(max(nb))]
     total = sum(cols)
     whole = total // nsm * nsm
@@ -252,11 +250,9 @@ def _tail_rule(nb: list[int], nsm: int, parts: int, rounds: int = 1, force: bool
         run += c
         n_end += 1
     tail = total - run
-    if force:
-        split = whole > 0 and tail > 0 and tail * parts <= rounds * nsm
-    else:
-        split = -(-tail * parts // nsm) < parts * -(-tail // nsm) and tail * parts <= rounds * nsm
-    return (n_end, tail * parts) if split else (None, 0)
+    if -(-tail * parts // nsm) < parts * -(-tail // nsm) and tail * parts <= rounds * nsm:
+        return n_end, tail * parts
+    return None, 0
 
 
 # (tma, gated, programs per wave, widths, parts, waves of tail programs): with 32x64 up tiles, 150 tokens and I = 312
@@ -351,56 +347,6 @@ def test_route_launch(T, kind, parts, splits, strided, monkeypatch):
         n_end, units = _tail_rule(nb, 5, parts, 2)
         got = tail_plan.tolist()
         assert got[1] == units and (n_end is None and got[0] >= max(nb) or got[0] == n_end), got
-
-
-# (tma, gated, programs per wave, widths, parts, waves of tail programs, head chunks, tail chunks); the row tiles'
-# active N blocks as in TAIL_CASES. mixed/7: 14 tiles in two whole waves, one past them; full/8: 20 of 25 tiles in the
-# head, the head's 4 columns in 3 chunks of 2 (one chunk without work), the tail's one column in 2 (one without);
-# few/5: tiles narrower than the head's columns run in one chunk (written directly); mixed/64: no whole wave, no tail;
-# full/9: two tail columns in two chunks.
-OVERLAP_CASES = [(True, True, 7, "mixed", 4, 2, 2, 1), (True, False, 8, "full", 1, 2, 3, 2),
-                 (False, True, 5, "few", 1, 1, 1, 1), (True, True, 64, "mixed", 2, 1, 2, 1),
-                 (False, False, 9, "full", 2, 3, 2, 2)]
-
-
-@pytest.mark.parametrize("tma,gated,sms,kind,parts,rounds,s_head,s_tail", OVERLAP_CASES)
-def test_overlapped_down(tma, gated, sms, kind, parts, rounds, s_head, s_tail, monkeypatch):
-    """The forward's down product overlapped with the up product's tail (``overlap``): its K chunks over the head's
-    columns in one launch (beside the tail launch, on a second stream on a GPU; before it here, so that a chunk reading
-    a tail column would read the poisoned, unwritten buffer), the rest in another, partials summed by each tile's last
-    chunk; against the reference (forward and backward), with the forced tail plan checked against the host rule and
-    each launch's chunk counts."""
-    def plan(p):
-        up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, TAIL=parts, TAIL_SMS=sms, TAIL_ROUNDS=rounds,
-                  TAIL_CFG={})
-        return dict(p, tma=True, tma_bwd=True, overlap=True, up=up,
-                    down=dict(p["down"], BLOCK_M=32, SPLIT_K=s_head, SPLIT_TAIL=s_tail),
-                    up_bwd=dict(p["up_bwd"], BLOCK_N=64), wgrad=dict(p["wgrad"], BLOCK_J=64))
-    nm = _kernels(tma, monkeypatch, plan)
-    k_plan = list(nm._down_kernel.arg_names).index("plan_ptr")
-    downs = []
-    real = nm._down_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*a, **k):
-                downs.append((k.get("PHASE", 0), grid[1], a[k_plan].clone() if k.get("PHASE") else None))
-                return real[grid](*a, **k)
-            return launch
-    monkeypatch.setattr(nm, "_down_kernel", Spy())
-    tails = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: k["TAIL"])
-    T, inter, hidden = 150, 312, 256
-    x = randn(T, hidden, dtype=torch.bfloat16, requires_grad=True)
-    w = _widths(kind, T, inter)
-    params_ = _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter, hidden=hidden)
-    _run(x, w, params_, "silu" if gated else "gelu_tanh", torch.bfloat16)
-    assert [d[:2] for d in downs[:2]] == [(1, s_head), (2, s_tail)] and [d[0] for d in downs[2:]] == [0]  # dx: one
-    assert tails[0] == parts  # the head launch ran on the plan (the spy does not record the tail launch)
-    nb = [-(-int(w.sort(descending=True).values[m * 32]) // 64) for m in range(5)]
-    n_end, units = _tail_rule(nb, sms, parts, rounds, force=True)
-    got = downs[0][2].tolist()
-    assert got[1] == units and (n_end is None and got[0] >= 5 or got[0] == n_end), got
-    assert (n_end is None) == (sms == 64)
 
 
 def test_up_tail_split_bad_config(monkeypatch):
@@ -701,42 +647,6 @@ def test_programmatic_dependent_launch(T, kind, monkeypatch):
         ref = nested_mlp_ref(xs[0].double(), args[0].double(), args[1].double(), w,
                              **{k: v.double() for k, v in kw.items()})
     assert_close(y, ref, torch.bfloat16)
-
-
-@pytest.mark.skipif(not ON_GPU, reason="the second stream exists on a GPU only")
-@pytest.mark.parametrize("parts", [1, 4])
-def test_overlapped_down_streams(parts, monkeypatch):
-    """The overlapped down product on a GPU, where its head chunks really run beside the up product's tail launch on
-    a second stream: the GPU plan's tiles with a 16-SM wave (so that 256 tokens have a tail), against the reference
-    (forward and gradients), back-to-back calls, bitwise repeatable (partials summed in slice order), and a CUDA
-    graph (two parallel branches) replayed with new widths."""
-    nm = _kernels(True, monkeypatch, lambda p: dict(p, overlap=True, up=dict(p["up"], TAIL=parts, TAIL_SMS=16,
-                                                                             TAIL_ROUNDS=4, TAIL_CFG={} if parts == 1
-                                                                             else p["up"].get("TAIL_CFG", {}))))
-    phases = _spy(nm, monkeypatch, "_down_kernel", lambda grid, k: k.get("PHASE", 0))
-    T, inter, hidden = 256, 2816, 1024
-    x = randn(T, hidden, dtype=torch.bfloat16, requires_grad=True)
-    params_ = _params(torch.bfloat16, gated=True, biases=True, inter=inter, hidden=hidden)
-    _run(x, _widths("full", T, inter), params_, "silu", torch.bfloat16)
-    assert phases == [1, 2, 0]
-    args = (params_["up_weight"].detach(), params_["down_weight"].detach())
-    kw = {"gate_weight": params_["gate_weight"].detach(), "up_bias": params_["up_bias"].detach(),
-          "down_bias": params_["down_bias"].detach()}
-    ref = functools.partial(nested_mlp_ref, up_weight=args[0].double(), down_weight=args[1].double(),
-                            **{k: v.double() for k, v in kw.items()})
-    xs = [randn(T, hidden, dtype=torch.bfloat16) for _ in range(3)]
-    w = _widths("mixed", T, inter)
-    with torch.no_grad():
-        ys = [nested_mlp(xi, *args, w, **kw) for xi in xs]
-        for xi, y in zip(xs, ys):
-            assert_close(y, ref(xi.double(), widths=w), torch.bfloat16)
-        assert all(torch.equal(ys[0], nested_mlp(xs[0], *args, w, **kw)) for _ in range(3))
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            y = nested_mlp(xs[1], *args, w, **kw)
-        w.copy_(_widths("full", T, inter))
-        g.replay()
-        assert_close(y, ref(xs[1].double(), widths=w), torch.bfloat16)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="a real-size shape is too slow under the interpreter")

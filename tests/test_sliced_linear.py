@@ -24,7 +24,11 @@ def _reference(x, w, b, n):
 @pytest.mark.parametrize("lead,N,K,n,k", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_forward_backward(lead, N, K, n, k, dtype, with_bias):
+@pytest.mark.parametrize("blas", [True, False] if ON_GPU else [False])  # a GPU: cuBLAS below the TMA sizes, or not
+def test_forward_backward(lead, N, K, n, k, dtype, with_bias, blas, monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("flextron_kernels.sliced_linear"), "_CUBLAS_BELOW_TMA", blas)
     w = randn(N, K, dtype=dtype, scale=K**-0.5, requires_grad=True)
     b = randn(N, dtype=dtype, requires_grad=True) if with_bias else None
     x = randn(*lead, k, dtype=dtype, requires_grad=True)
@@ -110,6 +114,57 @@ def test_tma_plan_refuses_unaligned_and_small():
     w = randn(64, 128)
     out = torch.empty(300, 64, device=DEVICE)
     assert _tma_plan(x, w, out, 300, 64, 128, *x.stride(), w.stride(1), w.stride(0), 64, 1) is None
+
+
+def _count_launches(sl, monkeypatch) -> list:
+    """The pointer kernel replaced by a spy that counts its launches (and still launches it)."""
+    seen = []
+    real = sl._strided_matmul_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                seen.append(grid)
+                return real[grid](*a, **k)
+            return launch
+    monkeypatch.setattr(sl, "_strided_matmul_kernel", Spy())
+    return seen
+
+
+@pytest.mark.parametrize("lead,N,K,n,k", SHAPES[:4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_blas_below_tma(lead, N, K, n, k, with_bias, monkeypatch):
+    """Below the TMA kernel's sizes a GPU takes cuBLAS on the prefix views (torch.mm / addmm with ``out=`` a view of
+    the full-shape weight gradient); forced here on any device, forward and every gradient against the reference,
+    with no launch of the pointer kernel. A transposed-and-sliced x (no unit stride in its view) still goes to it."""
+    import importlib
+
+    sl = importlib.import_module("flextron_kernels.sliced_linear")
+    monkeypatch.setattr(sl, "_use_blas", lambda out: True)
+    monkeypatch.setattr(sl, "_tma_plan", lambda *a: None)
+    seen = _count_launches(sl, monkeypatch)
+    w = randn(N, K, scale=K**-0.5, requires_grad=True)
+    b = randn(N, requires_grad=True) if with_bias else None
+    x = randn(*lead, k, requires_grad=True)
+    with poisoned_allocations():
+        y = sliced_linear(x, w, b, out_features=n)
+        dy = randn(*y.shape)
+        y.backward(dy)
+    assert seen == []
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    br = b.detach().double().requires_grad_() if with_bias else None
+    yr = sliced_linear_ref(xr, wr, br, n)
+    yr.backward(dy.double())
+    assert_close(y, yr, torch.float32, "y")
+    assert_close(x.grad, xr.grad, torch.float32, "dx")
+    assert_close(w.grad, wr.grad, torch.float32, "dweight")
+    assert torch.count_nonzero(w.grad[n:]) == 0 and torch.count_nonzero(w.grad[:, k:]) == 0
+    if with_bias:
+        assert_close(b.grad, br.grad, torch.float32, "dbias")
+    # A view with no unit stride: cuBLAS would copy it, so the pointer kernel serves.
+    xs = randn(k, 4, 2)[:, :, 0].t()  # [4, k], strides (2, 8)
+    assert_close(sliced_linear(xs, w.detach(), None, n), _reference(xs, w.detach(), None, n), torch.float32)
+    assert len(seen) == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
