@@ -43,6 +43,9 @@ from flextron_kernels import nested_mlp
 NM = importlib.import_module("flextron_kernels.nested_mlp")  # the module (the package exports the function)
 
 MODELS = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
+# Not in the table (pass --models): the ~1B Llama shape of bench_compile.py, where a 256-token batch has far
+# fewer up tiles than the H200 has SMs.
+EXTRA_MODELS = {"llama-1b": (2048, 5632)}
 T_FWD = [1, 16, 256, 2048, 8192, 16384]
 T_BWD = [256, 2048, 8192]
 MIXES = {
@@ -331,6 +334,15 @@ EXPLORE = {
     "route1_t32": {"fused_route": True, "route": {"BLOCK_T": 32}},  # 128-198 registers at 256-1024 tokens
     "route1_pdl_tail0": {"fused_route": True, "pdl": True, "up": {"TAIL": 1}},
     "tail0": {"up": {"TAIL": 1}},  # no tail split of the up product (one launch)
+    # Small problems (llama-1b at 256 tokens: 44 up tiles of 64x256 for 132 SMs): narrower tiles, more K chunks.
+    "up_64x128_w4_s4_t1": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4, "TAIL": 1}},
+    "up_64x64_w4_s4_t1": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "TAIL": 1}},
+    "down_n64": {"down": {"BLOCK_N": 64}},
+    "down_n64_split4": {"down": {"BLOCK_N": 64, "SPLIT_K": 4}},
+    "small_128_s4": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4, "TAIL": 1}, "down": {"SPLIT_K": 4}},
+    "small_64_s4": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "TAIL": 1}, "down": {"SPLIT_K": 4}},
+    "small_64_n64_s4": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "TAIL": 1},
+                        "down": {"BLOCK_N": 64, "SPLIT_K": 4}},
     "tail4": {"up": {"TAIL": 4}},
     "tail2_s4": {"up": {"TAIL": 2, "TAIL_CFG": {"num_stages": 4}}},
     "tail4_w4": {"up": {"TAIL": 4, "TAIL_ROUNDS": 2, "TAIL_CFG": {"num_warps": 4, "num_stages": 4}}},
@@ -536,7 +548,7 @@ def main():
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
     if args.host:
-        H, inter = MODELS[args.models.split(",")[0]]
+        H, inter = {**MODELS, **EXTRA_MODELS}[args.models.split(",")[0]]
         result["host"] = host_cost(H, inter, gen)
         with open(path.replace("nested_mlp_", "nested_mlp_host_"), "w") as f:
             json.dump(result, f, indent=1)
@@ -551,7 +563,7 @@ def main():
                 for model in args.models.split(","):
                     print("variant", name, model, flush=True)
                     result["kernels"].setdefault(name, {})[model] = backward_kernel_times(
-                        *MODELS[model], gen, args.profile_bwd)
+                        *{**MODELS, **EXTRA_MODELS}[model], gen, args.profile_bwd)
             except Exception as e:  # e.g. a variant past the shared memory: recorded, the others still run
                 result["kernels"].setdefault(name, {})["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 print(name, "failed:", result["kernels"][name]["error"], flush=True)
@@ -564,7 +576,7 @@ def main():
         result["kernel_us_T256"], result["explore"] = {}, []
         names = [n for n in args.explore_only.split(",") if n]
         for model in args.models.split(","):
-            H, inter = MODELS[model]
+            H, inter = {**MODELS, **EXTRA_MODELS}[model]
             result["kernel_us_T256"][model] = kernel_times(H, inter, gen)
             if "route1" in names:  # the routing's one launch against the three it replaces, kernel by kernel
                 print("kernel times, route1", flush=True)
@@ -578,7 +590,7 @@ def main():
         return
     t_fwd = [1, 256, 8192] if args.quick else T_FWD
     for model in args.models.split(","):
-        H, inter = MODELS[model]
+        H, inter = {**MODELS, **EXTRA_MODELS}[model]
         for backward, ts in ((False, t_fwd), (True, T_BWD)):
             for T in ts:
                 for mix in MIXES:
