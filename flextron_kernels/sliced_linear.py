@@ -241,18 +241,26 @@ def _tma_plan(a, b, out, M, N, K, sam, sak, sbk, sbn, scm, scn):
     return a_desc, b_desc, c_desc, cfg
 
 
-# Below the TMA kernel's sizes (fewer tiles than about a wave: decode and short prefill), cuBLAS on the prefix views
-# where it takes them as they are. A prefix of a row-major weight is a matrix with one unit stride and a leading
-# dimension at least its width, which torch passes to cuBLAS without a copy (ATen's prepare_matrix_for_cublas), so
-# this is as zero-copy as the Triton kernels. Measured on an H200 (benchmarks/NOTES.md): a ~1B Llama-shaped model at
-# 256 tokens spent 1080 us in the pointer kernel for its 56 projections, where the dense model's cuBLAS calls took
-# 509 us; at decode sizes the pointer kernel was within about +-10% of cuBLAS on the same views. The pointer kernel
-# stays for operands cuBLAS cannot take in place, and under the interpreter.
+# Below the persistent TMA kernel's sizes (fewer than two waves of 128x256 tiles: decode, short prefill), cuBLAS on
+# the prefix views where it takes them as they are. A prefix of a row-major weight is a matrix with one unit stride
+# and a leading dimension at least its width, which torch passes to cuBLAS without a copy (ATen's
+# prepare_matrix_for_cublas), so this is as zero-copy as the Triton kernels. Measured on an H200
+# (benchmarks/NOTES.md): a ~1B Llama-shaped model at 256 tokens spent 1080 us in the pointer kernel for its 56
+# projections, where the dense model's cuBLAS calls took 509 us; the one-tile-per-program TMA config took 0.63-0.81x
+# cuBLAS's speed at 256 tokens (graph replays) and 0.51-0.93x at 1024; at decode sizes the pointer kernel was within
+# about +-10% of cuBLAS. The persistent TMA kernel stays where it serves (0.92-1.13x cuBLAS at 1024-4096 tokens), the
+# pointer kernel for operands cuBLAS cannot take in place, and both under the interpreter.
 _CUBLAS_BELOW_TMA = True
 
 
-def _use_blas(out: torch.Tensor) -> bool:
-    return _CUBLAS_BELOW_TMA and out.is_cuda and not INTERPRET
+def _use_blas(out: torch.Tensor, M: int, N: int) -> bool:
+    """Whether a GPU call of ``out[M, N]`` goes to cuBLAS (where its operands allow): below the persistent TMA
+    kernel's sizes."""
+    if not (_CUBLAS_BELOW_TMA and out.is_cuda and not INTERPRET):
+        return False
+    sms = _tma_sms(out.device)
+    blocks = _tma_blocks(M, N, sms) if sms else None
+    return blocks is None or blocks[5] is None
 
 
 def _blas_view(t: torch.Tensor, rows: int, cols: int, s_r: int, s_c: int) -> torch.Tensor | None:
@@ -280,8 +288,8 @@ def matmul_strided(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn) -> No
     """``out[M, N] = A[M, K] @ B[K, N] (+ bias[:N])`` with every operand given by base tensor and strides.
 
     Passing strides instead of view tensors keeps the host cost of a launch low (decode is launch-bound).
-    Inputs are not checked here. The TMA kernel where its plan serves; below its sizes, cuBLAS on views on a GPU
-    (_CUBLAS_BELOW_TMA), else the pointer kernel.
+    Inputs are not checked here. On a GPU, cuBLAS on views below the persistent TMA kernel's sizes
+    (_CUBLAS_BELOW_TMA); else the TMA kernel where its plan serves, else the pointer kernel.
     """
     if M == 0 or N == 0:
         return
@@ -289,9 +297,9 @@ def matmul_strided(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn) -> No
         view = out.as_strided((M, N), (scm, scn))
         view.zero_() if bias is None else view.copy_(bias[:N].expand(M, N))
         return
-    plan = _tma_plan(a, b, out, M, N, K, sam, sak, sbk, sbn, scm, scn)
-    if plan is None and _use_blas(out) and _blas_matmul(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn):
+    if _use_blas(out, M, N) and _blas_matmul(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn):
         return
+    plan = _tma_plan(a, b, out, M, N, K, sam, sak, sbk, sbn, scm, scn)
     if plan is not None:
         a_desc, b_desc, c_desc, cfg = plan
         _tma_matmul_kernel[(cfg["NUM_PROGRAMS"],)](

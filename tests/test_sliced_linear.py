@@ -72,6 +72,7 @@ def test_tma_path_forward_backward(dtype, lead, blocks, monkeypatch):
     if not sl._tma_sms(torch.device(DEVICE)):
         pytest.skip("no TMA on this GPU")
     monkeypatch.setattr(sl, "_tma_blocks", lambda M, N, sms: TMA_BLOCKS[blocks])
+    monkeypatch.setattr(sl, "_CUBLAS_BELOW_TMA", False)  # these sizes would go to cuBLAS on a GPU
 
     N, K, n, k = 264, 200, 136, 120
     w = randn(N, K, dtype=dtype, scale=K**-0.5, requires_grad=True)
@@ -140,7 +141,7 @@ def test_blas_below_tma(lead, N, K, n, k, with_bias, monkeypatch):
     import importlib
 
     sl = importlib.import_module("flextron_kernels.sliced_linear")
-    monkeypatch.setattr(sl, "_use_blas", lambda out: True)
+    monkeypatch.setattr(sl, "_use_blas", lambda out, M, N: True)
     monkeypatch.setattr(sl, "_tma_plan", lambda *a: None)
     seen = _count_launches(sl, monkeypatch)
     w = randn(N, K, scale=K**-0.5, requires_grad=True)
