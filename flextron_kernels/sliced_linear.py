@@ -1,13 +1,16 @@
 """``sliced_linear``: ``y = x @ W[:n, :k].T + b[:n]`` reading the weight prefix in place.
 
-One strided matmul kernel serves the forward and both backward products, because a prefix of a
-row-major weight is just a smaller matrix with the full row stride:
+One strided matmul serves the forward and both backward products, because a prefix of a row-major weight is
+just a smaller matrix with the full row stride:
 
 - forward      ``y[M, n]  = x[M, k]   @ W[:n, :k]^T``   (B read through W's strides, transposed)
 - grad input   ``dx[M, k] = dy[M, n]  @ W[:n, :k]``
 - grad weight  ``dW[:n, :k] = dy^T[n, M] @ x[M, k]``    (written into a view of the full-shape gradient)
 
 No copy of ``W`` is ever made; ``x`` and ``dy`` are flattened to 2-D (a view when their strides allow).
+Which implementation runs each product (``matmul_strided``): on a GPU, a persistent TMA-descriptor Triton GEMM for
+large products, cuBLAS on the prefix views below its sizes (torch passes such views to cuBLAS in place), and a
+pointer-based Triton kernel for operands cuBLAS would copy; under the interpreter, the Triton kernels.
 """
 
 from __future__ import annotations
