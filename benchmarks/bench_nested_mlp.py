@@ -343,6 +343,24 @@ EXPLORE = {
     "small_64_s4": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "TAIL": 1}, "down": {"SPLIT_K": 4}},
     "small_64_n64_s4": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "TAIL": 1},
                         "down": {"BLOCK_N": 64, "SPLIT_K": 4}},
+    # Deeper pipelines (ninth session): a latency-bound K loop moves (stages x stage bytes) per load latency; cuBLAS's
+    # kernels at these sizes run 64x64 tiles with 7-13 stages (torch.profiler names, bench_compile.py --profile).
+    "down_s8": {"down": {"num_stages": 8}},  # 64x128, 192 KB: one program per SM
+    "down_n64_s8": {"down": {"BLOCK_N": 64, "num_stages": 8}},  # 128 KB
+    "down_n64_s12_split1": {"down": {"BLOCK_N": 64, "num_stages": 12, "SPLIT_K": 1}},  # 192 KB
+    "down_n64_s6_split4": {"down": {"BLOCK_N": 64, "num_stages": 6, "SPLIT_K": 4}},  # 96 KB: two per SM
+    "up_64x128_s5_t1": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 5, "TAIL": 1}},  # 200 KB
+    "up_64x64_s8_t1": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 8, "TAIL": 1}},  # 192 KB
+    "small_64_s8": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 8, "TAIL": 1},
+                    "down": {"BLOCK_N": 64, "num_stages": 8}},
+    "small_128_s5": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 5, "TAIL": 1},
+                     "down": {"BLOCK_N": 64, "num_stages": 8}},
+    # 128-row tiles in both products (all-full batches need no padding): does the down product's time follow its L2
+    # traffic (the weight read once per row tile)?
+    "down_128x128_w8_split2": {"up": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+                               "down": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3, "SPLIT_K": 2}},
+    "down_128x128_w4_s4": {"up": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+                           "down": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 4, "SPLIT_K": 2}},
     "tail4": {"up": {"TAIL": 4}},
     "tail2_s4": {"up": {"TAIL": 2, "TAIL_CFG": {"num_stages": 4}}},
     "tail4_w4": {"up": {"TAIL": 4, "TAIL_ROUNDS": 2, "TAIL_CFG": {"num_warps": 4, "num_stages": 4}}},

@@ -162,6 +162,10 @@ def test_blas_below_tma(lead, N, K, n, k, with_bias, monkeypatch):
     assert torch.count_nonzero(w.grad[n:]) == 0 and torch.count_nonzero(w.grad[:, k:]) == 0
     if with_bias:
         assert_close(b.grad, br.grad, torch.float32, "dbias")
+    # Inference (no autograd): F.linear on the prefix view, any leading dims, still no pointer kernel.
+    with torch.no_grad():
+        assert_close(sliced_linear(x, w, b, n), _reference(x, w, b, n), torch.float32, "y (inference)")
+    assert seen == []
     # A view with no unit stride: cuBLAS would copy it, so the pointer kernel serves.
     xs = randn(k, 4, 2)[:, :, 0].t()  # [4, k], strides (2, 8)
     assert_close(sliced_linear(xs, w.detach(), None, n), _reference(xs, w.detach(), None, n), torch.float32)
