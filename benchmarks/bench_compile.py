@@ -89,6 +89,26 @@ def kernel_us(fn, calls: int = 5, top: int = 15) -> list:
     return sorted(times, key=lambda r: -r[1])[:top]
 
 
+def host_top(fn, calls: int = 10, top: int = 20) -> list:
+    """Host time per Python function of one eager call (cProfile over ``calls`` calls, synchronised once at the
+    end), the ``top`` largest by own time: (function, own µs per call, calls per call)."""
+    import cProfile
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = [(f"{os.path.basename(k[0])}:{k[1]}:{k[2]}"[:70], round(v[2] / calls * 1e6, 1), v[1] // calls)
+            for k, v in stats.items()]
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -98,7 +118,8 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", type=int, default=0, metavar="T",
-                    help="also GPU time per kernel (torch.profiler over eager calls) at T tokens, top 15 per provider")
+                    help="also GPU time per kernel (torch.profiler over eager calls) and host time per Python "
+                    "function (cProfile) at T tokens, the largest per eager provider")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -135,8 +156,9 @@ def main():
                 if cuda:
                     row["ms_per_call"][name] = per_call_ms(fn, args.calls, args.repeats)
             if cuda and T == args.profile:
-                row["kernels_us"] = {name: kernel_us(providers[name]) for name in ("flextron_eager", "full_eager",
-                                                                                    "hf_eager")}
+                eager = ("flextron_eager", "full_eager", "hf_eager")
+                row["kernels_us"] = {name: kernel_us(providers[name]) for name in eager}
+                row["host_us"] = {name: host_top(providers[name]) for name in eager}
         rows.append(row)
         print(row, flush=True)
     if cuda:
