@@ -346,6 +346,20 @@ EXPLORE = {
     # Deeper pipelines (ninth session): a latency-bound K loop moves (stages x stage bytes) per load latency; cuBLAS's
     # kernels at these sizes run 64x64 tiles with 7-13 stages (torch.profiler names, bench_compile.py --profile).
     "down_s8": {"down": {"num_stages": 8}},  # 64x128, 192 KB: one program per SM
+    # The same with the backward's dx kept on 4 stages (its two-operand tiles take twice the shared memory).
+    "down_s8b": {"down": {"num_stages": 8}, "down_bwd": {"num_stages": 4}},
+    "down_s6b": {"down": {"num_stages": 6}, "down_bwd": {"num_stages": 4}},
+    "down_s8b_split1": {"down": {"num_stages": 8, "SPLIT_K": 1}, "down_bwd": {"num_stages": 4}},
+    "down_s6b_split1": {"down": {"num_stages": 6, "SPLIT_K": 1}, "down_bwd": {"num_stages": 4}},
+    "down_s8b_split4": {"down": {"num_stages": 8, "SPLIT_K": 4}, "down_bwd": {"num_stages": 4}},
+    "small_a": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "TAIL": 1},
+                "down": {"num_stages": 8}, "down_bwd": {"num_stages": 4}},
+    "small_b": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "TAIL": 1},
+                "down": {"num_stages": 8, "SPLIT_K": 4}, "down_bwd": {"num_stages": 4}},
+    "small_c": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 5, "TAIL": 1},
+                "down": {"num_stages": 8}, "down_bwd": {"num_stages": 4}},
+    "small_d": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "TAIL": 1},
+                "down": {"num_stages": 6, "SPLIT_K": 4}, "down_bwd": {"num_stages": 4}},
     "down_n64_s8": {"down": {"BLOCK_N": 64, "num_stages": 8}},  # 128 KB
     "down_n64_s12_split1": {"down": {"BLOCK_N": 64, "num_stages": 12, "SPLIT_K": 1}},  # 192 KB
     "down_n64_s6_split4": {"down": {"BLOCK_N": 64, "num_stages": 6, "SPLIT_K": 4}},  # 96 KB: two per SM
