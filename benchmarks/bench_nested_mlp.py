@@ -307,6 +307,7 @@ EXPLORE = {
     "pointer": None,  # the plan as it is, pointer tiles forced
     "base": {},
     "split1": {"down": {"SPLIT_K": 1}},
+    "split2": {"down": {"SPLIT_K": 2}},
     "split3": {"down": {"SPLIT_K": 3}},
     "split4": {"down": {"SPLIT_K": 4}},
     "up_64x128_w4_s4": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4}},

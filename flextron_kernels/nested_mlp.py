@@ -674,6 +674,22 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
             up.update(TAIL=4, TAIL_ROUNDS=2, TAIL_CFG={"num_warps": 4, "num_stages": 4})
         down = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=4,
                     SPLIT_K=2 if few else 1)
+        if T <= 256:
+            # Ninth session (graph-timed sweeps at 128 / 256 / 384 tokens, three MLP shapes: Llama-2-7B, Llama-3-8B and
+            # the ~1B of bench_compile.py; uniform and all-full; benchmarks/NOTES.md): the K loops here wait on their
+            # loads, and what a program has in flight is (stages x stage bytes). cuBLAS runs 64x64 tiles in 7-13
+            # stages at these sizes. Up to 256 tokens:
+            # - the down product in 8 stages (192 KB: one program per SM) with as many K chunks as fill one wave:
+            #   one at 256 tokens of a 4096-wide model (128 tiles), two for the 1B (64 tiles). Alone, 0.97-0.99x
+            #   the two-chunk, 4-stage form's forward time on 7B/8B at 128 and 256 tokens; four chunks at 1B were
+            #   1.01x (two waves);
+            # - 64x128 up tiles in 4 warps and 5 stages (200 KB) with no tail split. Both together (what this plan
+            #   runs): 0.77-0.96x the old plan's forward time in the 10 cases measured (1B at 128 tokens, four chunks,
+            #   was not), 1.00x on Llama-3-8B all-full at 256 (448 up tiles leave a last wave 39% full); the 1B at
+            #   256 tokens went from 1.31x to 1.00x dense's time (uniform), 1.30x to 1.14x (all-full). Forward +
+            #   backward 0.93-0.99x. At 384 tokens neither change helped (0.97-1.03x): the plan above stays there.
+            up = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=5)
+            down.update(num_stages=8, SPLIT_K="fill")
         # Up to 384 tokens, token steps of 32 in the weight gradients: no register spills (ptxas: dWu+dWg 255
         # registers and 268 bytes spilled with steps of 64) and forward+backward (graph, 256 tokens) 0.6-2.4% faster
         # in all four cases tried; at 8192 tokens the same change was 20% slower in the weight-gradient kernel.
@@ -706,7 +722,8 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     # 1.036x (Llama-3-8B): not there. 64-column dx tiles were 1.03-1.10x, the down product in 8 warps 1.45-1.53x.
     down_bwd = {}
     if not small and T <= 256:
-        down_bwd = {"SPLIT_K": 1}
+        # dx in 4 stages: its two A and two B tiles a stage would not fit the forward's 8.
+        down_bwd = {"SPLIT_K": 1, "num_stages": 4}
         up_bwd["BLOCK_N"] = 128 // kdiv
     # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and
     # a weight-gradient neuron block must lie inside one up-kernel N block.
@@ -874,7 +891,7 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
     parts = _tail_parts(up.get("TAIL", 1))
     fused = plan.get("fused_route", False) and T <= _ROUTE_MAX_T
     n_pow2 = _tail_n_pow2(inter, pad) if parts > 1 else 1
-    n_cnt = _down_counts(T, H, inter, plan["down"], pad, tma) if fused or parts > 1 else 0
+    n_cnt = _down_counts(T, H, inter, plan["down"], pad, tma, x2.device) if fused or parts > 1 else 0
     if not (fused or parts > 1):
         sw, order = nested_mlp_routing(widths)
         return sw, order, x2.index_select(0, order) if tma else x2, None, None
@@ -925,9 +942,20 @@ def _down_block_k(cfg: dict, pad: int, tma) -> int:
     return min(cfg["BLOCK_K"], pad) if tma else cfg["BLOCK_K"]
 
 
-def _down_counts(T: int, N: int, inter: int, cfg: dict, pad: int, tma) -> int:
-    """How many split-K arrival counts the down launch needs (0: not split); as _launch_down works them out."""
+def _down_splits(T: int, N: int, cfg: dict, device: torch.device) -> int:
+    """The down product's K chunks asked for: the config's ``SPLIT_K``, where ``"fill"`` means as many as keep one
+    program per SM in one wave (the SM count over the output tiles, 1 to 4)."""
     splits = cfg.get("SPLIT_K", 1)
+    if splits == "fill":
+        return max(1, min(4, _sm_count(device) // _grid(T, N, cfg)[0]))
+    if not (isinstance(splits, int) and splits >= 1):
+        raise ValueError(f'SPLIT_K (the down product\'s K chunks) must be a positive int or "fill", got {splits!r}')
+    return splits
+
+
+def _down_counts(T: int, N: int, inter: int, cfg: dict, pad: int, tma, device: torch.device) -> int:
+    """How many split-K arrival counts the down launch needs (0: not split); as _launch_down works them out."""
+    splits = _down_splits(T, N, cfg, device)
     bk = _down_block_k(cfg, pad, tma)
     kc = cdiv(cdiv(cdiv(inter, pad) * pad, splits), bk) * bk
     return _grid(T, N, cfg)[0] if cdiv(cdiv(inter, pad) * pad, kc) > 1 else 0
@@ -941,7 +969,8 @@ def _launch_down(a1, a2, order, sw, w1, w2, nk, bias, out, inter, cfg, sorted_, 
     if a2 is not None:  # two A and two B tiles per stage: stay in shared memory
         cfg = dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 128), BLOCK_K=cfg["BLOCK_K"] // (2 if cfg["BLOCK_K"] > 64 else 1))
     cfg = dict(cfg, BLOCK_K=_down_block_k(cfg, pad, tma))
-    splits = cfg.pop("SPLIT_K", 1)
+    splits = _down_splits(T, N, cfg, out.device)
+    cfg.pop("SPLIT_K", None)
     b1 = w1.t() if nk else w1
     b2 = (w2.t() if nk else w2) if w2 is not None else b1
     # K chunks of whole BLOCK_Ks over the padded width; fewer chunks where the width is short.

@@ -188,6 +188,28 @@ def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch):
 
 
 @pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("sms", [1, 24, 64])
+def test_split_k_fill(tma, sms, monkeypatch):
+    """``SPLIT_K="fill"``: as many K chunks as keep one program per SM (the SM count over the output tiles, 1 to 4),
+    counted from the launch grid; forward and backward against the reference; bad values named."""
+    def plan(p):
+        down = dict(p["down"], SPLIT_K="fill", BLOCK_N=32, BLOCK_K=min(p["down"]["BLOCK_K"], 64))
+        return dict(p, tma=True, tma_bwd=True, down=down, down_bwd={"SPLIT_K": 1})
+    nm = _kernels(tma, monkeypatch, plan)
+    monkeypatch.setattr(nm, "_sm_count", lambda device: sms)
+    grids = _spy(nm, monkeypatch, "_down_kernel", lambda grid, k: (grid, k["BLOCK_M"]))
+    T = 150
+    x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
+    _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=True, biases=True), "silu", torch.bfloat16)
+    (fwd, bm), (bwd, _) = grids
+    tiles = -(-T // bm) * -(-H // 32)
+    assert fwd == (tiles, max(1, min(4, sms // tiles))) and bwd[1] == 1
+    for bad in (0, "all", 2.0):
+        with pytest.raises(ValueError, match="SPLIT_K"):
+            nm._down_splits(T, H, {"BLOCK_M": 64, "BLOCK_N": 32, "SPLIT_K": bad}, x.device)
+
+
+@pytest.mark.parametrize("tma", [True, False])
 def test_dx_own_config(tma, monkeypatch):
     """dx (the backward's down product) on the plan's ``down_bwd`` changes: the forward's down product split along K,
     dx whole, with narrower column tiles; against the reference, the spy checking each launch's form."""
@@ -334,7 +356,7 @@ def test_route_launch(T, kind, parts, splits, strided, monkeypatch):
     ref = torch.sort(w.cpu(), descending=True, stable=True)
     assert torch.equal(order.cpu(), ref.indices) and torch.equal(sw.cpu(), ref.values) and sw.dtype == w.dtype
     assert src.is_contiguous() and torch.equal(src, x[order])
-    n_cnt = nm._down_counts(T, hidden, inter, p["down"], p["up"]["BLOCK_N"], "host")
+    n_cnt = nm._down_counts(T, hidden, inter, p["down"], p["up"]["BLOCK_N"], "host", x.device)
     assert (n_cnt > 0) == (splits > 1 and inter > 64)
     if n_cnt:
         assert counts.numel() == n_cnt and int(counts.abs().sum()) == 0
@@ -372,10 +394,11 @@ def test_backward_epilogue_in_halves(gated, monkeypatch):
 
 @pytest.mark.skipif(not ON_GPU, reason="the GPU's block plans (the interpreter has its own)")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [200, 520, 1100])
+@pytest.mark.parametrize("T", [200, 300, 520, 1100])
 @pytest.mark.parametrize("fused", [False, True])
 def test_gpu_plan_buckets(T, dtype, fused, monkeypatch):
-    """Each token-count bucket of the GPU plan (split-K down + 256-wide up tiles; 128-row up tiles over 64-row
+    """Each token-count bucket of the GPU plan (up to 256 tokens 128-wide up tiles and the down product in K chunks
+    filling a wave; to 384, 256-wide up tiles with the tail split and two K chunks; 128-row up tiles over 64-row
     down tiles; prefill tiles) in every dtype, against the float64 reference; with the routing in one launch
     (``fused_route``, up to 1024 tokens) and without."""
     nm = importlib.import_module("flextron_kernels.nested_mlp")
