@@ -366,6 +366,16 @@ EXPLORE = {
                             "down_bwd": {"BLOCK_K": 64, "num_stages": 4}},
     "c1_k128": {"up": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 5, "TAIL": 1},
                 "down": {"BLOCK_K": 128, "num_stages": 4, "SPLIT_K": 1}, "down_bwd": {"BLOCK_K": 64, "num_stages": 4}},
+    # Against the plan of b4a5237 at 256 tokens (64x128 up tiles in 5 stages, the down product in 8 stages filling a
+    # wave): the all-full batches left at 1.11-1.12x dense's time.
+    "up_s4": {"up": {"num_stages": 4}},
+    "up_gm4": {"up": {"GROUP_M": 4}},
+    "up_prev": {"up": {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3, "TAIL": 4, "TAIL_ROUNDS": 2,
+                       "TAIL_CFG": {"num_warps": 4, "num_stages": 4}}},  # the 64x256 tiles and tail split before
+    "down_k128": {"down": {"BLOCK_K": 128, "num_stages": 4}, "down_bwd": {"BLOCK_K": 64}},
+    "down_w8": {"down": {"num_warps": 8}},
+    "down_n256_s4": {"down": {"BLOCK_N": 256, "num_stages": 4}, "down_bwd": {"BLOCK_N": 128}},
+    "down_n256_s4_w8": {"down": {"BLOCK_N": 256, "num_stages": 4, "num_warps": 8}, "down_bwd": {"BLOCK_N": 128}},
     "small_a": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "TAIL": 1},
                 "down": {"num_stages": 8}, "down_bwd": {"num_stages": 4}},
     "small_b": {"up": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "TAIL": 1},

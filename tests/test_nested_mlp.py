@@ -169,8 +169,9 @@ def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch):
     """The down product split along K into fp32 chunks, summed by each tile's last chunk to finish (chunks past
     a tile's width skipped), under up tiles twice as tall as the down tiles; forward and backward (dx) split."""
     def plan(p):
-        up = dict(p["up"], BLOCK_M=2 * p["down"]["BLOCK_M"], BLOCK_N=min(p["up"]["BLOCK_N"], 128))  # smem
-        down = dict(p["down"], SPLIT_K=4, BLOCK_K=min(p["down"]["BLOCK_K"], 64))
+        # Stages set here: taller tiles, and dx's two operands on the forward's config, within shared memory.
+        up = dict(p["up"], BLOCK_M=2 * p["down"]["BLOCK_M"], BLOCK_N=min(p["up"]["BLOCK_N"], 128), num_stages=3)
+        down = dict(p["down"], SPLIT_K=4, BLOCK_K=min(p["down"]["BLOCK_K"], 64), num_stages=3)
         return dict(p, tma=True, tma_bwd=True, up=up, down=down, down_bwd={})  # dx on the forward's config
     nm = _kernels(tma, monkeypatch, plan)
     launches = _spy(nm, monkeypatch, "_down_kernel", lambda grid, k: k["SPLIT"])
