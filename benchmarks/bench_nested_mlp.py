@@ -368,6 +368,9 @@ EXPLORE = {
                 "down": {"BLOCK_K": 128, "num_stages": 4, "SPLIT_K": 1}, "down_bwd": {"BLOCK_K": 64, "num_stages": 4}},
     # Against the plan of b4a5237 at 256 tokens (64x128 up tiles in 5 stages, the down product in 8 stages filling a
     # wave): the all-full batches left at 1.11-1.12x dense's time.
+    "route_1sm": {"route": {"PER_SM": 1}},  # the routing's gather in one wave of programs (two before)
+    "route_1sm_t32": {"route": {"PER_SM": 1, "BLOCK_T": 32}},
+    "route_4sm": {"route": {"PER_SM": 4}},
     "up_s4": {"up": {"num_stages": 4}},
     "up_gm4": {"up": {"GROUP_M": 4}},
     "up_prev": {"up": {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3, "TAIL": 4, "TAIL_ROUNDS": 2,

@@ -899,13 +899,14 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
     nsm = up.get("TAIL_SMS", 0) or _sm_count(x2.device)
     rc = dict(plan["route"])
     bt, bu, bh = rc.pop("BLOCK_T"), rc.pop("BLOCK_U"), rc.pop("BLOCK_H")
+    per_sm = rc.pop("PER_SM", 2)
     if fused:
         w = widths.reshape(-1).contiguous()
         sw = torch.empty_like(w)
         order = torch.empty(T, dtype=torch.int64, device=w.device)
         src = torch.empty((T, H), dtype=x2.dtype, device=x2.device) if tma else x2
-        # Column chunks: about two programs per SM in all (each counts over T tokens again, a few us at most).
-        n_h = max(1, min(cdiv(H, bh), cdiv(2 * nsm, cdiv(T, bt)))) if tma else 1
+        # Column chunks: about PER_SM programs per SM in all (each counts over T tokens again, a few us at most).
+        n_h = max(1, min(cdiv(H, bh), cdiv(per_sm * nsm, cdiv(T, bt)))) if tma else 1
         chunk = cdiv(cdiv(H, n_h), bh) * bh
         grid = (cdiv(T, bt), cdiv(H, chunk))
     else:
