@@ -680,14 +680,15 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
             # loads, and what a program has in flight is (stages x stage bytes). cuBLAS runs 64x64 tiles in 7-13
             # stages at these sizes. Up to 256 tokens:
             # - the down product in 8 stages (192 KB: one program per SM) with as many K chunks as fill one wave:
-            #   one at 256 tokens of a 4096-wide model (128 tiles), two for the 1B (64 tiles). Alone, 0.97-0.99x
-            #   the two-chunk, 4-stage form's forward time on 7B/8B at 128 and 256 tokens; four chunks at 1B were
-            #   1.01x (two waves);
+            #   one at 256 tokens of a 4096-wide model (128 tiles), two for the 1B (64 tiles). Alone, 0.96-0.99x
+            #   the two-chunk, 4-stage form's forward time on 7B/8B at 128 and 256 tokens; eight stages with more
+            #   chunks than fill a wave (two waves) were 1.01-1.04x;
             # - 64x128 up tiles in 4 warps and 5 stages (200 KB) with no tail split. Both together (what this plan
             #   runs): 0.77-0.96x the old plan's forward time in the 10 cases measured (1B at 128 tokens, four chunks,
             #   was not), 1.00x on Llama-3-8B all-full at 256 (448 up tiles leave a last wave 39% full); the 1B at
             #   256 tokens went from 1.31x to 1.00x dense's time (uniform), 1.30x to 1.14x (all-full). Forward +
-            #   backward 0.93-0.99x. At 384 tokens neither change helped (0.97-1.03x): the plan above stays there.
+            #   backward 0.93-0.99x. At 384 tokens 7B/8B did not gain (1.00-1.02x; the 1B 0.92-0.94x): the plan above
+            #   stays there.
             up = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=5)
             down.update(num_stages=8, SPLIT_K="fill")
         # Up to 384 tokens, token steps of 32 in the weight gradients: no register spills (ptxas: dWu+dWg 255
