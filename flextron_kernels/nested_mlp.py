@@ -126,7 +126,7 @@ def _route_kernel(w_ptr, x_ptr, xs_ptr, sw_ptr, order_ptr, plan_ptr, zero_ptr, n
                   stride_xs, H_CHUNK, NSM, MAX_UNITS, RANK: tl.constexpr, GATHER: tl.constexpr, PLAN: tl.constexpr,
                   PARTS: tl.constexpr, N_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
-                  BLOCK_Z: tl.constexpr, PDL: tl.constexpr = False):
+                  BLOCK_Z: tl.constexpr, PDL: tl.constexpr = False, LIST: tl.constexpr = False):
     """A sorted batch's routing in one launch (up to ``_ROUTE_MAX_T`` tokens; at 256 tokens the three launches it
     replaces took 9.3 us of GPU time on an H200, and a graph pays a gap between any two launches):
 
@@ -146,7 +146,8 @@ def _route_kernel(w_ptr, x_ptr, xs_ptr, sw_ptr, order_ptr, plan_ptr, zero_ptr, n
     cut along N into PARTS narrower tiles, where that costs fewer waves, ceil(tail PARTS / NSM) / PARTS against
     ceil(tail / NSM), and the tail launch has programs for them (MAX_UNITS); otherwise every tile runs in the head.
     Writes ``plan_ptr[0] = n_end``, ``plan_ptr[1]`` = the tail launch's programs with work, and ``plan_ptr[2 + c]`` =
-    the tail's tiles in columns up to ``c``."""
+    the tail's tiles in columns up to ``c``. With LIST (the persistent up launch, _up_persist_kernel), every active
+    tile is listed so: ``n_end = 0``, ``plan_ptr[1]`` = all active tiles."""
     _pdl_enter(PDL)
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -182,9 +183,11 @@ def _route_kernel(w_ptr, x_ptr, xs_ptr, sw_ptr, order_ptr, plan_ptr, zero_ptr, n
             tail = total - tl.sum(tl.where(cc < n_end, col_cnt, 0), 0)
             split = (tl.cdiv(tail * PARTS, NSM) < PARTS * tl.cdiv(tail, NSM)) & (tail * PARTS <= MAX_UNITS)
             n_end = tl.where(split, n_end, N_POW2)
+            if LIST:
+                n_end = 0
             tail_cnt = tl.where(cc >= n_end, col_cnt, 0)
             tl.store(plan_ptr, n_end)
-            tl.store(plan_ptr + 1, tl.where(split, tail * PARTS, 0))
+            tl.store(plan_ptr + 1, total if LIST else tl.where(split, tail * PARTS, 0))
             tl.store(plan_ptr + 2 + cc, tl.cumsum(tail_cnt, 0))
         for z in range(0, n_zero, BLOCK_Z):
             zz = z + tl.arange(0, BLOCK_Z)
@@ -392,6 +395,72 @@ def _up_tile(src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, h_ptr, g_ptr,
                 f, df = _act_and_grad(h, ACT)
                 _put(dh_desc, dh_ptr + off, tl.where(keep, da * df, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
                 _put(ao_desc, a_ptr + off, tl.where(keep, f, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
+
+
+@triton.jit
+def _persist_tile(q, upto, cc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Active up tile ``q`` of the routing's list (column by column: N block ``col`` holds the first
+    ``upto[col] - upto[col - 1]`` row tiles): its first row and first column."""
+    col = tl.sum((upto <= q).to(tl.int32), 0)
+    below = tl.sum(tl.where(cc == col - 1, upto, 0), 0)
+    return (q - below) * BLOCK_M, col * BLOCK_N
+
+
+@triton.jit
+def _up_persist_kernel(
+    sw_ptr, bias_ptr, plan_ptr, a_ptr, h_ptr, g_ptr, a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc,
+    T, K, I, LDA, NPROG,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, ACT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr,
+    N_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLATTEN: tl.constexpr = False, PDL: tl.constexpr = False,
+):
+    """The forward up product as a persistent launch (sorted batches, TMA tiles): NPROG programs walk the active
+    tiles only, listed by the routing launch (``plan_ptr[1]`` tiles; ``plan_ptr[2 + c]``: the active tiles in N
+    blocks up to ``c``), tile ``q`` in program ``q % NPROG``. Every listed tile runs the whole K loop, so with
+    FLATTEN the tile and K loops fuse into one software pipeline: the next tile's first loads are in flight during
+    this tile's last products and epilogue (Triton's persistent-matmul tutorial; for sm_90 ptxas then reports the
+    wgmma serialised, C7515: the accumulators' reset sits inside the pipeline). Buffer blocks as in _up_tile."""
+    _pdl_enter(PDL)
+    KI = tl.cdiv(K, BLOCK_K)
+    cc = tl.arange(0, N_POW2)
+    upto = tl.load(plan_ptr + 2 + cc)
+    total = tl.load(plan_ptr + 1)
+    out_ty = a_ptr.dtype.element_ty
+    # The epilogue's tile from its own counter (as the tutorial: a value used by both the loads of the next tile
+    # and the epilogue of this one would keep the pipeliner from splitting them).
+    q_c = tl.program_id(0) - NPROG
+    for q in tl.range(tl.program_id(0), total, NPROG, flatten=FLATTEN):
+        om, on = _persist_tile(q, upto, cc, BLOCK_M, BLOCK_N)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(0, KI):
+            ok = ki * BLOCK_K
+            s = a_desc.load([om, ok])
+            acc1 = _mma(s, _load_b(b1_desc, ok, on, B_NK), acc1, UPCAST, PRECISION)
+            if GATED:
+                acc2 = _mma(s, _load_b(b2_desc, ok, on, B_NK), acc2, UPCAST, PRECISION)
+        q_c += NPROG
+        ot, on_c = _persist_tile(q_c, upto, cc, BLOCK_M, BLOCK_N)
+        t = ot + tl.arange(0, BLOCK_M)
+        rn = on_c + tl.arange(0, BLOCK_N)
+        w_row = tl.minimum(tl.maximum(tl.load(sw_ptr + t, mask=t < T, other=0), 0), I).to(tl.int32)
+        keep = rn[None, :] < w_row[:, None]
+        mask = (t[:, None] < T) & (rn[None, :] < LDA)
+        off = t.to(tl.int64)[:, None] * LDA + rn[None, :]
+        h = acc1
+        if HAS_BIAS:
+            h += tl.load(bias_ptr + rn, mask=rn < I, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            f, _ = _act_and_grad(acc2, ACT)
+            a = f * h
+        else:
+            a, _ = _act_and_grad(h, ACT)
+        _put(ao_desc, a_ptr + off, tl.where(keep, a, 0.0).to(out_ty), mask, ot, on_c, EPI_TMA)
+        if STORE_PRE:
+            _put(h_desc, h_ptr + off, h.to(out_ty), mask, ot, on_c, EPI_TMA)
+            if GATED:
+                _put(g_desc, g_ptr + off, acc2.to(out_ty), mask, ot, on_c, EPI_TMA)
 
 
 @triton.jit
@@ -844,6 +913,22 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
         box = [c["BLOCK_M"], c["BLOCK_N"] // epi_split]
         return d + tuple(_desc(b, box, memo) if epi and b is not None else a for b in (a, h, g, dh, dg))
 
+    if cfg.pop("PERSIST", False) and not backward and sorted_ and plan is not None and tma == "host":
+        # The persistent launch over the routing's list of active tiles (_up_persist_kernel): a program per SM.
+        nprog = min(cfg.pop("PERSIST_SMS", 0) or _sm_count(src.device), _grid(T, inter, cfg)[0])
+        assert h is None or h.stride(0) == a.stride(0)
+        d = descs(cfg)
+        pcfg = {k: v for k, v in cfg.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
+                                                         "PDL", "launch_pdl", "FLATTEN")}
+        _up_persist_kernel[(nprog,)](
+            sw, bias if bias is not None else dummy, plan, a, h if h is not None else dummy,
+            g if g is not None else dummy, *d[:6], T, K, inter, a.stride(0), nprog,
+            GATED=gated, HAS_BIAS=bias is not None, STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype),
+            PRECISION=dot_precision(src.dtype), B_NK=nk, EPI_TMA=epi, N_POW2=_tail_n_pow2(inter, cfg["BLOCK_N"]),
+            **pcfg)
+        return
+    cfg.pop("PERSIST_SMS", None)
+    cfg.pop("FLATTEN", None)
     # Tail split (sorted batches, ``plan`` from _route): the head launch over the tile grid, then a launch
     # of a program per narrow tail tile (at most TAIL_ROUNDS waves), with its own weight and buffer boxes.
     parts = _tail_parts(cfg.pop("TAIL", 1)) if sorted_ and plan is not None else 1
@@ -889,11 +974,13 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
         return sw, order, x2, None, None
     up = plan["up"]
     pad = up["BLOCK_N"]
-    parts = _tail_parts(up.get("TAIL", 1))
+    persist = _persist(up, tma)
+    parts = 1 if persist else _tail_parts(up.get("TAIL", 1))
+    listed = persist or parts > 1  # the launch lists up tiles (the persistent launch's, or the tail's)
     fused = plan.get("fused_route", False) and T <= _ROUTE_MAX_T
-    n_pow2 = _tail_n_pow2(inter, pad) if parts > 1 else 1
-    n_cnt = _down_counts(T, H, inter, plan["down"], pad, tma, x2.device) if fused or parts > 1 else 0
-    if not (fused or parts > 1):
+    n_pow2 = _tail_n_pow2(inter, pad) if listed else 1
+    n_cnt = _down_counts(T, H, inter, plan["down"], pad, tma, x2.device) if fused or listed else 0
+    if not (fused or listed):
         sw, order = nested_mlp_routing(widths)
         return sw, order, x2.index_select(0, order) if tma else x2, None, None
     buf = torch.empty(2 + n_pow2 + n_cnt, dtype=torch.int32, device=x2.device)
@@ -916,11 +1003,17 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
         w, chunk, grid = sw, 0, (1, 1)  # the plan only
     _route_kernel[grid](w, x2, src, sw, order, buf, buf[2 + n_pow2:], n_cnt, T, H, inter, x2.stride(0), x2.stride(1),
                         src.stride(0), chunk, nsm, up.get("TAIL_ROUNDS", 1) * nsm,
-                        RANK=fused, GATHER=fused and bool(tma), PLAN=parts > 1, PARTS=parts, N_POW2=n_pow2,
+                        RANK=fused, GATHER=fused and bool(tma), PLAN=listed, PARTS=parts, N_POW2=n_pow2,
                         BLOCK_M=up["BLOCK_M"], BLOCK_N=pad, BLOCK_T=bt, BLOCK_U=bu, BLOCK_H=bh,
-                        BLOCK_P=min(bu, 128), BLOCK_Z=256,
+                        BLOCK_P=min(bu, 128), BLOCK_Z=256, LIST=persist,
                         **rc, **(pdl or {}))
-    return sw, order, src, buf[:2 + n_pow2] if parts > 1 else None, buf[2 + n_pow2:] if n_cnt else None
+    return sw, order, src, buf[:2 + n_pow2] if listed else None, buf[2 + n_pow2:] if n_cnt else None
+
+
+def _persist(up: dict, tma) -> bool:
+    """Whether the forward's up product runs as the persistent launch (_up_persist_kernel): where the up config asks
+    for it (``PERSIST``) and its tiles move by TMA with host descriptors (sorted batches)."""
+    return bool(up.get("PERSIST", False)) and tma == "host"
 
 
 def _tail_parts(parts: int) -> int:
