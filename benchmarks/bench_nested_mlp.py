@@ -443,19 +443,6 @@ EXPLORE = {
     "bwd_prev": {"down_bwd": {"SPLIT_K": 2}, "up_bwd": {"BLOCK_N": 256}},
     # The weight gradients' tiles by TMA stores (ptxas at 256 tokens: 196 / 250 registers; 64x128 in 4 warps 168 /
     # 255; 64x64 96 / 144; no spills)
-    # Tenth session: the forward's up product as one persistent launch over the routing's list of active tiles
-    # (_up_persist_kernel); FLATTEN fuses its tile and K loops into one pipeline.
-    "persist": {"up": {"PERSIST": True}},
-    "persist_flat": {"up": {"PERSIST": True, "FLATTEN": True}},
-    "persist_s4": {"up": {"PERSIST": True, "num_stages": 4}},
-    "persist_flat_s4": {"up": {"PERSIST": True, "FLATTEN": True, "num_stages": 4}},
-    # ... and the tiles past the whole waves cut along K over all programs (stream-K, SK parts at most per tile)
-    "persist_sk2": {"up": {"PERSIST": True, "SK": 2}},
-    "persist_sk4": {"up": {"PERSIST": True, "SK": 4}},
-    "persist_sk8": {"up": {"PERSIST": True, "SK": 8}},
-    "persist_sk4_w8": {"up": {"PERSIST": True, "SK": 4, "num_warps": 8}},
-    "persist_flat_sk4": {"up": {"PERSIST": True, "FLATTEN": True, "SK": 4}},
-    "base_again": {},  # the plan as it is, timed last (drift across the sweep)
     "wgrad_epi": {"wgrad": {"EPI_TMA": True}},
     "wgrad_j64_w4_epi": {"wgrad": {"BLOCK_J": 64, "num_warps": 4, "EPI_TMA": True}},
     "wgrad_64x64_w4_epi": {"wgrad": {"BLOCK_J": 64, "BLOCK_N": 64, "num_warps": 4, "EPI_TMA": True}},

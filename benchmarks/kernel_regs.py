@@ -63,8 +63,7 @@ def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True
     ``_plan`` with ``changes`` (``{"up": {...}, ...}``) would launch it: SwiGLU, bf16, a sorted batch of T tokens,
     host TMA descriptors where the plan takes them; nothing runs. Returns (launch, ptxas report) per launch."""
     launches = []
-    real = {name: getattr(NM, name) for name in ("_up_kernel", "_up_persist_kernel", "_down_kernel", "_wgrad_kernel",
-                                                 "_route_kernel")}
+    real = {name: getattr(NM, name) for name in ("_up_kernel", "_down_kernel", "_wgrad_kernel", "_route_kernel")}
 
     class Capture:
         def __init__(self, name):
@@ -116,8 +115,6 @@ def _tag(name: str, kw: dict) -> str:
         return "route" if kw["RANK"] else "tail plan"
     if name == "_wgrad_kernel":
         return "dWu+dWg" if kw["HAS_DB"] or kw["DUAL"] else "dWd"
-    if name == "_up_persist_kernel":
-        return "up persistent"
     if name == "_up_kernel":
         return "up" + (" tail" if kw["TAIL_LAUNCH"] else "") + (" (dA)" if kw["BACKWARD"] else "")
     return "down (dx)" if kw["DUAL"] else "down"

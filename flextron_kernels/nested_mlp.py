@@ -126,7 +126,7 @@ def _route_kernel(w_ptr, x_ptr, xs_ptr, sw_ptr, order_ptr, plan_ptr, zero_ptr, n
                   stride_xs, H_CHUNK, NSM, MAX_UNITS, RANK: tl.constexpr, GATHER: tl.constexpr, PLAN: tl.constexpr,
                   PARTS: tl.constexpr, N_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
-                  BLOCK_Z: tl.constexpr, PDL: tl.constexpr = False, LIST: tl.constexpr = False):
+                  BLOCK_Z: tl.constexpr, PDL: tl.constexpr = False):
     """A sorted batch's routing in one launch (up to ``_ROUTE_MAX_T`` tokens; at 256 tokens the three launches it
     replaces took 9.3 us of GPU time on an H200, and a graph pays a gap between any two launches):
 
@@ -146,8 +146,7 @@ def _route_kernel(w_ptr, x_ptr, xs_ptr, sw_ptr, order_ptr, plan_ptr, zero_ptr, n
     cut along N into PARTS narrower tiles, where that costs fewer waves, ceil(tail PARTS / NSM) / PARTS against
     ceil(tail / NSM), and the tail launch has programs for them (MAX_UNITS); otherwise every tile runs in the head.
     Writes ``plan_ptr[0] = n_end``, ``plan_ptr[1]`` = the tail launch's programs with work, and ``plan_ptr[2 + c]`` =
-    the tail's tiles in columns up to ``c``. With LIST (the persistent up launch, _up_persist_kernel), every active
-    tile is listed so: ``n_end = 0``, ``plan_ptr[1]`` = all active tiles."""
+    the tail's tiles in columns up to ``c``."""
     _pdl_enter(PDL)
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -183,11 +182,9 @@ def _route_kernel(w_ptr, x_ptr, xs_ptr, sw_ptr, order_ptr, plan_ptr, zero_ptr, n
             tail = total - tl.sum(tl.where(cc < n_end, col_cnt, 0), 0)
             split = (tl.cdiv(tail * PARTS, NSM) < PARTS * tl.cdiv(tail, NSM)) & (tail * PARTS <= MAX_UNITS)
             n_end = tl.where(split, n_end, N_POW2)
-            if LIST:
-                n_end = 0
             tail_cnt = tl.where(cc >= n_end, col_cnt, 0)
             tl.store(plan_ptr, n_end)
-            tl.store(plan_ptr + 1, total if LIST else tl.where(split, tail * PARTS, 0))
+            tl.store(plan_ptr + 1, tl.where(split, tail * PARTS, 0))
             tl.store(plan_ptr + 2 + cc, tl.cumsum(tail_cnt, 0))
         for z in range(0, n_zero, BLOCK_Z):
             zz = z + tl.arange(0, BLOCK_Z)
@@ -395,140 +392,6 @@ def _up_tile(src_ptr, order_ptr, sw_ptr, b1_ptr, b2_ptr, bias_ptr, h_ptr, g_ptr,
                 f, df = _act_and_grad(h, ACT)
                 _put(dh_desc, dh_ptr + off, tl.where(keep, da * df, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
                 _put(ao_desc, a_ptr + off, tl.where(keep, f, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
-
-
-@triton.jit
-def _persist_tile(q, upto, cc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Active up tile ``q`` of the routing's list (column by column: N block ``col`` holds the first
-    ``upto[col] - upto[col - 1]`` row tiles): its first row and first column."""
-    col = tl.sum((upto <= q).to(tl.int32), 0)
-    below = tl.sum(tl.where(cc == col - 1, upto, 0), 0)
-    return (q - below) * BLOCK_M, col * BLOCK_N
-
-
-@triton.jit
-def _up_persist_kernel(
-    sw_ptr, bias_ptr, plan_ptr, a_ptr, h_ptr, g_ptr, ws_ptr, a_desc, b1_desc, b2_desc, ao_desc, h_desc, g_desc,
-    T, K, I, LDA, NPROG,
-    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, ACT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, B_NK: tl.constexpr, EPI_TMA: tl.constexpr,
-    N_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FLATTEN: tl.constexpr = False, SK: tl.constexpr = 0, PDL: tl.constexpr = False,
-):
-    """The forward up product as a persistent launch (sorted batches, TMA tiles): NPROG programs walk the active
-    tiles only, listed by the routing launch (``plan_ptr[1]`` tiles; ``plan_ptr[2 + c]``: the active tiles in N
-    blocks up to ``c``), tile ``q`` in program ``q % NPROG``. Every listed tile runs the whole K loop, so with
-    FLATTEN the tile and K loops fuse into one software pipeline: the next tile's first loads are in flight during
-    this tile's last products and epilogue (Triton's persistent-matmul tutorial; for sm_90 ptxas then reports the
-    wgmma serialised, C7515: the accumulators' reset sits inside the pipeline). Buffer blocks as in _up_tile.
-
-    SK > 0 (stream-K on the last partial wave): the whole waves of tiles run as above, and the tiles left over
-    (fewer than NPROG) are cut along K over all the programs, each a run of ``per`` K steps (at least KI / SK, so
-    a tile has at most SK + 1 parts) that meets at most two tiles. A part stores its fp32 partial sums in its own
-    workspace slot (``ws_ptr``: program, which of its two tiles) and counts itself in at the tile's count
-    (``plan_ptr[2 + N_POW2 + r]``, zeroed by the routing launch); the tile's last part to arrive sums every part in
-    program order (deterministic) and runs the epilogue. With 448 tiles for 132 SMs (Llama-3-8B's MLP at 256 tokens,
-    all full width) the last wave of 52 tiles becomes ~0.4 of a tile per program instead of a whole tile."""
-    _pdl_enter(PDL)
-    KI = tl.cdiv(K, BLOCK_K)
-    cc = tl.arange(0, N_POW2)
-    upto = tl.load(plan_ptr + 2 + cc)
-    total = tl.load(plan_ptr + 1)
-    pid = tl.program_id(0)
-    n_whole = total
-    if SK > 0:
-        n_whole = (total // NPROG) * NPROG
-    # The epilogue's tile from its own counter (as the tutorial: a value used by both the loads of the next tile
-    # and the epilogue of this one would keep the pipeliner from splitting them).
-    q_c = pid - NPROG
-    for q in tl.range(pid, n_whole, NPROG, flatten=FLATTEN):
-        om, on = _persist_tile(q, upto, cc, BLOCK_M, BLOCK_N)
-        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(0, KI):
-            ok = ki * BLOCK_K
-            s = a_desc.load([om, ok])
-            acc1 = _mma(s, _load_b(b1_desc, ok, on, B_NK), acc1, UPCAST, PRECISION)
-            if GATED:
-                acc2 = _mma(s, _load_b(b2_desc, ok, on, B_NK), acc2, UPCAST, PRECISION)
-        q_c += NPROG
-        ot, on_c = _persist_tile(q_c, upto, cc, BLOCK_M, BLOCK_N)
-        _persist_epilogue(acc1, acc2, ot, on_c, sw_ptr, bias_ptr, a_ptr, h_ptr, g_ptr, ao_desc, h_desc, g_desc, T, I,
-                          LDA, GATED, HAS_BIAS, STORE_PRE, ACT, EPI_TMA, BLOCK_M, BLOCK_N)
-    if SK > 0:
-        n_it = (total - n_whole) * KI  # the left-over tiles' K steps, in tile order
-        per = tl.maximum(tl.cdiv(n_it, NPROG), tl.cdiv(KI, SK))
-        it0 = pid * per
-        it_end = tl.minimum(it0 + per, n_it)
-        part = BLOCK_M * BLOCK_N
-        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        for j in range(0, 2):  # a run of at most KI steps meets at most two tiles
-            r = it0 // KI + j
-            lo = tl.maximum(it0, r * KI) - r * KI
-            hi = tl.minimum(it_end, (r + 1) * KI) - r * KI
-            if lo < hi:
-                om, on = _persist_tile(n_whole + r, upto, cc, BLOCK_M, BLOCK_N)
-                acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for ki in range(lo, hi):
-                    ok = ki * BLOCK_K
-                    s = a_desc.load([om, ok])
-                    acc1 = _mma(s, _load_b(b1_desc, ok, on, B_NK), acc1, UPCAST, PRECISION)
-                    if GATED:
-                        acc2 = _mma(s, _load_b(b2_desc, ok, on, B_NK), acc2, UPCAST, PRECISION)
-                slot = ws_ptr + (pid * 2 + j).to(tl.int64) * (2 * part)
-                tl.store(slot + offs, acc1)
-                if GATED:
-                    tl.store(slot + part + offs, acc2)
-                p_first = (r * KI) // per
-                p_last = ((r + 1) * KI - 1) // per
-                tl.debug_barrier()  # every thread's partial stored before the count (release, gpu scope)
-                arrived = tl.atomic_add(plan_ptr + 2 + N_POW2 + r, 1, sem="acq_rel", scope="gpu")
-                if arrived == p_last - p_first:
-                    # One product's parts, then the other's (fewer live registers).
-                    acc1 = _persist_parts(ws_ptr, offs, r, p_first, p_last, per, KI, 0, BLOCK_M, BLOCK_N)
-                    if GATED:
-                        acc2 = _persist_parts(ws_ptr, offs, r, p_first, p_last, per, KI, 1, BLOCK_M, BLOCK_N)
-                    _persist_epilogue(acc1, acc2, om, on, sw_ptr, bias_ptr, a_ptr, h_ptr, g_ptr, ao_desc, h_desc,
-                                      g_desc, T, I, LDA, GATED, HAS_BIAS, STORE_PRE, ACT, EPI_TMA, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _persist_parts(ws_ptr, offs, r, p_first, p_last, per, KI, which, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Stream-K: the sum of left-over tile ``r``'s partials of product ``which`` over its parts, in program order."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p in range(p_first, p_last + 1):
-        slot = (p * 2 + r - (p * per) // KI).to(tl.int64) * 2 + which
-        acc += tl.load(ws_ptr + slot * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")  # .cg: past L1, from L2
-    return acc
-
-
-@triton.jit
-def _persist_epilogue(acc1, acc2, ot, on, sw_ptr, bias_ptr, a_ptr, h_ptr, g_ptr, ao_desc, h_desc, g_desc, T, I, LDA,
-                      GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, ACT: tl.constexpr,
-                      EPI_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The forward up tile's epilogue (as _up_tile's): bias, activation, the block stored whole with zeros past each
-    row's width; the pre-activations too where the backward needs them."""
-    out_ty = a_ptr.dtype.element_ty
-    t = ot + tl.arange(0, BLOCK_M)
-    rn = on + tl.arange(0, BLOCK_N)
-    w_row = tl.minimum(tl.maximum(tl.load(sw_ptr + t, mask=t < T, other=0), 0), I).to(tl.int32)
-    keep = rn[None, :] < w_row[:, None]
-    mask = (t[:, None] < T) & (rn[None, :] < LDA)
-    off = t.to(tl.int64)[:, None] * LDA + rn[None, :]
-    h = acc1
-    if HAS_BIAS:
-        h += tl.load(bias_ptr + rn, mask=rn < I, other=0.0).to(tl.float32)[None, :]
-    if GATED:
-        f, _ = _act_and_grad(acc2, ACT)
-        a = f * h
-    else:
-        a, _ = _act_and_grad(h, ACT)
-    _put(ao_desc, a_ptr + off, tl.where(keep, a, 0.0).to(out_ty), mask, ot, on, EPI_TMA)
-    if STORE_PRE:
-        _put(h_desc, h_ptr + off, h.to(out_ty), mask, ot, on, EPI_TMA)
-        if GATED:
-            _put(g_desc, g_ptr + off, acc2.to(out_ty), mask, ot, on, EPI_TMA)
 
 
 @triton.jit
@@ -981,29 +844,6 @@ def _launch_up(src, order, sw, w1, w2, nk, bias, h, g, a, dh, dg, inter, act_id,
         box = [c["BLOCK_M"], c["BLOCK_N"] // epi_split]
         return d + tuple(_desc(b, box, memo) if epi and b is not None else a for b in (a, h, g, dh, dg))
 
-    if cfg.pop("PERSIST", False) and not backward and sorted_ and plan is not None and tma == "host":
-        # The persistent launch over the routing's list of active tiles (_up_persist_kernel): a program per SM.
-        nprog = _persist_progs(T, inter, cfg, src.device)
-        assert h is None or h.stride(0) == a.stride(0)
-        d = descs(cfg)
-        pcfg = {k: v for k, v in cfg.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
-                                                         "PDL", "launch_pdl", "FLATTEN", "SK")}
-        sk = pcfg.get("SK", 0)
-        if not (isinstance(sk, int) and sk >= 0):
-            raise ValueError(f"SK (the persistent up launch's stream-K parts per tile) must be an int >= 0, got {sk!r}")
-        # Stream-K partials: two fp32 slots (gate and up products) per program and tile it meets (at most two).
-        ws = torch.empty(nprog * 2 * 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] if sk else 1, dtype=torch.float32,
-                         device=a.device)
-        assert not sk or plan.numel() >= 2 + _tail_n_pow2(inter, cfg["BLOCK_N"]) + nprog
-        _up_persist_kernel[(nprog,)](
-            sw, bias if bias is not None else dummy, plan, a, h if h is not None else dummy,
-            g if g is not None else dummy, ws, *d[:6], T, K, inter, a.stride(0), nprog,
-            GATED=gated, HAS_BIAS=bias is not None, STORE_PRE=store_pre, ACT=act_id, UPCAST=upcast_flag(src.dtype),
-            PRECISION=dot_precision(src.dtype), B_NK=nk, EPI_TMA=epi, N_POW2=_tail_n_pow2(inter, cfg["BLOCK_N"]),
-            **pcfg)
-        return
-    for key in ("PERSIST_SMS", "FLATTEN", "SK"):
-        cfg.pop(key, None)
     # Tail split (sorted batches, ``plan`` from _route): the head launch over the tile grid, then a launch
     # of a program per narrow tail tile (at most TAIL_ROUNDS waves), with its own weight and buffer boxes.
     parts = _tail_parts(cfg.pop("TAIL", 1)) if sorted_ and plan is not None else 1
@@ -1049,18 +889,14 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
         return sw, order, x2, None, None
     up = plan["up"]
     pad = up["BLOCK_N"]
-    persist = _persist(up, tma)
-    parts = 1 if persist else _tail_parts(up.get("TAIL", 1))
-    listed = persist or parts > 1  # the launch lists up tiles (the persistent launch's, or the tail's)
+    parts = _tail_parts(up.get("TAIL", 1))
     fused = plan.get("fused_route", False) and T <= _ROUTE_MAX_T
-    n_pow2 = _tail_n_pow2(inter, pad) if listed else 1
-    n_cnt = _down_counts(T, H, inter, plan["down"], pad, tma, x2.device) if fused or listed else 0
-    # The persistent launch's stream-K counts (one per left-over tile: fewer than its programs), before the down's.
-    n_up = _persist_progs(T, inter, up, x2.device) if persist and up.get("SK", 0) else 0
-    if not (fused or listed):
+    n_pow2 = _tail_n_pow2(inter, pad) if parts > 1 else 1
+    n_cnt = _down_counts(T, H, inter, plan["down"], pad, tma, x2.device) if fused or parts > 1 else 0
+    if not (fused or parts > 1):
         sw, order = nested_mlp_routing(widths)
         return sw, order, x2.index_select(0, order) if tma else x2, None, None
-    buf = torch.empty(2 + n_pow2 + n_up + n_cnt, dtype=torch.int32, device=x2.device)
+    buf = torch.empty(2 + n_pow2 + n_cnt, dtype=torch.int32, device=x2.device)
     nsm = up.get("TAIL_SMS", 0) or _sm_count(x2.device)
     rc = dict(plan["route"])
     bt, bu, bh = rc.pop("BLOCK_T"), rc.pop("BLOCK_U"), rc.pop("BLOCK_H")
@@ -1078,26 +914,13 @@ def _route(x2: torch.Tensor, widths: torch.Tensor, inter: int, plan: dict, tma, 
         sw, order = nested_mlp_routing(widths)
         src = x2.index_select(0, order) if tma else x2
         w, chunk, grid = sw, 0, (1, 1)  # the plan only
-    _route_kernel[grid](w, x2, src, sw, order, buf, buf[2 + n_pow2:], n_up + n_cnt, T, H, inter, x2.stride(0),
-                        x2.stride(1),
+    _route_kernel[grid](w, x2, src, sw, order, buf, buf[2 + n_pow2:], n_cnt, T, H, inter, x2.stride(0), x2.stride(1),
                         src.stride(0), chunk, nsm, up.get("TAIL_ROUNDS", 1) * nsm,
-                        RANK=fused, GATHER=fused and bool(tma), PLAN=listed, PARTS=parts, N_POW2=n_pow2,
+                        RANK=fused, GATHER=fused and bool(tma), PLAN=parts > 1, PARTS=parts, N_POW2=n_pow2,
                         BLOCK_M=up["BLOCK_M"], BLOCK_N=pad, BLOCK_T=bt, BLOCK_U=bu, BLOCK_H=bh,
-                        BLOCK_P=min(bu, 128), BLOCK_Z=256, LIST=persist,
+                        BLOCK_P=min(bu, 128), BLOCK_Z=256,
                         **rc, **(pdl or {}))
-    return (sw, order, src, buf[:2 + n_pow2 + n_up] if listed else None,
-            buf[2 + n_pow2 + n_up:] if n_cnt else None)
-
-
-def _persist_progs(T: int, inter: int, up: dict, device: torch.device) -> int:
-    """The persistent up launch's programs: one per SM (``PERSIST_SMS`` where set), no more than its tile grid."""
-    return min(up.get("PERSIST_SMS", 0) or _sm_count(device), _grid(T, inter, up)[0])
-
-
-def _persist(up: dict, tma) -> bool:
-    """Whether the forward's up product runs as the persistent launch (_up_persist_kernel): where the up config asks
-    for it (``PERSIST``) and its tiles move by TMA with host descriptors (sorted batches)."""
-    return bool(up.get("PERSIST", False)) and tma == "host"
+    return sw, order, src, buf[:2 + n_pow2] if parts > 1 else None, buf[2 + n_pow2:] if n_cnt else None
 
 
 def _tail_parts(parts: int) -> int:

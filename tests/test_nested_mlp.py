@@ -325,61 +325,6 @@ def test_up_tail_split(tma, gated, sms, kind, parts, rounds, fused, monkeypatch)
     assert routes == [(fused, fused and bool(tma), True)]
 
 
-# (gated, programs, widths, biases, pointer epilogue, stream-K parts): with 32x64 up tiles, 150 tokens and I = 312 the
-# row tiles have 5/4/3/2/1 ("mixed": 15 tiles), 5/2/2/2/1 ("few": 12), 5 x 5 ("full": 25) or 1 x 5 ("one": 5) active
-# N blocks; with K = 512 a tile is 8 K steps.
-PERSIST_CASES = [(True, 7, "mixed", False, False, 0), (False, 5, "few", True, False, 2),
-                 (True, 3, "full", True, True, 0), (True, 64, "full", False, False, 4),
-                 (False, 3, "one", False, True, 4), (True, 7, "full", True, False, 4),
-                 (True, 6, "mixed", False, True, 1), (True, 9, "few", True, False, 8)]
-
-
-@pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("gated,sms,kind,biases,pointer_epi,sk", PERSIST_CASES)
-def test_up_persistent(gated, sms, kind, biases, pointer_epi, sk, fused, monkeypatch):
-    """The forward's up product as one persistent launch over the routing's list of active tiles (``PERSIST``):
-    ``sms`` programs (each looping over several tiles where fewer than the tiles), the tiles past the whole waves cut
-    along K over all programs where ``sk`` (stream-K: partial sums, the last part to arrive sums them), against the
-    reference forward and backward (the backward reads the pre-activations the persistent launch stored); the
-    routing's list is checked against the active tiles worked out here, column by column."""
-    def plan(p):
-        up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, PERSIST=True, PERSIST_SMS=sms, TAIL=1, SK=sk,
-                  EPI_TMA=not pointer_epi)
-        return dict(p, tma=True, tma_bwd=True, fused_route=fused, up=up, down=dict(p["down"], BLOCK_M=32),
-                    up_bwd=dict(p["up_bwd"], BLOCK_N=64), wgrad=dict(p["wgrad"], BLOCK_J=64))
-    nm = _kernels(True, monkeypatch, plan)
-    persist = _spy(nm, monkeypatch, "_up_persist_kernel", lambda grid, k: (grid[0], k["EPI_TMA"]))
-    lists = []
-    real_launch = nm._launch_up
-
-    def launch_up(*a, **k):
-        out = real_launch(*a, **k)
-        if len(a) > 20 and a[20] is not None:  # the forward's (the tile list), after its launch
-            lists.append(a[20].clone())
-        return out
-    monkeypatch.setattr(nm, "_launch_up", launch_up)
-    others = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: k["BACKWARD"])
-    T, inter, hidden = 150, 312, 512
-    x = randn(T, hidden, dtype=torch.bfloat16, requires_grad=True)
-    w = _widths(kind, T, inter)
-    _run(x, w, _params(torch.bfloat16, gated=gated, biases=biases, inter=inter, hidden=hidden),
-         "silu" if gated else "gelu_tanh", torch.bfloat16)
-    assert persist == [(min(sms, 25), not pointer_epi)] and others == [True]  # forward persistent; dA as before
-    sw = w.sort(descending=True).values
-    cols = [sum(int(sw[m * 32]) > c * 64 for m in range(5)) for c in range(5)]  # active row tiles per N block
-    got = lists[0].tolist()
-    assert got[1] == sum(cols)
-    assert got[2:7] == [sum(cols[:c + 1]) for c in range(5)], got
-    n_prog = min(sms, 25)
-    left = sum(cols) % n_prog if sk else 0
-    # Each left-over tile counted in by all its parts (the counts follow the list; none past the left-over tiles).
-    counts = got[len(got) - n_prog:] if sk else []
-    if sk:
-        per = max(-(-left * 8 // n_prog), -(-8 // sk))
-        assert counts[:left] == [(r * 8 + 7) // per - r * 8 // per + 1 for r in range(left)], counts
-        assert counts[left:] == [0] * (n_prog - left)
-
-
 # (T, tokens per width kind, the up product's tail split in parts, down split-K chunks, strided x)
 ROUTE_CASES = [(150, "mixed", 4, 2, False), (150, "few", 1, 1, True), (1, "full", 2, 4, False),
                (33, "one", 1, 4, True), (300, "one_per_width", 2, 1, False)]
