@@ -691,6 +691,14 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
             #   stays there.
             up = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 // kdiv, GROUP_M=8, num_warps=4, num_stages=5)
             down.update(num_stages=8, SPLIT_K="fill")
+            if T > 128 and kdiv == 1:
+                # Tenth session (H100, graph-timed sweep at 128 / 256 tokens, three MLP shapes; benchmarks/NOTES.md):
+                # 128x64 up tiles in 6 stages (192 KB): as many tiles as 64x128 at full width, 32 KB of loads a K step
+                # against 40 (16 KB of x and 16 of weights; 8 and 32), so less L2 traffic for the same products. At
+                # 256 tokens 0.960x / 0.968x / 0.975x the 64x128 forward's time all-full (Llama-2-7B, Llama-3-8B,
+                # ~1B), 0.98-0.99x uniform on 8B / 1B, 1.04x uniform on 7B (taller tiles run more rows at a group's
+                # larger width); at 128 tokens 0.99-1.01x (not taken there). dA keeps 64-row tiles (below).
+                up = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=6)
         # Up to 384 tokens, token steps of 32 in the weight gradients: no register spills (ptxas: dWu+dWg 255
         # registers and 268 bytes spilled with steps of 64) and forward+backward (graph, 256 tokens) 0.6-2.4% faster
         # in all four cases tried; at 8192 tokens the same change was 20% slower in the weight-gradient kernel.
@@ -725,7 +733,7 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     if not small and T <= 256:
         # dx in 4 stages: its two A and two B tiles a stage would not fit the forward's 8.
         down_bwd = {"SPLIT_K": 1, "num_stages": 4}
-        up_bwd["BLOCK_N"] = 128 // kdiv
+        up_bwd.update(BLOCK_M=64, BLOCK_N=128 // kdiv, num_warps=4)
     # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and
     # a weight-gradient neuron block must lie inside one up-kernel N block.
     assert up["BLOCK_M"] % down["BLOCK_M"] == 0 and up["BLOCK_N"] % wgrad["BLOCK_J"] == 0
@@ -761,15 +769,18 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _up_bwd_cfg(plan: dict) -> dict:
-    """The backward's up kernel config: the forward's with the plan's ``up_bwd`` changes, on the same rows. Its N
-    blocks may be wider (a multiple of the forward's: its epilogue masks each row to its width, so the forward's
-    unwritten blocks past a tile's width are never used) or narrower (a divisor: a block below a tile's width lies in
-    a forward block below it, which the forward wrote whole). The weight gradients read its buffers in blocks of
-    BLOCK_J, which must lie inside its N blocks."""
+    """The backward's up kernel config: the forward's with the plan's ``up_bwd`` changes. Its N blocks may be wider
+    (a multiple of the forward's: its epilogue masks each row to its width, so the forward's unwritten blocks past a
+    tile's width are never used) or narrower (a divisor: a block below a tile's width lies in a forward block below
+    it, which the forward wrote whole). Its row tiles may be shorter (a divisor of the forward's): a shorter tile's
+    width is at most its forward tile's, so the blocks it reads were written. The weight gradients read its buffers
+    in blocks of BLOCK_J, which must lie inside its N blocks, and dx (the down config with ``down_bwd``) in row tiles
+    that must lie inside its own (dx runs each tile's K loop to the tile's width over whole blocks)."""
     cfg = dict(plan["up"], **plan["up_bwd"])
     bn, fwd = cfg["BLOCK_N"], plan["up"]["BLOCK_N"]
-    assert cfg["BLOCK_M"] == plan["up"]["BLOCK_M"] and (bn % fwd == 0 or fwd % bn == 0)
+    assert plan["up"]["BLOCK_M"] % cfg["BLOCK_M"] == 0 and (bn % fwd == 0 or fwd % bn == 0)
     assert bn % plan["wgrad"]["BLOCK_J"] == 0
+    assert cfg["BLOCK_M"] % dict(plan["down"], **plan["down_bwd"])["BLOCK_M"] == 0
     return cfg
 
 

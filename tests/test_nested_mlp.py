@@ -225,24 +225,27 @@ def test_dx_own_config(tma, monkeypatch):
 
 @pytest.mark.parametrize("tma", [True, False])
 @pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("ratio", [2, 0.5])
-def test_backward_up_kernel_other_blocks(tma, gated, ratio, monkeypatch):
-    """The backward's up kernel (dA) in N blocks twice or half the forward's: its buffers are wider or narrower than
-    the forward's pre-activation buffers it reads (I = 312 pads to different widths; its bf16 rows are 16-byte
-    multiples, so the TMA form does run), and dx and the weight gradients read them (to the smaller block's pad)."""
+@pytest.mark.parametrize("ratio,rows", [(2, 1), (0.5, 1), (2, 0.5), (1, 0.5)])
+def test_backward_up_kernel_other_blocks(tma, gated, ratio, rows, monkeypatch):
+    """The backward's up kernel (dA) in N blocks twice or half the forward's, and in row tiles as tall or half as
+    tall: its buffers are wider or narrower than the forward's pre-activation buffers it reads (I = 312 pads to
+    different widths; its bf16 rows are 16-byte multiples, so the TMA form does run), its shorter tiles read blocks
+    the forward's taller tile wrote, and dx (in dA's row tiles) and the weight gradients read its buffers (to the
+    smaller block's pad)."""
     def plan(p):
         up = dict(p["up"], BLOCK_N=min(p["up"]["BLOCK_N"], 128))
-        bn = int(up["BLOCK_N"] * ratio)
-        return dict(p, tma=True, tma_bwd=True, up=up, up_bwd={"BLOCK_N": bn},
+        bn, bm = int(up["BLOCK_N"] * ratio), int(up["BLOCK_M"] * rows)
+        return dict(p, tma=True, tma_bwd=True, up=up, up_bwd={"BLOCK_N": bn, "BLOCK_M": bm},
+                    down_bwd=dict(p["down_bwd"], BLOCK_M=min(bm, p["down"]["BLOCK_M"])),
                     wgrad=dict(p["wgrad"], BLOCK_J=min(p["wgrad"]["BLOCK_J"], bn, up["BLOCK_N"])))
     nm = _kernels(tma, monkeypatch, plan)
-    blocks = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: (k["BACKWARD"], k["BLOCK_N"]))
+    blocks = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: (k["BACKWARD"], k["BLOCK_N"], k["BLOCK_M"]))
     inter, T = 312, 150
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T, inter), _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter),
          "silu" if gated else "gelu_tanh", torch.bfloat16)
-    (f, bn), (b, bn2) = blocks
-    assert not f and b and bn2 == int(ratio * bn)
+    (f, bn, bm), (b, bn2, bm2) = blocks
+    assert not f and b and bn2 == int(ratio * bn) and bm2 == int(rows * bm)
 
 
 @pytest.mark.parametrize("gated", [True, False])
