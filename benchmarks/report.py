@@ -58,6 +58,21 @@ def explore_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def nested_mlp_table(d: dict) -> str:
+    """``bench_nested_mlp.py`` (the full bench): per model, T, width mix and pass, flextron's speed over dense (eager,
+    and graph replays where the run has them) and over the ideal (eager speed; graph time over the ideal's)."""
+    def f(v, fmt="{:.3f}"):
+        return fmt.format(v) if isinstance(v, (int, float)) else ""
+    lines = [f"GPU {d['gpu']}, commit {d['commit']}, {d['date']}: speed = baseline time / flextron time", "",
+             "| model | T | mix | pass | vs dense (eager) | vs dense (graph) | vs ideal (eager) | graph time / ideal |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+    for c in d["cases"]:
+        lines.append(f"| {c.get('model', '')} | {c['T']} | {c['mix']} | {c['pass']} | {f(c.get('speedup_vs_dense'))} | "
+                     f"{f(c.get('speedup_graph_vs_dense_graph'))} | {f(c.get('speedup_vs_ideal'))} | "
+                     f"{f(c.get('graph_time_vs_ideal'))} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         d = json.load(open(path))
@@ -65,3 +80,5 @@ if __name__ == "__main__":
             print(sliced_linear_table(d))
         elif "explore" in d:
             print(explore_table(d))
+        elif d.get("bench") == "nested_mlp" and "cases" in d:
+            print(nested_mlp_table(d))
