@@ -733,7 +733,7 @@ def _plan(T: int, dtype: torch.dtype) -> dict:
     if not small and T <= 256:
         # dx in 4 stages: its two A and two B tiles a stage would not fit the forward's 8.
         down_bwd = {"SPLIT_K": 1, "num_stages": 4}
-        up_bwd.update(BLOCK_M=64, BLOCK_N=128 // kdiv, num_warps=4)
+        up_bwd.update(BLOCK_M=64, BLOCK_N=128 // kdiv, num_warps=4)  # at most 64-row tiles (_up_bwd_cfg)
     # The kernels share row tiles (a tile's buffer blocks are written by the up kernel of the same tile) and
     # a weight-gradient neuron block must lie inside one up-kernel N block.
     assert up["BLOCK_M"] % down["BLOCK_M"] == 0 and up["BLOCK_N"] % wgrad["BLOCK_J"] == 0
@@ -772,11 +772,13 @@ def _up_bwd_cfg(plan: dict) -> dict:
     """The backward's up kernel config: the forward's with the plan's ``up_bwd`` changes. Its N blocks may be wider
     (a multiple of the forward's: its epilogue masks each row to its width, so the forward's unwritten blocks past a
     tile's width are never used) or narrower (a divisor: a block below a tile's width lies in a forward block below
-    it, which the forward wrote whole). Its row tiles may be shorter (a divisor of the forward's): a shorter tile's
-    width is at most its forward tile's, so the blocks it reads were written. The weight gradients read its buffers
+    it, which the forward wrote whole). Its row tiles may be shorter (``up_bwd``'s BLOCK_M caps the forward's; both
+    powers of two): a shorter tile's width is at most its forward tile's, so the blocks it reads were written. The
+    weight gradients read its buffers
     in blocks of BLOCK_J, which must lie inside its N blocks, and dx (the down config with ``down_bwd``) in row tiles
     that must lie inside its own (dx runs each tile's K loop to the tile's width over whole blocks)."""
     cfg = dict(plan["up"], **plan["up_bwd"])
+    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], plan["up"]["BLOCK_M"])
     bn, fwd = cfg["BLOCK_N"], plan["up"]["BLOCK_N"]
     assert plan["up"]["BLOCK_M"] % cfg["BLOCK_M"] == 0 and (bn % fwd == 0 or fwd % bn == 0)
     assert bn % plan["wgrad"]["BLOCK_J"] == 0
