@@ -396,6 +396,27 @@ def test_backward_epilogue_in_halves(gated, monkeypatch):
     assert splits == [(False, 1), (True, 2)]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T", [17, 64, 65, 128, 129, 200, 256, 257, 384, 385, 1024, 1025, 8192])
+def test_gpu_plan_consistent(T, dtype, monkeypatch):
+    """The GPU's plans (worked out here on any device) keep the kernels' shared-row and block rules: the down
+    product's row tiles inside the up product's, dA's row tiles inside the forward's and dx's inside dA's (also where
+    a test shrinks the forward's tiles, as the GPU tests above do), the buffers' columns a multiple of every N block
+    and the weight-gradient blocks inside them."""
+    nm = importlib.import_module("flextron_kernels.nested_mlp")
+    monkeypatch.setattr(nm, "INTERPRET", False)
+    plan = nm._plan.__wrapped__(T, dtype)
+    up, down = plan["up"], plan["down"]
+    assert up["BLOCK_M"] % down["BLOCK_M"] == 0 and nm._BUF_COLS % up["BLOCK_N"] == 0
+    bwd = nm._up_bwd_cfg(plan)
+    assert up["BLOCK_M"] % bwd["BLOCK_M"] == 0 and nm._BUF_COLS % bwd["BLOCK_N"] == 0
+    assert bwd["BLOCK_M"] % dict(down, **plan["down_bwd"])["BLOCK_M"] == 0
+    for rows in (16, 32):  # the forward's tiles shrunk (with the down product's), dA's follow
+        shrunk = dict(plan, up=dict(up, BLOCK_M=rows), down=dict(down, BLOCK_M=rows),
+                      down_bwd=dict(plan["down_bwd"], BLOCK_M=rows))
+        assert nm._up_bwd_cfg(shrunk)["BLOCK_M"] == rows
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the GPU's block plans (the interpreter has its own)")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [200, 300, 520, 1100])
