@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import StaticLayer
 
 from flextron_kernels import elastic_attention, elastic_attention_decode, sliced_linear
 from flextron_kernels._runtime import use_triton
@@ -58,7 +59,7 @@ def _kernel_fits(q: torch.Tensor, attention_mask, dropout: float) -> bool:
 
 def attention_core(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, *,
-    scaling: float, dropout: float = 0.0, head_budgets: torch.Tensor | None = None,
+    scaling: float, dropout: float = 0.0, head_budgets: torch.Tensor | None = None, fixed_cache: bool = False,
 ) -> torch.Tensor:
     """Causal softmax attention on the kept heads: ``q [B, h, Sq, D]``, ``k, v [B, h/g, Sk, D]`` -> ``[B, Sq, h, D]``.
 
@@ -70,11 +71,18 @@ def attention_core(
     mask; head dim a power of two >= 16), prefill runs ``elastic_attention`` and a one-token step against the
     cache runs ``elastic_attention_decode``, both over the GQA heads as they are (no K/V expansion) and with
     heads past a sequence's budget skipped. Otherwise SDPA runs on the head prefix.
+
+    ``attention_mask=None`` means what it means to HF's SDPA integration: one query sees every key; several
+    queries start at key 0 (causal, upper-left), which transformers passes only when the queries are all the keys
+    or a prefill into a static cache's fixed-size buffer (keys past the queries are empty slots). ``fixed_cache``:
+    the keys come from such a buffer (HF's static caches), so a mask is never dropped under :func:`no_padding`.
     """
     b, h, sq, _ = q.shape
     sk = k.shape[2]
-    if _NO_PADDING:
-        attention_mask = None
+    if _NO_PADDING and not fixed_cache:
+        attention_mask = None  # the caller vouches: no padding, keys end at the last query (dynamic caches)
+    elif attention_mask is None and 1 < sq < sk:
+        k, v, sk = k[:, :, :sq], v[:, :, :sq], sq  # upper-left causal: query i sees keys 0..i only
     if _kernel_fits(q, attention_mask, dropout) and sk >= sq:
         if sq == 1:
             lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
@@ -101,6 +109,16 @@ def attention_core(
         keep = torch.arange(h, device=q.device)[None, :] < head_budgets[:, None]
         o = o.masked_fill(~keep[:, :, None, None], 0.0)
     return o.transpose(1, 2)
+
+
+def _fixed_size(cache, layer_idx: int) -> bool:
+    """Whether layer ``layer_idx`` of an HF cache is a preallocated buffer (``StaticCache`` and its sliding-window
+    and offloaded forms), whose update returns every slot, filled or not."""
+    layers = getattr(cache, "self_attention_cache", cache)
+    layers = getattr(layers, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return False
+    return isinstance(layers[layer_idx], StaticLayer)
 
 
 class ElasticAttention(nn.Module):
@@ -180,10 +198,13 @@ class ElasticAttention(nn.Module):
         v = sliced_linear(hidden_states, wv, bv, kv * d).view(*shape, kv, d).transpose(1, 2)
         if position_embeddings is not None:
             q, k = apply_rotary(q, k, *position_embeddings)
+        fixed = False
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+            fixed = _fixed_size(cache, self.layer_idx)
         o = attention_core(q, k, v, attention_mask, scaling=self.scaling,
-                           dropout=self.dropout_p if self.training else 0.0, head_budgets=self._budgets(q.shape[0]))
+                           dropout=self.dropout_p if self.training else 0.0, head_budgets=self._budgets(q.shape[0]),
+                           fixed_cache=fixed)
         if self.stats is not None:
             self._accumulate(o)
         proj = self.out_proj()

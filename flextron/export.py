@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from .model import FlextronModel
@@ -52,40 +53,86 @@ def plain_config(fm: FlextronModel, subnet: Subnet):
     return config
 
 
+def _copy_sharing_tensors(fm: FlextronModel) -> FlextronModel:
+    """A structural copy of ``fm`` whose parameters and buffers are ``fm``'s own objects (nothing is copied yet)."""
+    memo = {id(t): t for t in (*fm.parameters(), *fm.buffers())}
+    if fm.tokenizer is not None:
+        memo[id(fm.tokenizer)] = fm.tokenizer
+    return copy.deepcopy(fm, memo)
+
+
+def _own_tensors(out: nn.Module, shared: set[int]) -> None:
+    """Give ``out`` its own copy of every parameter and buffer it still shares (ties stay tied)."""
+    copies: dict[int, torch.Tensor] = {}
+    for module in out.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None or id(t) not in shared:
+                    continue
+                if id(t) not in copies:
+                    c = t.detach().clone()
+                    copies[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+                table[name] = copies[id(t)]
+
+
 def slim(fm: FlextronModel, subnet: Subnet) -> FlextronModel:
-    """A copy of ``fm`` whose weights are cut to ``subnet`` (its full model *is* that sub-network)."""
+    """A copy of ``fm`` whose weights are cut to ``subnet`` (its full model *is* that sub-network), in eval mode.
+
+    Memory: the cut weights and the shared ones (embeddings, norms, head) are copied once; the full MLP and
+    attention weights never are.
+    """
     fm.check_subnet(subnet)
     active = fm.subnet
     fm.set_subnet(None)
     try:
-        out = copy.deepcopy(fm)
+        out = _copy_sharing_tensors(fm)
     finally:
         fm.set_subnet(active)
-    for i, (m, a) in enumerate(zip(out.mlp_blocks, out.attention_blocks)):
-        m.slim_(subnet.mlp[i])
-        a.slim_(subnet.heads[i])
-        out.permutation["mlp"][i] = out.permutation["mlp"][i][: subnet.mlp[i]]
-        out.permutation["heads"][i] = out.permutation["heads"][i][: subnet.heads[i]]
-        if out.importance is not None:
-            out.importance["mlp"][i] = out.importance["mlp"][i][: subnet.mlp[i]]
-            out.importance["heads"][i] = out.importance["heads"][i][: subnet.heads[i]]
+    with torch.no_grad():
+        for i, (m, a) in enumerate(zip(out.mlp_blocks, out.attention_blocks)):
+            m.slim_(subnet.mlp[i])  # each assigns new, cut parameters to the copy's modules
+            a.slim_(subnet.heads[i])
+            out.permutation["mlp"][i] = out.permutation["mlp"][i][: subnet.mlp[i]]
+            out.permutation["heads"][i] = out.permutation["heads"][i][: subnet.heads[i]]
+            if out.importance is not None:
+                out.importance["mlp"][i] = out.importance["mlp"][i][: subnet.mlp[i]]
+                out.importance["heads"][i] = out.importance["heads"][i][: subnet.heads[i]]
+        _own_tensors(out, {id(t) for t in (*fm.parameters(), *fm.buffers())})
     out.subnet = None
-    return out
+    return out.eval()
 
 
 def extract(fm: FlextronModel, subnet: Subnet) -> nn.Module:
-    """A standalone model with the logits of ``subnet``: a plain transformers model of the same class where the
-    config can express it, else a slim :class:`FlextronModel` (see the module docstring)."""
+    """A standalone model with the logits of ``subnet``, in eval mode: a plain transformers model of the same class
+    where the config can express it, else a slim :class:`FlextronModel` (see the module docstring).
+
+    The plain model is built on the meta device and takes the cut weights as they are (their dtype and device): no
+    random initialisation, no copy through host memory.
+    """
     slimmed = slim(fm, subnet)
     config = plain_config(fm, subnet)
     if config is None:
         return slimmed
-    param = next(fm.model.parameters())
-    model = type(fm.model)(config).to(device=param.device, dtype=param.dtype)
+    with torch.device("meta"):
+        model = type(fm.model)(config)
     state = slimmed.model.state_dict()
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
-    model.eval()
-    return model
+    if tied:
+        model.tie_weights()
+    model.generation_config = copy.deepcopy(fm.model.generation_config)
+    # Buffers that are not in a state dict (rotary frequencies) come from the source model: same config values.
+    source = dict(fm.model.named_buffers())
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            src = source.get(name)
+            if src is None or src.shape != buf.shape:
+                raise RuntimeError(f"export: no source for the buffer {name} {tuple(buf.shape)}")
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = src.detach().clone()
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"export: tensors left on the meta device: {left}")
+    return model.eval()

@@ -29,6 +29,18 @@ def _round_to(value: float, step: int, full: int) -> int:
     return max(step, min(full, n)) if full >= step else full
 
 
+def _check_value(name: str, i: int, v) -> None:
+    """What can be checked without a model: a fraction in (0, 1] or a positive count."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"space.{name}[{i}] must be a fraction (float in (0, 1]) or a count (int >= 1), "
+                        f"got {v!r} ({type(v).__name__})")
+    if isinstance(v, float) and not (0.0 < v <= 1.0):  # also rejects nan
+        raise ValueError(f"space.{name}[{i}] as a fraction must be in (0, 1], got {v}; write a neuron or head "
+                         f"count as an int")
+    if isinstance(v, int) and v < 1:
+        raise ValueError(f"space.{name}[{i}] as a count must be >= 1, got {v}")
+
+
 def _resolve_axis(name: str, values, full: int, step: int) -> list[int]:
     """Fractions (floats in (0, 1]) are rounded to ``step``; counts (ints) are taken as they are."""
     if values is None:
@@ -36,12 +48,8 @@ def _resolve_axis(name: str, values, full: int, step: int) -> list[int]:
     else:
         out = set()
         for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"space.{name}[{i}] must be a fraction (float) or a count (int), "
-                                f"got {type(v).__name__}")
+            _check_value(name, i, v)
             if isinstance(v, float):
-                if not 0.0 < v <= 1.0:
-                    raise ValueError(f"space.{name}[{i}] as a fraction must be in (0, 1], got {v}")
                 out.add(full if v == 1.0 else _round_to(v * full, step, full))
             else:
                 if not 1 <= v <= full:
@@ -75,8 +83,13 @@ class ElasticSpace:
         for name in ("mlp", "heads"):
             v = getattr(self, name)
             if v is not None:
-                if isinstance(v, (int, float)) or not isinstance(v, Sequence):
-                    raise TypeError(f"space.{name} must be a sequence of fractions or counts, or None")
+                if isinstance(v, (int, float, str)) or not isinstance(v, Sequence):
+                    raise TypeError(f"space.{name} must be a sequence of fractions or counts (e.g. [0.25, 0.5, 1.0]) "
+                                    f"or None, got {v!r}")
+                if not v:
+                    raise ValueError(f"space.{name} must not be empty (None allows every width)")
+                for i, x in enumerate(v):
+                    _check_value(name, i, x)
                 object.__setattr__(self, name, tuple(v))
         g = self.mlp_granularity
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
@@ -101,12 +114,18 @@ class ElasticSpace:
         return cls(mlp=d.get("mlp"), heads=d.get("heads"), mlp_granularity=d.get("mlp_granularity"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Subnet:
-    """One choice per layer: ``mlp[i]`` neurons and ``heads[i]`` query heads of layer ``i``, as counts."""
+    """One choice per layer: ``mlp[i]`` neurons and ``heads[i]`` query heads of layer ``i``, as counts.
+
+    ``full_mlp``/``full_heads`` (optional, set by the model's methods) are each layer's full sizes; they only serve
+    the repr, which then shows every count with its fraction, and never take part in equality.
+    """
 
     mlp: tuple = field(default_factory=tuple)
     heads: tuple = field(default_factory=tuple)
+    full_mlp: tuple | None = field(default=None, compare=False)
+    full_heads: tuple | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("mlp", "heads"):
@@ -117,6 +136,32 @@ class Subnet:
                 if isinstance(x, bool) or not isinstance(x, int):
                     raise TypeError(f"subnet.{name}[{i}] must be an int, got {type(x).__name__}")
             object.__setattr__(self, name, tuple(int(x) for x in v))
+        for name in ("full_mlp", "full_heads"):
+            v = getattr(self, name)
+            if v is not None:
+                v = tuple(int(x) for x in v)
+                if len(v) != len(getattr(self, name[5:])):
+                    raise ValueError(f"subnet.{name} must have one entry per layer ({len(getattr(self, name[5:]))}), "
+                                     f"got {len(v)}")
+                object.__setattr__(self, name, v)
+
+    def with_full(self, full_mlp, full_heads) -> Subnet:
+        """The same choices, knowing each layer's full sizes (for the repr)."""
+        return Subnet(self.mlp, self.heads, tuple(full_mlp), tuple(full_heads))
+
+    def __repr__(self) -> str:
+        def axis(counts: tuple, full: tuple | None) -> str:
+            if full is None:
+                cells = [str(c) for c in counts]
+            else:
+                cells = [f"{c}/{f} ({c / f:.0%})" for c, f in zip(counts, full)]
+            if len(set(cells)) == 1 and len(cells) > 1:
+                return f"[{cells[0]}] * {len(cells)}"
+            if len(cells) > 8:
+                cells = cells[:4] + ["..."] + cells[-2:]
+            return "[" + ", ".join(cells) + "]"
+
+        return f"Subnet(mlp={axis(self.mlp, self.full_mlp)}, heads={axis(self.heads, self.full_heads)})"
 
     @property
     def is_uniform(self) -> bool:

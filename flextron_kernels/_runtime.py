@@ -5,6 +5,7 @@ Nothing here launches a kernel. Each op file imports the few helpers it needs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -24,11 +25,27 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+_CPU_REFERENCE = False
+
+
+@contextlib.contextmanager
+def cpu_reference():
+    """Inside this block CPU tensors run the plain-torch reference of every op even under ``TRITON_INTERPRET=1``
+    (CUDA tensors are unaffected): a whole real model then runs on the CPU in seconds instead of hours."""
+    global _CPU_REFERENCE
+    previous, _CPU_REFERENCE = _CPU_REFERENCE, True
+    try:
+        yield
+    finally:
+        _CPU_REFERENCE = previous
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    """True where a Triton kernel can run on ``t``: a CUDA tensor, or a CPU tensor under the interpreter."""
+    """True where a Triton kernel can run on ``t``: a CUDA tensor, or a CPU tensor under the interpreter (outside
+    :func:`cpu_reference`)."""
     if t.is_cuda:
         return True
-    return INTERPRET and t.device.type == "cpu"
+    return INTERPRET and not _CPU_REFERENCE and t.device.type == "cpu"
 
 
 def upcast_flag(dtype: torch.dtype) -> bool:

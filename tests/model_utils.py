@@ -21,13 +21,15 @@ FAMILIES = ["gpt2", "llama", "llama_gqa", "mistral", "qwen2"]
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A 2-layer random model; widths that are not tile multiples on purpose (MLP 72, 4 or 6 heads of 8/16)."""
+    """A 2-layer random model in eval mode, as ``from_pretrained`` returns one; widths that are not tile multiples on
+    purpose (MLP 72, 6 heads of 8); every other setting (dropout included) is the family's transformers default."""
     torch.manual_seed(seed)
     common = dict(num_hidden_layers=2, hidden_size=48, intermediate_size=72, vocab_size=VOCAB,
                   max_position_embeddings=64, head_dim=8)
     if family == "gpt2":
+        # dropout as GPT-2 ships it (0.1 on attention, residuals and embeddings): eval mode must switch it off
         m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=6, n_inner=72, vocab_size=VOCAB, n_positions=64,
-                                       bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+                                       bos_token_id=0, eos_token_id=0))
     elif family == "llama":
         m = LlamaForCausalLM(LlamaConfig(num_attention_heads=6, num_key_value_heads=6, **common))
     elif family == "llama_gqa":

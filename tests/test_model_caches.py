@@ -1,0 +1,127 @@
+"""``generate`` with every cache transformers offers, at full width, at sub-networks and with per-sequence budgets.
+
+The references are HF's own models and caches: the plain model at full width, its masked copy (dropped heads and
+neurons zeroed) at a sub-network, and each sequence generated alone at its budget. The matrix runs the plain-torch
+paths on the CPU (the cache logic lives in the model layer, the same for every backend); the last test runs the
+Triton kernels (interpreter on a CPU) on a model whose head size they take.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import flextron.attention
+from flextron import FlextronModel, Subnet
+from flextron_kernels import cpu_reference
+
+from .model_utils import FAMILIES, VOCAB, masked_reference, tiny_model, tokens
+
+# "quantized" needs an optional backend (quanto or HQQ) that is not installed here; transformers' offloaded caches
+# move layers between a GPU and the host, so they run only where CUDA exists.
+_OFFLOADED = pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers' offloaded caches need CUDA")
+CACHES = [None, "dynamic", "static", pytest.param("offloaded", marks=_OFFLOADED),
+          pytest.param("offloaded_static", marks=_OFFLOADED)]
+NEW = 8  # the prompt (6) plus 8 new tokens passes the tiny Mistral's sliding window of 8: the window binds
+
+
+def _generate(model, x, cache, **kw):
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(x), **kw)
+    if cache == "none":
+        return model.generate(x, use_cache=False, **kw)
+    if cache is not None:
+        kw["cache_implementation"] = cache
+    return model.generate(x, **kw)
+
+
+@pytest.fixture
+def plain_torch():
+    with cpu_reference():
+        yield
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request):
+    orig = tiny_model(request.param)
+    return request.param, orig, FlextronModel.from_hf(copy.deepcopy(orig))
+
+
+@pytest.mark.parametrize("cache", CACHES + ["none"])
+def test_full_width_and_subnet_tokens(pair, cache, plain_torch):
+    family, orig, fm = pair
+    x = tokens(batch=2, seq=6)
+    fm.set_subnet(None)
+    assert torch.equal(_generate(fm, x, cache), _generate(orig, x, cache))
+    subnet = fm.uniform_subnet(mlp=0.5, heads=0.5)
+    fm.set_subnet(subnet)
+    try:
+        assert torch.equal(_generate(fm, x, cache), _generate(masked_reference(orig, subnet), x, cache))
+    finally:
+        fm.set_subnet(None)
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_head_budgets_equal_each_sequence_alone(pair, cache, plain_torch):
+    family, orig, fm = pair
+    a = fm.attention_blocks[0]
+    g = a.group_size
+    budgets = torch.tensor([g, a.num_heads])  # one KV group for the first sequence, every head for the second
+    x = tokens(batch=2, seq=6, seed=4)
+    got = _generate(fm, x, cache, head_budgets=budgets)
+    for b in range(2):
+        h = int(budgets[b])
+        alone = Subnet(mlp=[m.full_width for m in fm.mlp_blocks], heads=[h] * fm.num_layers)
+        want = _generate(masked_reference(orig, alone), x[b:b + 1], cache)
+        assert torch.equal(got[b:b + 1], want), f"sequence {b} (budget {h})"
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_cache_holds_only_the_kept_kv_heads(pair, cache, plain_torch):
+    family, orig, fm = pair
+    subnet = fm.uniform_subnet(mlp=1.0, heads=0.5)
+    fm.set_subnet(subnet)
+    try:
+        x = tokens(batch=1, seq=6)
+        out = _generate(fm, x, cache, return_dict_in_generate=True)
+    finally:
+        fm.set_subnet(None)
+    for i, layer in enumerate(out.past_key_values.layers):
+        kept = subnet.heads[i] // fm.attention_blocks[i].group_size
+        assert layer.keys.shape[1] == kept and layer.values.shape[1] == kept
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+def test_static_cache_with_left_padding(family, plain_torch):
+    orig = tiny_model(family)
+    fm = FlextronModel.from_hf(copy.deepcopy(orig))
+    subnet = fm.uniform_subnet(mlp=0.5, heads=0.5)
+    fm.set_subnet(subnet)
+    x = tokens(batch=2, seq=7, seed=5)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0, attention_mask=mask,
+              cache_implementation="static")
+    assert torch.equal(fm.generate(x, **kw), masked_reference(orig, subnet).generate(x, **kw))
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_kernel_path(cache):
+    """Head size 16: prefill runs ``elastic_attention`` (the static cache's empty slots cut off), decode against
+    the static cache's buffer runs under HF's mask."""
+    torch.manual_seed(0)
+    orig = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=72, vocab_size=VOCAB,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    fm = FlextronModel.from_hf(copy.deepcopy(orig))
+    subnet = fm.uniform_subnet(mlp=0.5, heads=0.5)
+    fm.set_subnet(subnet)
+    x = tokens(batch=2, seq=6)
+    calls = []
+    run = flextron.attention.elastic_attention
+    with pytest.MonkeyPatch.context() as mp:  # count the kernel's calls: this test is about that path
+        mp.setattr(flextron.attention, "elastic_attention", lambda *a, **k: calls.append(1) or run(*a, **k))
+        got = _generate(fm, x, cache)
+    assert calls, "prefill did not run the elastic_attention kernel"
+    assert torch.equal(got, _generate(masked_reference(orig, subnet), x, cache))
