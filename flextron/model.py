@@ -12,6 +12,7 @@ The active sub-network lives on the blocks themselves (each block's ``width``/``
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -50,9 +51,11 @@ class FlextronModel(nn.Module):
             the original model's ``idx[j]`` (identity before any permutation).
     """
 
-    def __init__(self, model: nn.Module, family: str, space: ElasticSpace) -> None:
+    def __init__(self, model: nn.Module, family: str, space: ElasticSpace, tokenizer=None) -> None:
         super().__init__()
         self.model = model
+        # The model's tokenizer (a transformers tokenizer) or None; saved with the checkpoint when set.
+        self.tokenizer = tokenizer
         self.family = family
         self.space = space
         self.subnet: Subnet | None = None
@@ -64,12 +67,19 @@ class FlextronModel(nn.Module):
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, model: nn.Module, space: ElasticSpace | None = None) -> FlextronModel:
+    def from_hf(cls, model: nn.Module, space: ElasticSpace | None = None, *, tokenizer=None) -> FlextronModel:
         """Make ``model`` (a transformers GPT-2, Llama, Mistral or Qwen2 causal LM) elastic, in place.
 
-        Raises ``TypeError`` for any other architecture, naming it and the supported ones.
+        ``tokenizer`` (optional): the model's tokenizer, kept on ``fm.tokenizer`` and written by every later
+        :meth:`save_pretrained`. Raises ``TypeError`` for any other architecture, naming it and the supported ones.
         """
         name = type(model).__name__
+        if isinstance(model, (str, os.PathLike)):
+            raise TypeError(
+                f"model must be a loaded transformers model, got the path {str(model)!r}: load it first, e.g. "
+                f"FlextronModel.from_hf(AutoModelForCausalLM.from_pretrained({str(model)!r})); a flextron checkpoint "
+                f"loads with FlextronModel.from_pretrained(path)"
+            )
         if name not in SUPPORTED:
             raise TypeError(
                 f"model must be one of the supported causal LMs {sorted(SUPPORTED)}, got {name}"
@@ -87,11 +97,22 @@ class FlextronModel(nn.Module):
         for i, layer in enumerate(_layers(model, family)):
             attn_name = "attn" if family == "gpt2" else "self_attn"
             hf_attn = getattr(layer, attn_name)
+            # Each new block takes the mode of the block it replaces (its adopted children keep their own), so a
+            # model in eval mode stays in eval mode: no dropout at inference.
             if not isinstance(hf_attn, ElasticAttention):
-                setattr(layer, attn_name, ElasticAttention(hf_attn, config, head_dim=hf_attn.head_dim, layer_idx=i))
+                attn = ElasticAttention(hf_attn, config, head_dim=hf_attn.head_dim, layer_idx=i)
+                attn.training = hf_attn.training
+                setattr(layer, attn_name, attn)
             if not isinstance(layer.mlp, ElasticMLP):
-                layer.mlp = ElasticMLP(layer.mlp, act)
-        return cls(model, family, space)
+                mlp = ElasticMLP(layer.mlp, act)
+                mlp.training = layer.mlp.training
+                layer.mlp = mlp
+        fm = cls(model, family, space, tokenizer=tokenizer)
+        fm.training = model.training
+        for i in range(fm.num_layers):  # a space that does not fit this model fails here, not at first use
+            fm.mlp_choices(i)
+            fm.head_choices(i)
+        return fm
 
     # -- structure ----------------------------------------------------------------------------------
     @property
@@ -124,8 +145,11 @@ class FlextronModel(nn.Module):
         return self.space.head_choices(a.num_heads, a.group_size)
 
     def full_subnet(self) -> Subnet:
-        return Subnet(mlp=[m.full_width for m in self.mlp_blocks],
-                      heads=[a.num_heads for a in self.attention_blocks])
+        full = self._full_sizes()
+        return Subnet(*full, *full)
+
+    def _full_sizes(self) -> tuple[list[int], list[int]]:
+        return [m.full_width for m in self.mlp_blocks], [a.num_heads for a in self.attention_blocks]
 
     # -- sub-networks -------------------------------------------------------------------------------
     def check_subnet(self, subnet: Subnet) -> Subnet:
@@ -168,12 +192,14 @@ class FlextronModel(nn.Module):
         for i, (m, a) in enumerate(zip(self.mlp_blocks, self.attention_blocks)):
             m.width = m.full_width if full else subnet.mlp[i]
             a.heads = a.num_heads if full else subnet.heads[i]
-        self.subnet = None if full or subnet == self.full_subnet() else subnet
+        self.subnet = None if full or subnet == self.full_subnet() else subnet.with_full(*self._full_sizes())
 
     def uniform_subnet(self, mlp: float = 1.0, heads: float = 1.0) -> Subnet:
         """The subnet keeping fraction ``mlp`` of every layer's neurons and ``heads`` of its heads.
 
-        Each width is the nearest choice of the space (ties go to the larger).
+        Each width is the nearest choice of the space (ties go to the larger), so the kept fraction can differ from
+        the one asked: ``heads=0.5`` on 9 query heads in 3 KV groups (choices 3, 6, 9) keeps 6 heads (67%), since 4.5
+        lies as near 6 as 3. The returned subnet's repr shows each count with its fraction.
         """
         for name, f in (("mlp", mlp), ("heads", heads)):
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
@@ -181,7 +207,7 @@ class FlextronModel(nn.Module):
         return Subnet(
             mlp=[nearest(self.mlp_choices(i), mlp * m.full_width) for i, m in enumerate(self.mlp_blocks)],
             heads=[nearest(self.head_choices(i), heads * a.num_heads) for i, a in enumerate(self.attention_blocks)],
-        )
+        ).with_full(*self._full_sizes())
 
     def num_parameters(self, subnet: Subnet | None = None) -> int:
         """Parameters a sub-network uses (tied embeddings counted once); ``None``: the active one."""
@@ -267,11 +293,12 @@ class FlextronModel(nn.Module):
 
         return extract(self, subnet)
 
-    def save_pretrained(self, path) -> None:
-        """Write a checkpoint directory atomically; see :func:`flextron.io.save_pretrained`."""
+    def save_pretrained(self, path, *, tokenizer=None, overwrite: bool = False) -> None:
+        """Write a checkpoint directory atomically (with ``tokenizer``, else ``self.tokenizer`` when set); never
+        deletes anything that is not a flextron checkpoint; see :func:`flextron.io.save_pretrained`."""
         from .io import save_pretrained
 
-        save_pretrained(self, path)
+        save_pretrained(self, path, tokenizer=tokenizer, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, path) -> FlextronModel:

@@ -66,7 +66,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fio, "save_file", boom)  # dies after the weights, before the state and metadata
     with pytest.raises(KeyboardInterrupt):
-        fm.save_pretrained(path)
+        fm.save_pretrained(path, overwrite=True)
     assert sorted(os.listdir(path)) == before
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary folder left behind
     assert FlextronModel.from_pretrained(path).importance is None  # still the old, unranked checkpoint

@@ -141,8 +141,12 @@ def test_seq_len_longer_than_model_allows(tmp_path):
 
 
 def test_space_with_no_valid_subnet(tmp_path):
-    # 3 query heads would split a KV group of 2 heads: no subnet of this space exists for the model
-    fm = tiny_fm(space=ElasticSpace(heads=(3,)))
+    # 3 query heads would split a KV group of 2 heads: no subnet of this space exists for the model. Conversion
+    # refuses such a space; one assigned afterwards is refused before training starts.
+    with pytest.raises(ValueError, match=r"space\.heads\[0\] = 3 must be a multiple of 2"):
+        tiny_fm(space=ElasticSpace(heads=(3,)))
+    fm = tiny_fm()
+    fm.space = ElasticSpace(heads=(3,))
     with pytest.raises(ValueError, match="space .* has no valid subnet for this model"):
         Trainer(fm, token_data(), _cfg(), tmp_path / "run")
     assert not (tmp_path / "run").exists()
