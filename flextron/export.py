@@ -58,7 +58,10 @@ def _copy_sharing_tensors(fm: FlextronModel) -> FlextronModel:
     memo = {id(t): t for t in (*fm.parameters(), *fm.buffers())}
     if fm.tokenizer is not None:
         memo[id(fm.tokenizer)] = fm.tokenizer
-    return copy.deepcopy(fm, memo)
+    out = copy.deepcopy(fm, memo)
+    for m in out.modules():  # transformers caches a compiled forward bound to the source model: never reuse it
+        m.__dict__.pop("_compiled_call", None)
+    return out
 
 
 def _own_tensors(out: nn.Module, shared: set[int]) -> None:

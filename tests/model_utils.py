@@ -62,6 +62,7 @@ def masked_reference(model: torch.nn.Module, subnet) -> torch.nn.Module:
     """A plain HF copy of ``model`` computing ``subnet`` with HF's own code: the output projections' inputs of the
     dropped heads and neurons are zeroed, so they contribute nothing (dropped KV heads only feed dropped queries)."""
     ref = copy.deepcopy(model)
+    ref.__dict__.pop("_compiled_call", None)  # a compiled forward transformers cached on the source runs the source
     gpt2 = hasattr(ref, "transformer")
     layers = ref.transformer.h if gpt2 else ref.model.layers
     with torch.no_grad():

@@ -59,3 +59,4 @@ def test_exports_own_their_tensors(plain):
         assert torch.equal(small(input_ids=x).logits, before)
     source = {p.data_ptr() for p in fm.parameters()} | {b.data_ptr() for b in fm.buffers()}
     assert not source & {t.data_ptr() for t in (*small.parameters(), *small.buffers())}
+
