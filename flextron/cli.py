@@ -29,7 +29,7 @@ def _demo(args: argparse.Namespace) -> int:
     half = len(stories) // 2  # rank on the first half of the bundled text, evaluate on the second
     calib = token_windows(tokenizer, stories[:half], args.seq_len, args.windows).to(device)
     evals = token_windows(tokenizer, stories[half:], args.seq_len, args.windows).to(device)
-    widths = [float(w) for w in args.widths.split(",")]
+    widths = list(args.widths)
     n_eval_batches = len(evals.split(args.batch_size))
     print(f"stories260K ({fm.num_parameters():,} parameters, {fm.num_layers} layers, "
           f"MLP {fm.mlp_blocks[0].full_width}, heads {fm.attention_blocks[0].num_heads} "
@@ -62,26 +62,68 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+EPILOG = """\
+Tokenizer: train and route tokenise text with --tokenizer DIR when given, else with the tokenizer saved in the
+model's own folder; without either they stop (there is no default tokenizer), and a tokenizer with more tokens
+than the model's input embedding is refused.
+
+Errors: bad input (a missing path, a Hugging Face folder where a flextron checkpoint is needed, a value out of
+range, a malformed llama-random spec) is reported in one line on stderr, 'flextron COMMAND: error: ...', with exit
+status 2; --debug shows the traceback instead. Any other failure is a bug and always shows its traceback.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``flextron`` parser with every subcommand."""
+    from .cli_args import ArgumentParser, fractions, int_at_least, positive_int
     from .latency import add_profile_parser
     from .router import add_route_parser
     from .train import add_train_parser
 
-    parser = argparse.ArgumentParser(prog="flextron", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="rank the bundled stories260K and evaluate uniform sub-networks")
+    parser = ArgumentParser(prog="flextron", description="Elastic sub-networks (Flextron) of Hugging Face causal "
+                            "LMs: rank, train, profile and route them.", epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an input error instead of its one-line message")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("demo", help="rank the bundled stories260K and evaluate uniform sub-networks",
+                       description="Convert the bundled stories260K to a Flextron model, rank its neurons and heads "
+                                   "on bundled TinyStories text and print width, parameters and perplexity of "
+                                   "uniform sub-networks on held-out bundled text (uses stories260K's own "
+                                   "tokenizer).")
     # Sizes fit the 2-minute budget on a 2-core CPU, where every projection runs in the Triton interpreter.
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
-    p.add_argument("--windows", type=int, default=8, help="windows for ranking and for evaluation (default 8)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
-    p.add_argument("--widths", default="0.25,0.5,0.75,1.0", help="uniform widths to evaluate (fractions)")
+    p.add_argument("--seq-len", type=int_at_least(2), default=128,
+                   help="tokens per window; int >= 2 (default %(default)s)")
+    p.add_argument("--windows", type=positive_int, default=8,
+                   help="windows for ranking and for evaluation; int >= 1 (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="windows per forward; int >= 1 (default %(default)s)")
+    p.add_argument("--widths", type=fractions, default=(0.25, 0.5, 0.75, 1.0),
+                   help="uniform widths to evaluate, comma-separated fractions in (0, 1] (default 0.25,0.5,0.75,1)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_demo)
     add_train_parser(sub)
     add_profile_parser(sub)
     add_route_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    for sp in sub.choices.values():  # --debug is also accepted after the command
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an input error instead of its one-line message")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``flextron``; returns the exit status. Input errors (:class:`flextron.cli_args.UsageError`) print one line
+    ``flextron COMMAND: error: ...`` on stderr and return 2 (``--debug``: raised with their traceback); argparse's
+    own errors exit with status 2 the same way."""
+    from .cli_args import UsageError, report
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        if args.debug:
+            raise
+        return report(args.command, e)
 
 
 if __name__ == "__main__":

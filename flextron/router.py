@@ -398,48 +398,76 @@ def train_routers(fm: FlextronModel, router: _Router, table: LatencyTable, windo
 # -- CLI: flextron route ----------------------------------------------------------------------------
 def add_route_parser(subparsers):
     """``flextron route``: train static and/or dynamic routers for a checkpoint and save them with it."""
-    p = subparsers.add_parser("route", help="train latency-aware routers (through a surrogate) for a checkpoint")
-    p.add_argument("checkpoint", help="a flextron checkpoint directory (ranked and, ideally, elastically trained)")
-    p.add_argument("--table", default=None, help="latency table JSON (default: the one stored in the checkpoint)")
-    p.add_argument("--text", nargs="*", default=None,
-                   help="training text files, stories split on <|endoftext|> (default: the bundled excerpt)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint, else stories260K)")
-    p.add_argument("--kind", choices=("static", "dynamic", "both"), default="both")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--sm-steps", type=int, default=400)
-    p.add_argument("--sm-warmup", type=int, default=60)
-    p.add_argument("--joint-steps", type=int, default=120)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr-model", type=float, default=0.0, help="> 0: fine-tune the LLM jointly in the last phase")
-    p.add_argument("--lam", type=float, default=RouterTrainConfig.lam, help="weight of the latency loss")
-    p.add_argument("--calibrate-windows", type=int, default=16,
-                   help="text windows on which the dynamic router's realised latency is calibrated (0: none)")
-    p.add_argument("--out", default=None, help="write the checkpoint here (default: in place)")
+    from . import cli_args as c
+
+    p = subparsers.add_parser(
+        "route", help="train latency-aware routers (through a surrogate) for a flextron checkpoint",
+        description="Train a static router (latency target -> per-layer widths) and/or an input-adaptive one for "
+                    "a flextron checkpoint, on text tokenised with the checkpoint's own tokenizer (or --tokenizer), "
+                    "and save them with the model.")
+    p.add_argument("checkpoint", type=c.flextron_checkpoint,
+                   help="a flextron checkpoint folder (ranked and, ideally, elastically trained)")
+    p.add_argument("--table", default=None, type=c.existing_file,
+                   help="latency table JSON from `flextron profile` (default: the one stored in the checkpoint)")
+    p.add_argument("--text", nargs="*", default=None, type=c.existing_file,
+                   help="training text files, stories split on <|endoftext|> (default: the bundled TinyStories "
+                        "excerpt)")
+    p.add_argument("--tokenizer", default=None, type=c.tokenizer_dir,
+                   help="tokenizer folder (default: the tokenizer saved in the checkpoint; there is no other default)")
+    p.add_argument("--kind", choices=("static", "dynamic", "both"), default="both",
+                   help="routers to train; one of %(choices)s (default %(default)s)")
+    p.add_argument("--seq-len", type=c.int_at_least(2), default=256,
+                   help="tokens per training window; int >= 2 (default %(default)s)")
+    p.add_argument("--sm-steps", type=c.nonnegative_int, default=400,
+                   help="steps of the surrogate-model phase; int >= 0 (default %(default)s)")
+    p.add_argument("--sm-warmup", type=c.nonnegative_int, default=60,
+                   help="surrogate-only steps at its start; int >= 0 (default %(default)s)")
+    p.add_argument("--joint-steps", type=c.nonnegative_int, default=120,
+                   help="steps of the joint phase (surrogate dropped); int >= 0 (default %(default)s)")
+    p.add_argument("--batch-size", type=c.positive_int, default=8,
+                   help="sequences per step, each with its own target; int >= 1 (default %(default)s)")
+    p.add_argument("--lr-model", type=c.nonnegative_float, default=0.0,
+                   help="> 0: fine-tune the LLM jointly in the last phase at this learning rate; >= 0 "
+                        "(default %(default)s)")
+    p.add_argument("--lam", type=c.nonnegative_float, default=RouterTrainConfig.lam,
+                   help="weight of the latency loss; >= 0 (default %(default)s)")
+    p.add_argument("--calibrate-windows", type=c.nonnegative_int, default=16,
+                   help="text windows on which the dynamic router's realised latency is calibrated; int >= 0, "
+                        "0: none (default %(default)s)")
+    p.add_argument("--out", default=None, type=c.checkpoint_destination,
+                   help="write the routed checkpoint here: a new path, an empty directory or a flextron checkpoint, "
+                        "whose own files are replaced (default: in place)")
     p.set_defaults(func=run_route)
     return p
 
 
 def run_route(args) -> int:
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
+    """``flextron route``. Bad input raises :class:`flextron.cli_args.UsageError` before any training."""
     from .budget import attach_router, attach_table, calibrate_adaptive, routing
-    from .data import STORIES260K_DIR, TINYSTORIES_EXCERPT, read_stories, token_windows
+    from .cli_args import UsageError, check_vocab, load_tokenizer, user_input
+    from .data import TINYSTORIES_EXCERPT, read_stories, token_windows
 
-    fm = FlextronModel.from_pretrained(args.checkpoint)
+    if args.sm_steps + args.joint_steps < 1:
+        raise UsageError("--sm-steps and --joint-steps are both 0: nothing to train")
+    tok, tok_dir = load_tokenizer(args.checkpoint, args.tokenizer)  # before loading the model: fails fast
+    with user_input():
+        fm = FlextronModel.from_pretrained(args.checkpoint)
+    check_vocab(tok, fm.model.get_input_embeddings().num_embeddings, tokenizer_source=tok_dir,
+                model_source=args.checkpoint)
+    if getattr(fm, "tokenizer", None) is None:
+        fm.tokenizer = tok  # saved with the routers, so later commands find it in the checkpoint
     if torch.cuda.is_available():
         fm.cuda()
-    if args.table:
-        attach_table(fm, LatencyTable.load(args.table))
-    table = routing(fm).table
+    with user_input():
+        if args.table:
+            attach_table(fm, LatencyTable.load(args.table))
+        table = routing(fm).table
     if table is None:
-        raise SystemExit("route needs a latency table: pass --table or run `flextron profile --attach` first")
-    tok_dir = args.tokenizer or (args.checkpoint if (Path(args.checkpoint) / "tokenizer.json").is_file()
-                                 else STORIES260K_DIR)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    stories = [s for f in (args.text or [TINYSTORIES_EXCERPT]) for s in read_stories(f)]
-    windows = token_windows(tok, stories, args.seq_len)
+        raise UsageError(f"route needs a latency table: pass --table or run `flextron profile {args.checkpoint} "
+                         f"--out TABLE --attach` first")
+    with user_input():
+        stories = [s for f in (args.text or [TINYSTORIES_EXCERPT]) for s in read_stories(f)]
+        windows = token_windows(tok, stories, args.seq_len)
     cfg = RouterTrainConfig(sm_steps=args.sm_steps, sm_warmup=args.sm_warmup, joint_steps=args.joint_steps,
                             batch_size=args.batch_size, lr_model=args.lr_model, lam=args.lam)
     mc = [fm.mlp_choices(i) for i in range(fm.num_layers)]
@@ -457,6 +485,6 @@ def run_route(args) -> int:
             curve = calibrate_adaptive(fm, list(windows[:n].split(8)))
             print("dynamic router calibrated on", n, "windows: router input -> realised latency fraction",
                   ", ".join(f"{t:.2f}->{f:.3f}" for t, f in curve[::8]))
-    fm.save_pretrained(args.out or args.checkpoint)
+    fm.save_pretrained(args.out or args.checkpoint, overwrite=True)
     print(f"saved routers and table with the model in {args.out or args.checkpoint}")
     return 0

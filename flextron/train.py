@@ -436,9 +436,9 @@ class Trainer:
             model, _ = self._full_states()
             if self.main:
                 self._export_template.load_state_dict(model)
-                self._export_template.save_pretrained(path)
+                self._export_template.save_pretrained(path, overwrite=True)  # this run's own earlier export
         elif self.main:
-            self.fm.save_pretrained(path)
+            self.fm.save_pretrained(path, overwrite=True)
         if dist.is_initialized():
             dist.barrier()
         return path
@@ -514,29 +514,87 @@ def _floats(s: str) -> tuple:
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``train`` to a ``flextron`` command's subparsers."""
-    p = subparsers.add_parser("train", help="elastic continued training (run under torchrun for many GPUs)",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="a flextron checkpoint or a Hugging Face model directory")
-    p.add_argument("--data", required=True, nargs="+", help="text files (documents separated by <|endoftext|>)")
+    from . import cli_args
+
+    p = subparsers.add_parser(
+        "train", help="elastic continued training of a HF model or flextron checkpoint (torchrun for many GPUs)",
+        description=__doc__.splitlines()[0] + " --model takes a Hugging Face model folder (made elastic and ranked "
+        "on the training text) or a flextron checkpoint; the trained model is written to OUT/model with its "
+        "tokenizer.")
+    p.add_argument("--model", required=True, type=cli_args.model_dir,
+                   help="a flextron checkpoint or a Hugging Face model folder")
+    p.add_argument("--data", required=True, nargs="+", type=cli_args.existing_file,
+                   help="text files (documents separated by <|endoftext|>)")
     p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, model/")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model; a flextron checkpoint "
-                   "holds none, so give the original model's directory then)")
+    p.add_argument("--tokenizer", default=None, type=cli_args.tokenizer_dir,
+                   help="tokenizer folder (default: the tokenizer saved in --model; there is no other default)")
     p.add_argument("--cache", default=None, help="token cache directory (default: under ~/.cache/flextron)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of documents held out (0.1)")
-    p.add_argument("--mlp", type=_floats, default=None, help="MLP widths of the space, fractions (e.g. 0.25,0.5,1)")
-    p.add_argument("--heads", type=_floats, default=None, help="head counts of the space, fractions")
-    p.add_argument("--rank-windows", type=int, default=64, help="calibration windows when ranking a HF model")
+    p.add_argument("--val-fraction", type=cli_args.holdout_fraction, default=0.1,
+                   help="last fraction of documents held out for validation; in [0, 1) (default %(default)s)")
+    p.add_argument("--mlp", type=cli_args.fractions, default=None,
+                   help="MLP widths of the space, comma-separated fractions in (0, 1], e.g. 0.25,0.5,1 "
+                        "(default: a checkpoint's own space; for a HF model every multiple of the granularity)")
+    p.add_argument("--heads", type=cli_args.fractions, default=None,
+                   help="head counts of the space, comma-separated fractions in (0, 1] (default: a checkpoint's "
+                        "own space; for a HF model every whole number of KV groups)")
+    p.add_argument("--rank-windows", type=cli_args.nonnegative_int, default=64,
+                   help="training windows that rank a HF model's neurons and heads; int >= 0, 0: no ranking "
+                        "(default %(default)s)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the newest checkpoint in --out, or from the checkpoint directory given")
+                   help="continue from the newest checkpoint in --out, or from the checkpoint directory given "
+                        "(default: a fresh run, refused when --out already holds checkpoints)")
+    c = cli_args
+    # Each TrainConfig field's flag: (type, help); choice fields list TrainConfig's allowed values.
+    flags = {
+        "steps": (c.positive_int, "optimizer steps of the schedule; int >= 1"),
+        "batch_size": (c.positive_int, "blocks per rank and micro-batch; int >= 1"),
+        "grad_accum": (c.positive_int, "micro-batches per optimizer step; int >= 1"),
+        "seq_len": (c.int_at_least(2), "tokens per block; int >= 2, at most the model's positions"),
+        "lr": (c.positive_float, "peak learning rate; > 0"),
+        "min_lr_ratio": (c.unit_interval, "final learning rate as a fraction of --lr (cosine decay); in [0, 1]"),
+        "warmup": (c.nonnegative_int, "linear warm-up steps; int >= 0"),
+        "weight_decay": (c.nonnegative_float, "AdamW weight decay of weight matrices; >= 0"),
+        "clip": (c.nonnegative_float, "gradient-norm clip; >= 0, 0: no clipping"),
+        "sampling": (None, "subnets per step: full + smallest + k random (sandwich), or the full model only"),
+        "k_random": (c.nonnegative_int, "random subnets per step besides the full and the smallest; int >= 0"),
+        "full_weight": (c.positive_float, "weight of the full model's loss in the sandwich sum; > 0"),
+        "random_kind": (None, "how random subnets are drawn: each layer independently, one quantile for all "
+                              "layers, or alternating"),
+        "distill": (None, "distillation teacher: none, the full model of the same step, or a frozen parent copy"),
+        "alpha": (c.unit_interval, "weight of the distillation term; in [0, 1]"),
+        "temperature": (c.positive_float, "distillation temperature; > 0"),
+        "data_mode": (None, "how training blocks are drawn"),
+        "seed": (int, "seed of subnet sampling and data order; int"),
+        "eval_every": (c.nonnegative_int, "evaluate every N steps; int >= 0, 0: only at the start and the end"),
+        "eval_windows": (c.nonnegative_int, "validation windows per evaluation; int >= 0, 0: the whole split"),
+        "eval_batch_size": (c.positive_int, "windows per evaluation forward; int >= 1"),
+        "save_every": (c.nonnegative_int, "save a checkpoint every N steps; int >= 0, 0: only at the end"),
+        "keep_checkpoints": (c.nonnegative_int, "newest checkpoints kept; int >= 0, 0: all"),
+        "log_every": (c.nonnegative_int, "log every N steps; int >= 0, 0: every step"),
+        "stop_at": (c.positive_int, "stop (after saving) at this step while the schedule still runs to --steps; "
+                                    "int >= 1, None: at --steps"),
+        "parallel": (None, "data parallelism under torchrun"),
+        "device": (None, "auto: this rank's GPU when there is one, else the CPU"),
+    }
+    choices = {"sampling": ("sandwich", "full"), "distill": ("none", "inplace", "parent"),
+               "random_kind": ("layerwise", "uniform", "mixed"), "data_mode": ("random", "sequential"),
+               "parallel": ("none", "ddp", "fsdp"), "device": ("auto", "cuda", "cpu")}
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         if f.name in ("progress", "bf16", "betas", "eval_widths"):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        typ = int if f.name in ("stop_at", "eval_windows") else type(getattr(defaults, f.name))
-        p.add_argument(flag, type=typ, default=getattr(defaults, f.name), help=f"(default {getattr(defaults, f.name)})")
-    p.add_argument("--betas", type=_floats, default=defaults.betas)
-    p.add_argument("--eval-widths", type=_floats, default=defaults.eval_widths)
+        default = getattr(defaults, f.name)
+        typ, text = flags.get(f.name, (type(default) if default is not None else str, f.name.replace("_", " ")))
+        kwargs = {"choices": choices[f.name]} if f.name in choices else {"type": typ}
+        if f.name in choices:
+            text += "; one of %(choices)s"
+        p.add_argument("--" + f.name.replace("_", "-"), default=default, help=text + " (default %(default)s)",
+                       **kwargs)
+    p.add_argument("--betas", type=cli_args.betas, default=defaults.betas,
+                   help="AdamW betas, two comma-separated numbers in [0, 1) (default 0.9,0.99)")
+    p.add_argument("--eval-widths", type=cli_args.fractions, default=defaults.eval_widths,
+                   help="uniform widths evaluated on the validation split, comma-separated fractions in (0, 1] "
+                        "(default 0.25,0.5,0.75,1)")
     p.add_argument("--no-bf16", action="store_true", help="no bfloat16 autocast on CUDA")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_train)
@@ -544,25 +602,39 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    """``flextron train``. Bad input raises :class:`flextron.cli_args.UsageError` before any training or writing."""
+    from .cli_args import check_device_available, check_vocab, config_vocab_size, load_tokenizer, user_input
 
     names = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and k not in ("bf16", "progress")},
-                      bf16=not args.no_bf16, progress=not args.no_progress)
-    rank, world, _ = init_distributed()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    if rank == 0:  # one rank tokenises; the others read the cache it wrote
-        data = tokenize_files(args.data, tokenizer, args.cache, val_fraction=args.val_fraction,
-                              progress=not args.no_progress)
+    with user_input():
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and k not in ("bf16", "progress")},
+                          bf16=not args.no_bf16, progress=not args.no_progress)
+    if cfg.device == "cuda":
+        check_device_available("cuda")
+    tokenizer, tok_dir = load_tokenizer(args.model, args.tokenizer)
+    vocab = config_vocab_size(args.model)  # cheap check before tokenising; the embedding is checked after loading
+    if vocab is not None:
+        check_vocab(tokenizer, vocab, tokenizer_source=tok_dir, model_source=args.model)
+    with user_input():
+        space = None
+        if args.mlp is not None or args.heads is not None:
+            space = ElasticSpace(mlp=args.mlp, heads=args.heads)
+        rank, world, _ = init_distributed()
+        if rank == 0:  # one rank tokenises; the others read the cache it wrote
+            data = tokenize_files(args.data, tokenizer, args.cache, val_fraction=args.val_fraction,
+                                  progress=not args.no_progress)
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
         data = tokenize_files(args.data, tokenizer, args.cache, val_fraction=args.val_fraction, progress=False)
-    space = None
-    if args.mlp is not None or args.heads is not None:
-        space = ElasticSpace(mlp=args.mlp, heads=args.heads)
-    fm = load_model(args.model, space=space, data=data, rank_windows=args.rank_windows, seq_len=cfg.seq_len)
-    trainer = Trainer(fm, data, cfg, args.out, resume=args.resume)
+    with user_input():
+        fm = load_model(args.model, space=space, data=data, rank_windows=args.rank_windows, seq_len=cfg.seq_len)
+    check_vocab(tokenizer, fm.model.get_input_embeddings().num_embeddings, tokenizer_source=tok_dir,
+                model_source=args.model)
+    if getattr(fm, "tokenizer", None) is None:
+        fm.tokenizer = tokenizer  # saved with OUT/model, so later commands find it there
+    with user_input():
+        trainer = Trainer(fm, data, cfg, args.out, resume=args.resume)
     if rank == 0:
         print(f"{data}; {world} process(es); global batch {cfg.batch_size * cfg.grad_accum * world} x {cfg.seq_len}")
     trainer.fit()
