@@ -55,6 +55,19 @@ def plain_torch():
         yield
 
 
+def _ref(cache):
+    """The cache the HF reference runs: an offloaded cache holds the same keys and values as its on-device form, so
+    the reference uses that (transformers' offloading streams add nothing the comparison needs)."""
+    return {"offloaded": "dynamic", "offloaded_static": "static"}.get(cache, cache)
+
+
+def _skip_unsupported(family, cache):
+    if family == "mistral" and cache == "offloaded_static":
+        # transformers' own Mistral raises here ("True is not in list" in OffloadedStaticCache.prefetch: every
+        # layer of the tiny model is a sliding-window layer), so there is nothing to compare with
+        pytest.skip("transformers' OffloadedStaticCache fails for all-sliding-window models, the HF model too")
+
+
 def _sharp(model):
     """Logits scaled 16x through the final norm's weight: a random tiny model's top logits can lie within float32
     rounding of each other, and HF compiles the decode step of a static cache on a GPU (another summation order)."""
@@ -73,13 +86,14 @@ def pair(request):
 @pytest.mark.parametrize("cache", CACHES + ["none"])
 def test_full_width_and_subnet_tokens(pair, cache, plain_torch):
     family, orig, fm = pair
+    _skip_unsupported(family, cache)
     x = tokens(batch=2, seq=6)
     fm.set_subnet(None)
-    assert torch.equal(_generate(fm, x, cache), _generate(orig, x, cache))
+    assert torch.equal(_generate(fm, x, cache), _generate(orig, x, _ref(cache)))
     subnet = fm.uniform_subnet(mlp=0.5, heads=0.5)
     fm.set_subnet(subnet)
     try:
-        assert torch.equal(_generate(fm, x, cache), _generate(masked_reference(orig, subnet), x, cache))
+        assert torch.equal(_generate(fm, x, cache), _generate(masked_reference(orig, subnet), x, _ref(cache)))
     finally:
         fm.set_subnet(None)
 
@@ -87,6 +101,7 @@ def test_full_width_and_subnet_tokens(pair, cache, plain_torch):
 @pytest.mark.parametrize("cache", CACHES)
 def test_head_budgets_equal_each_sequence_alone(pair, cache, plain_torch):
     family, orig, fm = pair
+    _skip_unsupported(family, cache)
     a = fm.attention_blocks[0]
     g = a.group_size
     budgets = torch.tensor([g, a.num_heads])  # one KV group for the first sequence, every head for the second
@@ -95,7 +110,7 @@ def test_head_budgets_equal_each_sequence_alone(pair, cache, plain_torch):
     for b in range(2):
         h = int(budgets[b])
         alone = Subnet(mlp=[m.full_width for m in fm.mlp_blocks], heads=[h] * fm.num_layers)
-        want = _generate(masked_reference(orig, alone), x[b:b + 1], cache)
+        want = _generate(masked_reference(orig, alone), x[b:b + 1], _ref(cache))
         assert torch.equal(got[b:b + 1], want), f"sequence {b} (budget {h})"
 
 
