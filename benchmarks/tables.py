@@ -1,0 +1,410 @@
+"""Markdown tables of the current benchmark figures, generated from ``benchmarks/results/*.json``.
+
+For every benchmark kind and GPU the newest result file (by the date recorded in it) is current; each table is
+headed by that file's GPU, versions, commit and date, the commit linking to the file. Older files of the same kind
+and GPU are ignored (git history keeps them). The latency tables are the one kind merged across files: a run may
+time only some phases, so each phase comes from the newest file that has it.
+
+    python benchmarks/tables.py                                   # print every table
+    python benchmarks/tables.py --kind nested_mlp                 # one benchmark
+    python benchmarks/tables.py --update benchmarks/README.md     # rewrite the generated block in place
+    python benchmarks/tables.py --check benchmarks/README.md      # exit 1 if that block is out of date
+
+``--update``/``--check`` act on the text between ``<!-- tables.py:begin -->`` and ``<!-- tables.py:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BEGIN, END = "<!-- tables.py:begin -->", "<!-- tables.py:end -->"
+
+# File-name prefixes of each kind, longest first so that ``nested_mlp_explore_`` is not read as ``nested_mlp_``.
+KINDS = [
+    ("nested_mlp_profile_bwd", "nested_mlp --profile-bwd (per-kernel times)"),
+    ("nested_mlp_explore", "nested_mlp --explore (variant sweep)"),
+    ("nested_mlp_host", "nested_mlp --host (host time per call)"),
+    ("nested_mlp", "nested_mlp"),
+    ("elastic_attention_decode_sweep", "elastic_attention --decode-sweep"),
+    ("elastic_attention", "elastic_attention"),
+    ("explore_sliced_linear", "explore_sliced_linear (kernel-variant sweep)"),
+    ("sliced_linear", "sliced_linear"),
+    ("latency_table", "latency tables and budgets"),
+    ("compile", "whole model, eager and torch.compile"),
+    ("routing", "nested_mlp routing (rank count vs torch.sort)"),
+    ("bf16_drift", "bf16 hidden-state drift"),
+]
+MAIN = ["sliced_linear", "nested_mlp", "elastic_attention", "compile", "latency_table"]
+
+
+@dataclass
+class Result:
+    """One results file: its kind, GPU, versions, commit and date, and the parsed JSON."""
+
+    path: Path
+    kind: str
+    gpu: str
+    commit: str
+    date: str
+    torch: str = ""
+    triton: str = ""
+    data: dict = field(default_factory=dict)
+
+
+def kind_of(name: str) -> str:
+    """The benchmark kind of a results file name (``nested_mlp_20261205T221715Z.json`` -> ``nested_mlp``)."""
+    for prefix, _ in KINDS:
+        if name.startswith(prefix + "_"):
+            return prefix
+    return re.split(r"_(?:NVIDIA|\d{8}T)", Path(name).stem, maxsplit=1)[0]
+
+
+def norm_date(value: str) -> str:
+    """ISO-like ``YYYY-MM-DDTHH:MM:SS`` from either ``2026-12-04T19:13:20+00:00`` or ``20261205T221715Z``."""
+    m = re.match(r"(\d{4})-?(\d{2})-?(\d{2})T?(\d{2}):?(\d{2}):?(\d{2})", value or "")
+    return "{}-{}-{}T{}:{}:{}".format(*m.groups()) if m else ""
+
+
+def load(path: Path) -> Result | None:
+    """Parse one results file; None when it is not a JSON object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    info = data.get("info") if isinstance(data.get("info"), dict) else data
+    gpu = str(info.get("gpu") or data.get("gpu") or data.get("device") or "unknown GPU")
+    commit = str(info.get("commit") or data.get("commit") or "")
+    if not commit:
+        m = re.search(r"_([0-9a-f]{7,40})$", path.stem)
+        commit = m.group(1) if m else ""
+    date = norm_date(str(info.get("date") or data.get("date") or "")) or norm_date(path.stem.rsplit("_", 1)[-1])
+    return Result(path, kind_of(path.name), gpu, commit[:7], date, str(info.get("torch", "")),
+                  str(info.get("triton", "")), data)
+
+
+def current(results: Iterable[Result]) -> dict[tuple[str, str], list[Result]]:
+    """(kind, GPU) -> its files, newest first. The first is the current one."""
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.kind, r.gpu), []).append(r)
+    for rs in groups.values():
+        rs.sort(key=lambda r: (r.date, r.path.name), reverse=True)
+    return groups
+
+
+def header(r: Result, link_base: str) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in (("torch", r.torch), ("triton", r.triton)) if v)
+    link = f"{link_base}{r.path.name}"
+    commit = f"commit [{r.commit}]({link})" if r.commit else f"[{r.path.name}]({link})"
+    return f"**{r.gpu}**" + (f", {versions}" if versions else "") + f", {commit}, {r.date[:10] or 'undated'}."
+
+
+def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:{spec}}{suffix}"
+
+
+def span(values: list[float], suffix: str = "x") -> str:
+    """``lo–hi`` of finite values (one value alone), ``–`` when there are none."""
+    v = [x for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
+    if not v:
+        return "–"
+    lo, hi = min(v), max(v)
+    return f"{lo:.2f}{suffix}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}{suffix}"
+
+
+def geomean(values: list[float]) -> float | None:
+    v = [x for x in values if isinstance(x, (int, float)) and math.isfinite(x) and x > 0]
+    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else None
+
+
+def table(head: list[str], rows: list[list[str]], right_from: int = 1) -> list[str]:
+    align = ["---" if i < right_from else "---:" for i in range(len(head))]
+    return ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def sliced_linear(r: Result) -> list[str]:
+    """Speed against cuBLAS on a contiguous copy of the slice, per token count and pass, over every weight and width."""
+    rows, groups = r.data.get("rows", []), {}
+    for row in rows:
+        groups.setdefault((row.get("T"), row.get("mode")), []).append(row)
+    out = []
+    for (t, mode), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] != "fwd", kv[0][0])):
+        eager = [x.get("speed_vs_copy") for x in rs]
+        graph = [x.get("graph_speed_vs_copy") for x in rs if x.get("graph_ms")]
+        floor = [x.get("graph_vs_floor", x.get("vs_floor")) for x in rs]
+        out.append([mode, str(t), span(eager), fmt(geomean(eager), ".2f", "x"), span(graph),
+                    fmt(geomean(graph), ".2f", "x"), fmt(geomean(floor), ".2f", "x")])
+    s = r.data.get("summary", {})
+    c = r.data.get("ceilings", {})
+    lines = table(["pass", "tokens", "speed vs cuBLAS copy, eager", "geomean", "CUDA graph", "geomean",
+                   "time / floor (geomean)"], out, right_from=1)
+    extra = []
+    if "max_peak_extra_bytes_flextron" in s:
+        extra.append(f"peak memory beyond the output: at most {s['max_peak_extra_bytes_flextron']:.0f} bytes")
+    if c:
+        extra.append(f"measured ceilings: copy {c.get('copy_bytes_per_s', 0) / 1e12:.2f} TB/s, "
+                     f"bf16 matmul {c.get('bf16_flops_per_s', 0) / 1e12:.0f} TFLOP/s")
+    weights = sorted({x.get("weight") for x in rows if x.get("weight")})
+    widths = sorted({x.get("width") for x in rows if x.get("width") is not None})
+    extra.append(f"{len(rows)} cases: {', '.join(weights)} at widths {', '.join(f'{w:g}' for w in widths)}")
+    return lines + ["", "; ".join(extra) + "."]
+
+
+NESTED_MODELS = ("llama2-7b", "llama3-8b")
+
+
+def ms(case: dict, provider: str) -> float | None:
+    return case.get("ms", {}).get(provider)
+
+
+def nested_mlp(r: Result) -> list[str]:
+    """Per pass, token count and width mix; each cell ``Llama-2-7B / Llama-3-8B``."""
+    cases = r.data.get("cases", [])
+    models = [m for m in NESTED_MODELS if any(c.get("model") == m for c in cases)] or sorted(
+        {c.get("model", "") for c in cases})
+    groups: dict = {}
+    for c in cases:
+        groups.setdefault((c.get("pass"), c.get("T"), c.get("mix")), {})[c.get("model", "")] = c
+
+    def cell(by_model: dict, fn: Callable[[dict], float | None]) -> str:
+        vals = [fn(by_model[m]) if m in by_model else None for m in models]
+        return " / ".join(fmt(v, ".2f", "x") for v in vals) if any(v is not None for v in vals) else "–"
+
+    mixes = {"uniform": 0, "skewed": 1, "full": 2}
+    out = []
+    for (p, t, mix), by_model in sorted(groups.items(), key=lambda kv: (kv[0][0] != "fwd", kv[0][1],
+                                                                         mixes.get(kv[0][2], 9))):
+        out.append([p, str(t), mix,
+                    cell(by_model, lambda c: ratio(ms(c, "dense"), ms(c, "flextron"))),
+                    cell(by_model, lambda c: ratio(ms(c, "flextron"), ms(c, "ideal"))),
+                    cell(by_model, lambda c: ratio(ms(c, "flextron_graph"), ms(c, "dense_graph"))),
+                    cell(by_model, lambda c: ratio(ms(c, "flextron_graph"), ms(c, "ideal")))])
+    names = " / ".join(models)
+    return table(["pass", "tokens", "mix", f"speed vs dense, eager ({names})", "time / ideal, eager",
+                  "CUDA graph: time / dense", "CUDA graph: time / ideal"], out, right_from=3) + [
+        "", f"{r.data.get('dtype', '')}; {r.data.get('timing', '')}; CUDA-graph columns up to 2048 tokens."]
+
+
+def elastic_attention(r: Result) -> list[str]:
+    rows = r.data.get("rows", [])
+    by = lambda k: [x for x in rows if x.get("kind") == k]
+    out = ["Prefill and backward (causal, head dim " + str(r.data.get("head_dim", "")) + ", "
+           + str(r.data.get("hq", "")) + " query heads), speed against SDPA flash on the same kept heads, "
+           "over kept heads 8-32:", ""]
+    pre: dict = {}
+    for x in by("prefill") + by("backward"):
+        pre.setdefault((x.get("hkv"), x.get("B"), x.get("S")), {}).setdefault(x.get("kind"), []).append(x)
+    rows_out = []
+    for (hkv, b, s), kinds in sorted(pre.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        p, bw = kinds.get("prefill", []), kinds.get("backward", [])
+        rows_out.append([str(hkv), f"{b} x {s}", span([x.get("speed_vs_sdpa_prefix") for x in p]),
+                         span([x.get("speed_vs_sdpa_prefix_graph") for x in p]),
+                         span([x.get("speed_vs_sdpa_prefix") for x in bw])])
+    out += table(["KV heads", "batch x tokens", "prefill, eager", "prefill, CUDA graph", "backward, eager"],
+                 rows_out, right_from=2)
+    mixed = by("mixed")
+    if mixed:
+        out += ["", "Mixed per-sequence head budgets (8/16/24/32 of 32) in one launch:", ""]
+        out += table(["KV heads", "batch x tokens", "ms", "speed vs SDPA on all heads", "vs SDPA per budget group"],
+                     [[str(x.get("hkv")), f"{x.get('B')} x {x.get('S')}", fmt(x.get("flextron_ms"), ".3f"),
+                       fmt(x.get("speed_vs_sdpa_all"), ".2f", "x"), fmt(x.get("speed_vs_sdpa_groups"), ".2f", "x")]
+                      for x in mixed], right_from=2)
+    dec = by("decode")
+    if dec:
+        out += ["", "Decode (one query token per sequence against its cache; CUDA graph replays, L2 flushed):", ""]
+        out += table(["KV heads", "batch", "context", "ms", "SDPA on the cache ms", "speed vs SDPA",
+                       "time / memory floor"],
+                     [[str(x.get("hkv")), str(x.get("B")), str(x.get("ctx")), fmt(x.get("flextron_ms"), ".4f"),
+                       fmt(x.get("sdpa_cache_ms"), ".4f"), fmt(x.get("speed_vs_sdpa"), ".2f", "x"),
+                       fmt(x.get("ratio_to_floor"), ".2f", "x")]
+                      for x in sorted(dec, key=lambda x: (-x.get("hkv", 0), x.get("ctx", 0), x.get("B", 0)))],
+                     right_from=1)
+    targets = r.data.get("targets", {})
+    if targets:
+        out += ["", "Targets recorded by the run:", ""]
+        out += table(["target", "measured", "goal", "met"],
+                     [[k, fmt(v[0], ".3f"), str(v[1]), "yes" if v[2] else "no"]
+                      for k, v in targets.items() if isinstance(v, list) and len(v) == 3 and v[1] != "info"],
+                     right_from=1)
+    return out
+
+
+COMPILE_PROVIDERS = [
+    ("hf_eager", "dense HF model, eager"),
+    ("hf_reduce_overhead", "dense HF model, reduce-overhead"),
+    ("full_eager", "FlextronModel at full width, eager"),
+    ("full_reduce_overhead", "FlextronModel at full width, reduce-overhead"),
+    ("flextron_eager", "sub-network, eager"),
+    ("flextron_compiled", "sub-network, torch.compile default"),
+    ("flextron_reduce_overhead", "sub-network, reduce-overhead"),
+]
+
+
+def compile_table(r: Result) -> list[str]:
+    rows = r.data.get("rows", [])
+    cfg = r.data.get("config", {})
+    sub = r.data.get("subnet", {})
+    ts = [x.get("T") for x in rows]
+    out_rows = []
+    for key, name in COMPILE_PROVIDERS:
+        vals = [x.get("ms_per_call", {}).get(key) for x in rows]
+        if any(v is not None for v in vals):
+            out_rows.append([name] + [fmt(v, ".3f") for v in vals])
+    model = (f"Llama-shaped, {cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}, "
+             f"MLP {cfg.get('intermediate_size')}, {cfg.get('num_attention_heads')} heads, random weights, bf16")
+    subnet = ""
+    if sub.get("mlp") and sub.get("heads"):
+        subnet = (f"; the sub-network keeps MLP {sub['mlp'][0]} and {sub['heads'][0]} heads per layer, with "
+                  f"per-token MLP widths ({sub.get('token_widths', '')})")
+    return [f"ms per forward call, batch 1 ({model}{subnet}):", ""] + table(
+        ["provider"] + [f"{t} tokens" for t in ts], out_rows, right_from=1)
+
+
+def latency_table(rs: list[Result], link_base: str) -> list[str]:
+    """Phases merged over the files, newest first: each phase from the newest file that timed it."""
+    phases: dict[str, tuple[Result, dict]] = {}
+    for r in rs:
+        for name, p in (r.data.get("phases") or {}).items():
+            phases.setdefault(name, (r, p))
+    model = rs[0].data.get("model", {})
+    out = [f"{model.get('layers')} layers, hidden {model.get('hidden')}, MLP {model.get('mlp')}, "
+           f"{model.get('heads')} heads, {model.get('dtype')}, random weights. Table accuracy: predicted against "
+           "measured whole-model latency of the full model and random sub-networks.", ""]
+    order = sorted(phases, key=lambda n: (not n.startswith("prefill"), "eager" in n))
+    acc = []
+    for name in order:
+        r, p = phases[name]
+        v = p.get("validation", {})
+        acc.append([name.replace("_", " "), fmt(100 * v.get("median_abs_rel_error", math.nan), ".1f", "%"),
+                    fmt(100 * v.get("max_abs_rel_error", math.nan), ".1f", "%"),
+                    fmt(100 * v.get("noise_floor_full_vs_full", math.nan), ".1f", "%"),
+                    fmt(p.get("full_measured_ms"), ".1f"), f"[{r.commit}]({link_base}{r.path.name})"])
+    out += table(["phase, timing", "median error", "worst error", "noise floor (full vs full)",
+                  "full model ms", "file"], acc, right_from=1)
+    targets = sorted({b.get("target") for _, p in phases.values() for b in p.get("budgets", [])})
+    cols = [(n, m) for n in order for m in ("guarantee", "uniform_nearest")
+            if any(b.get("mode") == m for b in phases[n][1].get("budgets", []))
+            or (m == "guarantee" and phases[n][1].get("unreachable"))]
+    if targets and cols:
+        out += ["", "Budgets held: measured latency as a fraction of the full model's, per target "
+                "(guarantee = the projection of the full model; uniform nearest = the uniform sub-network whose "
+                "prediction is nearest the target; `unreachable` = the smallest sub-network is predicted above it):",
+                ""]
+        body = []
+        for t in targets:
+            row = [fmt(t, ".1f")]
+            for n, m in cols:
+                p = phases[n][1]
+                hit = [b for b in p.get("budgets", []) if b.get("mode") == m and b.get("target") == t]
+                miss = m == "guarantee" and any(u.get("target") == t for u in p.get("unreachable", []))
+                row.append(fmt(hit[0].get("measured_fraction"), ".3f") if hit else ("unreachable" if miss else "–"))
+            body.append(row)
+        out += table(["target"] + [f"{n.replace('_', ' ')}: {m.replace('_', ' ')}" for n, m in cols], body)
+    return out
+
+
+def routing(r: Result) -> list[str]:
+    return table(["tokens", "rank count µs", "torch.sort µs"],
+                 [[str(x.get("T")), fmt(x.get("rank_us"), ".1f"), fmt(x.get("torch_sort_us"), ".1f")]
+                  for x in r.data.get("rows", [])])
+
+
+RENDER: dict[str, Callable[[Result], list[str]]] = {
+    "sliced_linear": sliced_linear,
+    "nested_mlp": nested_mlp,
+    "elastic_attention": elastic_attention,
+    "compile": compile_table,
+    "routing": routing,
+}
+
+
+def render(results_dir: Path = RESULTS, kinds: list[str] | None = None, link_base: str = "results/") -> str:
+    """Markdown for the current file of each (kind, GPU): the main benchmarks first, then an index of every
+    current file. ``kinds`` limits the tables (the index always lists everything)."""
+    loaded = [r for p in sorted(results_dir.glob("*.json")) if (r := load(p)) is not None]
+    groups = current(loaded)
+    titles = dict(KINDS)
+    lines: list[str] = []
+    ordered = MAIN + [k for k, _ in KINDS if k not in MAIN] + sorted({k for k, _ in groups} - set(titles))
+    for kind in ordered:
+        if kinds and kind not in kinds:
+            continue
+        gpus = sorted(g for k, g in groups if k == kind)
+        if kind not in RENDER and kind != "latency_table":
+            continue
+        for gpu in gpus:
+            rs = groups[(kind, gpu)]
+            lines += [f"### {titles.get(kind, kind)} ({gpu})", ""]
+            if kind == "latency_table":
+                lines += [header(rs[0], link_base), ""] + latency_table(rs, link_base)
+            else:
+                lines += [header(rs[0], link_base), ""] + RENDER[kind](rs[0])
+            lines.append("")
+    if not kinds:
+        lines += ["### Current result files", ""]
+        idx = []
+        for kind in ordered:
+            for gpu in sorted(g for k, g in groups if k == kind):
+                for r in groups[(kind, gpu)][: 2 if kind == "latency_table" else 1]:
+                    idx.append([kind, gpu, r.date[:10] or "undated", f"[{r.path.name}]({link_base}{r.path.name})"])
+        lines += table(["kind", "GPU", "date", "file"], idx, right_from=9) + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def splice(text: str, block: str) -> str:
+    """Replace what lies between the begin/end markers of ``text`` with ``block``."""
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"markers {BEGIN} ... {END} not found")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n\n{block}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSON files")
+    ap.add_argument("--kind", action="append", help="only this benchmark kind (repeatable)")
+    ap.add_argument("--link-base", default="results/", help="prefix of links to result files")
+    ap.add_argument("--update", type=Path, help="rewrite the generated block of this markdown file")
+    ap.add_argument("--check", type=Path, help="exit 1 if the generated block of this markdown file is stale")
+    args = ap.parse_args(argv)
+    if not args.results.is_dir():
+        print(f"tables.py: error: --results {args.results} is not a folder", file=sys.stderr)
+        return 2
+    block = render(args.results, args.kind, args.link_base)
+    target = args.update or args.check
+    if target is None:
+        sys.stdout.write(block)
+        return 0
+    text = target.read_text()
+    new = splice(text, block)
+    if args.check:
+        if new != text:
+            print(f"{target}: generated tables are stale; run python benchmarks/tables.py --update {target}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    target.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
