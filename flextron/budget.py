@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .latency import LatencyTable, check_table
-from .model import FlextronModel
+from .model import FlextronModel, implements
 from .router import ANCHORS, DynamicRouter, StaticRouter, build_router, check_target, encode_target
 from .space import Subnet
 
@@ -197,6 +197,7 @@ def _install_adaptive(fm: FlextronModel, router: DynamicRouter, target: float) -
         r.hooks.append(a.register_forward_hook(clear_hook, with_kwargs=True))
 
 
+@implements("set_budget")
 def set_budget(fm: FlextronModel, target: float | None, *, adaptive: bool = False, guarantee: bool = False) -> Subnet:
     """Make the model run within a latency budget; ``target`` a fraction of the full model's latency in (0, 1].
 
@@ -284,6 +285,7 @@ def adaptive_input(router: DynamicRouter, target: float) -> float:
     return min(router.calibration, key=lambda p: (abs(p[1] - target), p[1]))[0]
 
 
+@implements("calibrate_adaptive")
 @torch.no_grad()
 def calibrate_adaptive(fm: FlextronModel, batches, grid=None) -> list[list[float]]:
     """Measure what the dynamic router realises: for each router input ``t`` of ``grid`` (default 33 points in

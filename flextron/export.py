@@ -28,7 +28,7 @@ import copy
 import torch
 from torch import nn
 
-from .model import FlextronModel
+from .model import FlextronModel, implements
 from .space import Subnet
 
 
@@ -105,6 +105,7 @@ def slim(fm: FlextronModel, subnet: Subnet) -> FlextronModel:
     return out.eval()
 
 
+@implements("extract")
 def extract(fm: FlextronModel, subnet: Subnet) -> nn.Module:
     """A standalone model with the logits of ``subnet``, in eval mode: a plain transformers model of the same class
     where the config can express it, else a slim :class:`FlextronModel` (see the module docstring).

@@ -57,7 +57,8 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from .model import FlextronModel
+from .budget import load_routing, save_routing
+from .model import FlextronModel, implements
 from .space import ElasticSpace, Subnet
 
 FORMAT_VERSION = 1
@@ -75,6 +76,7 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.f
 
 
 # -- saving ---------------------------------------------------------------------------------------------------------
+@implements("save_pretrained")
 def save_pretrained(fm: FlextronModel, path, *, tokenizer=None, overwrite: bool = False) -> None:
     """Write ``fm`` (and ``tokenizer``, else ``fm.tokenizer`` when set) as a checkpoint directory at ``path``.
 
@@ -186,9 +188,7 @@ def _write(fm: FlextronModel, out: Path, tokenizer) -> list[str]:
             if fm.importance is not None:
                 state[f"importance.{kind}.{i}"] = fm.importance[kind][i].contiguous()
     save_file(state, str(out / STATE))
-    from .budget import save_routing  # routers and latency table, if any
-
-    save_routing(fm, out)
+    save_routing(fm, out)  # routers and latency table, if any
     files = sorted({p.name for p in out.iterdir()} | {META})
     meta = {
         "format": "flextron",
@@ -300,6 +300,7 @@ def _parameters_on_meta():
                 nn.Module.register_parameter = _patch["register"]
 
 
+@implements("from_pretrained")
 def load_pretrained(path) -> FlextronModel:
     """Load a directory written by :func:`save_pretrained`, in eval mode, with its tokenizer (``fm.tokenizer``,
     ``None`` when it has none); weights, scores, permutations and outputs come back bit-exact."""
@@ -377,8 +378,6 @@ def load_pretrained(path) -> FlextronModel:
     if meta["ranked"]:
         fm.importance = {k: [state[f"importance.{k}.{i}"] for i in range(n)] for k in ("mlp", "heads")}
     fm.set_subnet(None if meta["subnet"] is None else Subnet.from_dict(meta["subnet"]))
-    from .budget import load_routing  # routers and latency table, if any
-
-    load_routing(fm, path)
+    load_routing(fm, path)  # routers and latency table, if any
     fm.eval()
     return fm

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .attention import no_padding
 from .model import FlextronModel
 from .space import Subnet
 
@@ -33,13 +34,11 @@ def _captured(fn: Callable[[], object], before: Callable[[], object] | None, poo
 
     ``before`` runs before the warm-up and before the capture; what it returns (e.g. the cache tensors the step
     reads) is kept alive with the graph, which reads those addresses on every replay."""
-    from flextron.attention import no_padding  # timed inputs never carry padding
-
     if before:
         before()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), no_padding():
+    with torch.cuda.stream(side), no_padding():  # timed inputs never carry padding
         fn()
     torch.cuda.current_stream().wait_stream(side)
     keep = before() if before else None
@@ -144,7 +143,7 @@ def _runner(fm: FlextronModel, subnet: Subnet | None, batch_size: int, seq_len: 
     fm(input_ids=ids[:, :seq_len], cache=cache, use_cache=True)
 
     # Rewinding puts the prefilled tensors back (no copy). ``crop`` would leave strided views, and concatenating
-    # onto a strided view is a slow copy a real decode loop never makes: on the H200 it tripled a 7B decode step.
+    # onto a strided view is a slow copy a real decode loop never makes (on an H200 it triples a 7B decode step).
     slots = _cache_slots(cache)
     saved = [_get(slot) for slot in slots]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -36,6 +37,26 @@ def _layers(model: nn.Module, family: str) -> nn.ModuleList:
 
 def _abbrev(choices: list[int]) -> str:
     return str(choices) if len(choices) <= 12 else f"[{', '.join(map(str, choices[:6]))}, ..., {choices[-1]}]"
+
+
+# FlextronModel's operation methods (rank, extract, save_pretrained, set_budget, ...) run functions that the modules
+# above this one register with ``@implements`` when ``flextron`` is imported, so this module imports none of them.
+_IMPLEMENTATIONS: dict[str, Callable] = {}
+
+
+def implements(method: str) -> Callable[[Callable], Callable]:
+    """Decorator: the function becomes the implementation of ``FlextronModel.<method>``."""
+    def register(fn: Callable) -> Callable:
+        _IMPLEMENTATIONS[method] = fn
+        return fn
+    return register
+
+
+def _implementation(method: str) -> Callable:
+    fn = _IMPLEMENTATIONS.get(method)
+    if fn is None:  # only when this module is loaded outside the flextron package
+        raise RuntimeError(f"FlextronModel.{method} is implemented outside flextron.model: import flextron first")
+    return fn
 
 
 class FlextronModel(nn.Module):
@@ -261,51 +282,36 @@ class FlextronModel(nn.Module):
             for a in blocks:
                 a.head_budgets = None
 
-    # -- latency budgets (issue 7; logic in flextron/budget.py) ------------------------------------
+    # -- operations (implemented above this module: ranking, export, io, budget) -----------------------
     def calibrate_adaptive(self, batches, grid=None):
         """Pin the dynamic router's realised latency to its targets; see :func:`flextron.budget.calibrate_adaptive`."""
-        from .budget import calibrate_adaptive
-
-        return calibrate_adaptive(self, batches, grid)
+        return _implementation("calibrate_adaptive")(self, batches, grid)
 
     def set_budget(self, target: float | None, *, adaptive: bool = False, guarantee: bool = False):
         """Run within a latency budget (a fraction of the full latency); see :func:`flextron.budget.set_budget`."""
-        from .budget import set_budget
+        return _implementation("set_budget")(self, target, adaptive=adaptive, guarantee=guarantee)
 
-        return set_budget(self, target, adaptive=adaptive, guarantee=guarantee)
-
-    # -- ranking, permutation, export, checkpoints --------------------------------------------------
     def rank(self, batches, *, progress: bool = False) -> dict:
         """Rank neurons and heads on calibration ``batches``, then permute; see :func:`flextron.ranking.rank`."""
-        from .ranking import rank
-
-        return rank(self, batches, progress=progress)
+        return _implementation("rank")(self, batches, progress=progress)
 
     def permute(self, mlp: list[torch.Tensor] | None = None, heads: list[torch.Tensor] | None = None) -> None:
         """Apply per-layer permutations (function-preserving); see :func:`flextron.ranking.permute`."""
-        from .ranking import permute
-
-        permute(self, mlp=mlp, heads=heads)
+        _implementation("permute")(self, mlp=mlp, heads=heads)
 
     def extract(self, subnet: Subnet):
         """A standalone model computing ``subnet``; see :func:`flextron.export.extract`."""
-        from .export import extract
-
-        return extract(self, subnet)
+        return _implementation("extract")(self, subnet)
 
     def save_pretrained(self, path, *, tokenizer=None, overwrite: bool = False) -> None:
         """Write a checkpoint directory atomically (with ``tokenizer``, else ``self.tokenizer`` when set); never
         deletes anything that is not a flextron checkpoint; see :func:`flextron.io.save_pretrained`."""
-        from .io import save_pretrained
-
-        save_pretrained(self, path, tokenizer=tokenizer, overwrite=overwrite)
+        _implementation("save_pretrained")(self, path, tokenizer=tokenizer, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, path) -> FlextronModel:
         """Load a directory written by :meth:`save_pretrained` (bit-exact); see :func:`flextron.io.load_pretrained`."""
-        from .io import load_pretrained
-
-        return load_pretrained(path)
+        return _implementation("from_pretrained")(path)
 
 
 def _linear_params(n_out: int, n_in: int, bias) -> int:

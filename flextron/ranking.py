@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .model import FlextronModel
+from .model import FlextronModel, implements
 
 
 def _run(fm: FlextronModel, batch) -> None:
@@ -81,6 +81,7 @@ def _check_perm(name: str, p, n: int) -> torch.Tensor:
     return p.long().cpu()
 
 
+@implements("permute")
 @torch.no_grad()
 def permute(fm: FlextronModel, mlp: list[torch.Tensor] | None = None, heads: list[torch.Tensor] | None = None) -> None:
     """Reorder each layer's neurons (``mlp[l]``) and query heads (``heads[l]``) in place: new ``j`` = old ``p[j]``.
@@ -112,6 +113,7 @@ def permute(fm: FlextronModel, mlp: list[torch.Tensor] | None = None, heads: lis
                 fm.importance["heads"][i] = fm.importance["heads"][i][p]
 
 
+@implements("rank")
 def rank(fm: FlextronModel, batches: Iterable, *, progress: bool = False) -> dict:
     """Score on ``batches``, then permute so every prefix is the most important; returns the permutations applied.
 

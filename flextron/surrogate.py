@@ -1,6 +1,6 @@
 """The surrogate model (SM): predicts the LM loss of a sub-network from the routers' outputs.
 
-Flextron (Fig. 3, verified caption) trains the routers through an SM "trained to approximate the LLM language loss
+Flextron (Fig. 3 caption) trains the routers through an SM "trained to approximate the LLM language loss
 value given only routers logits"; the routers step only while the SM's error is under a threshold. Here the SM
 reads the concatenation, over layers, of the router's (one-hot or soft) choice distributions for MLP width and head
 count (for input-adaptive routers: the share of tokens/sequences at each choice), and is an MLP trained with MSE on

@@ -38,8 +38,9 @@ from flextron.budget import (
     routing,
     static_subnet,
 )
+from flextron.cli.profile import random_llama
 from flextron.data import load_stories260k, perplexity, read_stories, token_windows
-from flextron.latency import measure_many, profile, random_llama, validate
+from flextron.latency import measure_many, profile, validate
 from flextron.model import FlextronModel
 from flextron.router import DynamicRouter, RouterTrainConfig, StaticRouter, train_routers
 from flextron.space import ElasticSpace, Subnet

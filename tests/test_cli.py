@@ -259,7 +259,7 @@ def test_route_without_a_table_and_profile_attach_on_random_model(stories_vocab,
 
 
 def test_debug_shows_the_traceback(stories_vocab, capsys):
-    from flextron.cli_args import UsageError
+    from flextron.cli.args import UsageError
 
     argv = ["route", str(stories_vocab["bare"]), "--table", str(stories_vocab["table"])] + ROUTE_FAST
     with pytest.raises(UsageError, match="holds no tokenizer"):
@@ -271,7 +271,7 @@ def test_debug_shows_the_traceback(stories_vocab, capsys):
 def test_bugs_are_not_turned_into_one_liners(monkeypatch, tmp_path):
     """Only input errors are one line: an exception from the work itself keeps its type and traceback."""
     import flextron.latency as latency
-    from flextron.cli_args import UsageError
+    from flextron.cli.args import UsageError
 
     def broken(*a, **kw):
         raise ValueError("internal")

@@ -13,7 +13,7 @@ import torch
 
 from flextron import ElasticSpace, FlextronModel, Subnet
 from flextron.budget import project
-from flextron.latency import LatencyTable, check_table, measure, model_signature, profile, random_subnets, validate
+from flextron.latency import LatencyTable, check_table, measure, profile, random_subnets, space_signature, validate
 from tests.model_utils import tiny_model
 
 SPACE = ElasticSpace(mlp=(0.25, 0.5, 1.0), heads=(2, 4, 6))
@@ -32,7 +32,7 @@ def table(fm) -> LatencyTable:
 def synthetic(fm: FlextronModel, mlp_ms=(1.0, 2.0, 4.0), attn_ms=(1.0, 2.0, 3.0), fixed=2.0) -> LatencyTable:
     """A table with known entries (every layer alike) for exact arithmetic."""
     meta = {"phase": "prefill", "batch_size": 1, "seq_len": 8, "dtype": "float32", "device_type": "cpu",
-            "device_name": "cpu:test", "model": model_signature(fm)}
+            "device_name": "cpu:test", "model": space_signature(fm)}
     n = fm.num_layers
     return LatencyTable(meta=meta, mlp=[list(mlp_ms)] * n, attn=[list(attn_ms)] * n, fixed_ms=fixed)
 

@@ -171,8 +171,8 @@ def test_command_line_from_hf_model_and_text(tmp_path):
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from flextron.cli.train import add_train_parser, run_train
     from flextron.data import STORIES260K_DIR, TINYSTORIES_EXCERPT
-    from flextron.train import add_train_parser, run_train
 
     torch.manual_seed(0)  # a tiny random model with the stories260K vocabulary, saved as a HF model directory
     LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=48, vocab_size=512,

@@ -1,4 +1,4 @@
-"""Shared pieces of the ``flextron`` command: argument types, user-error reporting and the tokenizer rule.
+"""What the ``flextron`` subcommands share: argument types, user-error reporting and the tokenizer rule.
 
 Argument types raise :class:`argparse.ArgumentTypeError`, so argparse answers bad input with exit status 2.
 Errors the command's own checks find later (a checkpoint without a tokenizer, a tokenizer too large for the model,
