@@ -1,4 +1,4 @@
-"""Latency-table accuracy and budgets held on a GPU, for a Llama-2-7B-shaped model with random weights (issue 7).
+"""Latency-table accuracy and budgets held on a GPU, for a Llama-2-7B-shaped model with random weights.
 
 GPU only. For each phase
 (prefill: ``--prefill-batch x --prefill-len`` tokens; decode: ``--decode-batch`` sequences, one token each, after

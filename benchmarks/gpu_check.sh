@@ -2,8 +2,8 @@
 # One call on a CUDA machine: install (no deps: keep the machine's torch/triton), run the whole test suite
 # on CUDA with the interpreter off, then every benchmark. Results land in $OUT (device tool) or
 # benchmarks/results/. Usage: bash benchmarks/gpu_check.sh [tests|bench|all] [bench-name-filter]
-#        bash benchmarks/gpu_check.sh explore "<bench_nested_mlp.py --explore arguments>"  (the CUDA suite, then the
-#        nested_mlp variant sweep; its table of variant / base times at the end, report.py)
+#        bash benchmarks/gpu_check.sh explore "<benchmarks/lab/explore_nested_mlp.py arguments>"  (the CUDA suite, then
+#        the nested_mlp variant sweep; its table of variant / base times at the end, report.py)
 # Result files are named by commit: where the machine's copy of .git may be stale (the device tool copies the
 # working tree), pass FLEXTRON_COMMIT=<short sha> in the environment; the benchmarks prefer it to git.
 set -uo pipefail
@@ -29,7 +29,7 @@ if [ "$MODE" = all ] || [ "$MODE" = tests ] || [ "$MODE" = explore ]; then
 fi
 if [ "$MODE" = explore ]; then
   # shellcheck disable=SC2086  # the arguments are meant to split
-  $PY benchmarks/bench_nested_mlp.py --explore $FILTER --out "$OUTDIR" 2>&1 | tee "$OUTDIR/explore.log" | grep -v "^{"
+  $PY benchmarks/lab/explore_nested_mlp.py $FILTER --out "$OUTDIR" 2>&1 | tee "$OUTDIR/explore.log" | grep -v "^{"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   # shellcheck disable=SC2012  # the newest sweep file
   $PY benchmarks/report.py "$(ls -t "$OUTDIR"/nested_mlp_explore_*.json | head -1)"

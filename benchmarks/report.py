@@ -31,7 +31,7 @@ def sliced_linear_table(d: dict) -> str:
 
 
 def explore_table(d: dict) -> str:
-    """``bench_nested_mlp.py --explore``: each variant's times over the plan's (``base``) in the same run, per model,
+    """``lab/explore_nested_mlp.py``: each variant's times over the plan's (``base``) in the same run, per model,
     token count and width mix, graph replays where the run has them (below 1025 tokens), eager above; < 1 is faster.
     The dense row gives the graph-timed cuBLAS MLP where the run has it."""
     keys = ("fwd_graph_ms", "fwd_bwd_graph_ms", "fwd_ms", "fwd_bwd_ms")

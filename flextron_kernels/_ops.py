@@ -15,9 +15,10 @@ import importlib
 import torch
 
 from ._runtime import cdiv
+from .nested_mlp import launch as nm_launch
+from .nested_mlp.plan import BUF_COLS, UNSORTED_MAX_T
 
-# The modules (the package exports each op's function by the module's name).
-_nm = importlib.import_module(".nested_mlp", __package__)
+# The op modules (the package exports each op's function by the module's name).
 _sl = importlib.import_module(".sliced_linear", __package__)
 _ea = importlib.import_module(".elastic_attention", __package__)
 _ead = importlib.import_module(".elastic_attention_decode", __package__)
@@ -28,8 +29,8 @@ def nested_mlp_fwd(x: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.
                    gate_weight: torch.Tensor | None, up_bias: torch.Tensor | None,
                    down_bias: torch.Tensor | None, act_id: int,
                    training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, (_, sw, order, h, g, _) = _nm._forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths,
-                                              act_id, training)
+    y, (_, sw, order, h, g, _) = nm_launch.forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias,
+                                                   widths, act_id, training)
     empty = x.new_empty(0)
     if order is None:  # not sorted: the widths themselves, which a custom op may not return as a view
         sw, order = sw.clone(), torch.empty(0, dtype=torch.int64, device=x.device)
@@ -39,8 +40,8 @@ def nested_mlp_fwd(x: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.
 @nested_mlp_fwd.register_fake
 def _(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, act_id, training):
     T = widths.numel()
-    cols = cdiv(up_weight.shape[0], _nm._BUF_COLS) * _nm._BUF_COLS
-    order = torch.empty((T,) if T > _nm._UNSORTED_MAX_T else (0,), dtype=torch.int64, device=x.device)
+    cols = cdiv(up_weight.shape[0], BUF_COLS) * BUF_COLS
+    order = torch.empty((T,) if T > UNSORTED_MAX_T else (0,), dtype=torch.int64, device=x.device)
     h = x.new_empty((T, cols) if training else (0,))
     g = x.new_empty((T, cols) if training and gate_weight is not None else (0,))
     return x.new_empty(x.shape), widths.new_empty(T), order, h, g
@@ -54,12 +55,10 @@ def nested_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, up_weight: torch.Tensor, d
     """Gradients of x, up_weight, down_weight, gate_weight, up_bias, down_bias: each an empty tensor where ``need``
     says it is not needed (or the input is absent)."""
     x2 = x.reshape(-1, x.shape[-1])
-    plan = _nm._plan(x2.shape[0], x.dtype)
-    # The forward's choice of tile form, made again from the same tensors.
-    plan = dict(plan, tma=bool(_nm._tma_ok(plan, x2, up_weight, down_weight, gate_weight)))
-    grads = _nm._backward(dy, x2, up_weight, down_weight, gate_weight, up_bias, sw,
-                          order if plan["sorted"] else None, h, g if gate_weight is not None else None, act_id, plan,
-                          x.shape, has_down_bias, need)
+    plan = nm_launch.call_plan(x2, up_weight, down_weight, gate_weight)  # the forward's, made again
+    grads = nm_launch.backward(dy, x2, up_weight, down_weight, gate_weight, up_bias, sw,
+                               order if plan.sorted else None, h, g if gate_weight is not None else None, act_id,
+                               plan, x.shape, has_down_bias, need)
     return [t if (t is not None and n) else dy.new_empty(0) for t, n in zip(grads, need)]
 
 
@@ -101,7 +100,7 @@ nested_mlp_fwd.register_autograd(_nm_backward, setup_context=_nm_setup_context)
 
 @torch.library.custom_op("flextron::sliced_linear_fwd", mutates_args=())
 def sliced_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    return _sl._forward(_sl._flatten(x), weight, bias, n).view(*x.shape[:-1], n)
+    return _sl.forward(_sl.flatten(x), weight, bias, n).view(*x.shape[:-1], n)
 
 
 @sliced_linear_fwd.register_fake
@@ -113,7 +112,7 @@ def _(x, weight, bias, n):
 def sliced_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, n: int,
                       need: list[bool]) -> list[torch.Tensor]:
     """Gradients of x, weight and bias: each an empty tensor where ``need`` says it is not needed."""
-    grads = _sl._backward(dy, _sl._flatten(x), weight, n, x.shape, has_bias, need)
+    grads = _sl.backward(dy, _sl.flatten(x), weight, n, x.shape, has_bias, need)
     return [t if (t is not None and k) else dy.new_empty(0) for t, k in zip(grads, need)]
 
 
@@ -147,7 +146,7 @@ sliced_linear_fwd.register_autograd(_sl_backward, setup_context=_sl_setup_contex
 def elastic_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, causal: bool,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o, lse)``: the output and each query row's log-sum-exp (the backward's)."""
-    return _ea._forward(q, k, v, heads, causal, scale)
+    return _ea.forward(q, k, v, heads, causal, scale)
 
 
 @elastic_attention_fwd.register_fake
@@ -159,7 +158,7 @@ def _(q, k, v, heads, causal, scale):
 def elastic_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                           lse: torch.Tensor, heads: torch.Tensor, causal: bool,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ea._backward(do, q, k, v, o, lse, heads, causal, scale)
+    return _ea.backward(do, q, k, v, o, lse, heads, causal, scale)
 
 
 @elastic_attention_bwd.register_fake
@@ -188,7 +187,7 @@ elastic_attention_fwd.register_autograd(_ea_backward, setup_context=_ea_setup_co
 def elastic_attention_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  cache_lens: torch.Tensor, heads: torch.Tensor, scale: float) -> torch.Tensor:
     """Inference only, as ``elastic_attention_decode``."""
-    return _ead._decode(q, k_cache, v_cache, cache_lens, heads, scale)
+    return _ead.decode(q, k_cache, v_cache, cache_lens, heads, scale)
 
 
 @elastic_attention_decode_fwd.register_fake

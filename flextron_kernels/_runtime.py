@@ -127,19 +127,3 @@ def check_width(name: str, value, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
-
-
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    # The caching allocator's blocks are 512-byte aligned (>= any alignment Triton asks for) and stream-ordered.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def ensure_scratch_allocator() -> None:
-    """Kernels that build TMA descriptors on the device need global scratch at launch, through
-    ``triton.set_allocator``. Set one backed by torch's caching allocator, unless the user has set their own
-    (checked per call: the setting is a context variable, so a new thread starts without one)."""
-    import triton
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)

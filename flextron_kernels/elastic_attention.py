@@ -332,7 +332,7 @@ def _s_bucket(s: int) -> int:
     return next_pow2(max(s, 16))
 
 
-def _forward(q, k, v, heads, causal, scale):
+def forward(q, k, v, heads, causal, scale):
     B, HQ, Sq, D = q.shape
     HKV, Sk = k.shape[1], k.shape[2]
     o = torch.empty((B, HQ, Sq, D), dtype=q.dtype, device=q.device)
@@ -349,7 +349,7 @@ def _forward(q, k, v, heads, causal, scale):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, heads, causal, scale):
+def backward(do, q, k, v, o, lse, heads, causal, scale):
     B, HQ, Sq, D = q.shape
     HKV, Sk = k.shape[1], k.shape[2]
     delta = torch.empty_like(lse)
@@ -376,7 +376,7 @@ def _backward(do, q, k, v, o, lse, heads, causal, scale):
 class _ElasticAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, heads, causal, scale):
-        o, lse = _forward(q, k, v, heads, causal, scale)
+        o, lse = forward(q, k, v, heads, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse, heads)
         ctx.causal, ctx.scale = causal, scale
         return o
@@ -384,7 +384,7 @@ class _ElasticAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, heads = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, heads, ctx.causal, ctx.scale)
+        dq, dk, dv = backward(do, q, k, v, o, lse, heads, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None
 
 

@@ -245,10 +245,10 @@ def elastic_attention_decode(
     if torch.compiler.is_compiling():  # one opaque custom op in the traced graph (_ops); no gradient, as eager
         return torch.ops.flextron.elastic_attention_decode_fwd(q.detach(), k_cache.detach(), v_cache.detach(),
                                                                cache_lens, heads, scale)
-    return _decode(q, k_cache, v_cache, cache_lens, heads, scale)
+    return decode(q, k_cache, v_cache, cache_lens, heads, scale)
 
 
-def _decode(q, k_cache, v_cache, cache_lens, heads, scale: float) -> torch.Tensor:
+def decode(q, k_cache, v_cache, cache_lens, heads, scale: float) -> torch.Tensor:
     """The two launches of a decode step (split over the cache, then the merge of the splits)."""
     B, HQ, D = q.shape
     HKV, S_MAX = k_cache.shape[1], k_cache.shape[2]

@@ -10,7 +10,7 @@ on an H200 (a radix sort and two helper kernels), 15 % of the whole 256-token Ll
 the count of each token block is split over programs (``_RANK_CHUNK``) and summed with integer atomics. The
 count is quadratic in T: above ``_RANK_MAX_T`` tokens the order comes from ``torch.sort`` (graph replays on an
 H200, uniform mix of four widths: rank 8.7/20.8/22.9/25.0/65.6/227.6 us at 256/1024/2048/4096/8192/16384
-tokens, torch.sort 34.2/35.7/36.8/40.5/72.4/79.0; benchmarks/explore_routing.py).
+tokens, torch.sort 34.2/35.7/36.8/40.5/72.4/79.0; benchmarks/lab/explore_routing.py).
 """
 
 from __future__ import annotations

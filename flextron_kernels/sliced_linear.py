@@ -15,12 +15,15 @@ pointer-based Triton kernel for operands cuBLAS would copy; under the interprete
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
+from ._hopper import TensorDescriptor, aligned, tma_sms
 from ._runtime import (
     INTERPRET,
     autocast_dtype,
@@ -35,23 +38,28 @@ from ._runtime import (
 )
 from .reference import sliced_linear_ref
 
-try:  # Hopper's TMA descriptors (triton >= 3.4); the interpreter emulates them
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older triton
-    TensorDescriptor = None
+PATHS = ("cublas", "triton", "tma")
+_forced: tuple[str, tuple | None] | None = None  # set only by force_path
 
 
-@functools.cache
-def _tma_sms(device: torch.device) -> int:
-    """The device's SM count where the TMA path may run (Hopper or later, or the interpreter), else 0.
-    Asked lazily, not at import: importing must not initialise CUDA (forked workers could not use it)."""
-    if TensorDescriptor is None:
-        return 0
-    if INTERPRET or device.type != "cuda":
-        return 4 if INTERPRET else 0
-    if torch.cuda.get_device_capability(device)[0] < 9:
-        return 0
-    return torch.cuda.get_device_properties(device).multi_processor_count
+@contextlib.contextmanager
+def force_path(path: str, tma_blocks: tuple | None = None) -> Iterator[None]:
+    """Inside the block every product of this module takes ``path`` in place of the size rule (tests, benchmarks):
+
+    - ``"cublas"``: torch (cuBLAS on a GPU) on views of the operands where it takes them in place, else the pointer
+      kernel; never the TMA kernel;
+    - ``"triton"``: never cuBLAS; the TMA kernel where its size rule and descriptors serve, else the pointer kernel;
+    - ``"tma"``: as ``"triton"``, with the TMA kernel on ``tma_blocks`` (``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+      num_stages, programs)``, programs None for one per tile) at every size where its descriptors serve.
+    """
+    global _forced
+    if path not in PATHS or (path == "tma") != (tma_blocks is not None):
+        raise ValueError(f"path must be one of {PATHS}, with tma_blocks exactly for 'tma'; got {path!r}, {tma_blocks}")
+    previous, _forced = _forced, (path, tma_blocks)
+    try:
+        yield
+    finally:
+        _forced = previous
 
 
 @functools.lru_cache(maxsize=4096)
@@ -68,8 +76,8 @@ def _pick_blocks(M: int, N: int, K: int, elem_bytes: int) -> tuple[dict, int]:
     elif M <= 16:
         # Decode: a weight stream. Narrow N tiles give >= 2 programs per SM so enough loads are in flight;
         # small tiles keep 4+ programs resident per SM.
-        # H200 sweep (benchmarks/explore_sliced_linear.py): 16x32x256 tiles, 4 stages, were the best pointer
-        # config at 16 tokens (0.97-1.12x cuBLAS in a CUDA graph), ahead of the 16x(16|32)x128, 5 stages used before.
+        # 16x32x256 tiles in 4 stages: the best pointer config at 16 tokens, 0.97-1.12x cuBLAS in a CUDA graph
+        # (H200, benchmarks/lab/explore_sliced_linear.py).
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4)
     else:
         # fp32 tiles take twice the shared memory per stage: halve BLOCK_K to stay under 228 KB.
@@ -188,17 +196,13 @@ def _tma_matmul_kernel(
         c_desc.store([om, on], acc.to(c_desc.dtype))
 
 
-def _aligned(t: torch.Tensor, row_stride: int) -> bool:
-    return t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0 and row_stride > 0
-
-
 def _strided_by(t: torch.Tensor, s_first: int, s_second: int) -> bool | None:
     """How a 2-D operand with strides ``(s_first, s_second)`` can be a TMA descriptor: False when the second dim is
     the unit-stride one (rows along the first), True when the first is (stored transposed), None when neither is
     or its rows are not 16-byte aligned. (A unit row stride is never aligned, so the order of the checks is moot.)"""
-    if s_second == 1 and _aligned(t, s_first):
+    if s_second == 1 and aligned(t, s_first):
         return False
-    if s_first == 1 and _aligned(t, s_second):
+    if s_first == 1 and aligned(t, s_second):
         return True
     return None
 
@@ -206,6 +210,8 @@ def _strided_by(t: torch.Tensor, s_first: int, s_second: int) -> bool | None:
 def _tma_blocks(M: int, N: int, sms: int):
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs)`` for the TMA kernel, or None; ``programs``
     None means one program per tile, else a persistent grid of that many programs."""
+    if _forced is not None and _forced[0] == "tma":
+        return _forced[1]
     if INTERPRET:  # small tiles and few programs: cheap on a CPU, and persistence is exercised
         return 64, 64, 32, 4, 1, sms
     if cdiv(M, 128) * cdiv(N, 256) >= 2 * sms:
@@ -218,11 +224,13 @@ def _tma_blocks(M: int, N: int, sms: int):
 def _tma_plan(a, b, out, M, N, K, sam, sak, sbk, sbn, scm, scn):
     """Block config and descriptors for the TMA kernel, or None where the pointer kernel must serve.
 
-    Chosen from an H200 sweep (benchmarks/explore_sliced_linear.py): persistent 128x256 tiles when there are at
+    Chosen from an H200 sweep (benchmarks/lab/explore_sliced_linear.py): persistent 128x256 tiles when there are at
     least two waves of them (0.85-0.98x cuBLAS at 4096 tokens, where the pointer kernel made 0.66-0.77x), one
     128x128 tile per program at a wave or so, the pointer kernel below that (it wins with few tiles)."""
-    sms = _tma_sms(out.device)
-    if not sms or a.element_size() != 2 or M < 128 or scn != 1 or not _aligned(out, scm):
+    sms = tma_sms(out.device)
+    if _forced is not None and _forced[0] == "cublas":
+        return None
+    if not sms or a.element_size() != 2 or M < 128 or scn != 1 or not aligned(out, scm):
         return None
     trans_a = _strided_by(a, sam, sak)  # A stored [M, K] (False) or [K, M] (True)
     b_nk = _strided_by(b, sbk, sbn)  # B stored [K, N] (False) or [N, K] (True)
@@ -244,24 +252,15 @@ def _tma_plan(a, b, out, M, N, K, sam, sak, sbk, sbn, scm, scn):
     return a_desc, b_desc, c_desc, cfg
 
 
-# Below the persistent TMA kernel's sizes (fewer than two waves of 128x256 tiles: decode, short prefill), cuBLAS on
-# the prefix views where it takes them as they are. A prefix of a row-major weight is a matrix with one unit stride
-# and a leading dimension at least its width, which torch passes to cuBLAS without a copy (ATen's
-# prepare_matrix_for_cublas), so this is as zero-copy as the Triton kernels. Measured on an H200
-# (benchmarks/NOTES.md): a ~1B Llama-shaped model at 256 tokens spent 1080 us in the pointer kernel for its 56
-# projections, where the dense model's cuBLAS calls took 509 us; the one-tile-per-program TMA config took 0.63-0.81x
-# cuBLAS's speed at 256 tokens (graph replays) and 0.51-0.93x at 1024; at decode sizes the pointer kernel was within
-# about +-10% of cuBLAS. The persistent TMA kernel stays where it serves (0.92-1.13x cuBLAS at 1024-4096 tokens), the
-# pointer kernel for operands cuBLAS cannot take in place, and both under the interpreter.
-_CUBLAS_BELOW_TMA = True
-
-
 def _use_blas(out: torch.Tensor, M: int, N: int) -> bool:
     """Whether a GPU call of ``out[M, N]`` goes to cuBLAS (where its operands allow): below the persistent TMA
-    kernel's sizes."""
-    if not (_CUBLAS_BELOW_TMA and out.is_cuda and not INTERPRET):
+    kernel's sizes. A row-major weight's prefix goes to cuBLAS without a copy (ATen's prepare_matrix_for_cublas),
+    and there cuBLAS beat both Triton kernels (~1B Llama at 256 tokens: 509 us against 1080; benchmarks/NOTES.md)."""
+    if _forced is not None:
+        return _forced[0] == "cublas"
+    if not (out.is_cuda and not INTERPRET):
         return False
-    sms = _tma_sms(out.device)
+    sms = tma_sms(out.device)
     blocks = _tma_blocks(M, N, sms) if sms else None
     return blocks is None or blocks[5] is None
 
@@ -292,7 +291,7 @@ def matmul_strided(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn) -> No
 
     Passing strides instead of view tensors keeps the host cost of a launch low (decode is launch-bound).
     Inputs are not checked here. On a GPU, cuBLAS on views below the persistent TMA kernel's sizes
-    (_CUBLAS_BELOW_TMA); else the TMA kernel where its plan serves, else the pointer kernel.
+    (force_path changes that); else the TMA kernel where its plan serves, else the pointer kernel.
     """
     if M == 0 or N == 0:
         return
@@ -325,12 +324,12 @@ def strided_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: to
     matmul_strided(a, b, out, bias, M, N, K, *a.stride(), *b.stride(), *out.stride())
 
 
-def _flatten(x: torch.Tensor) -> torch.Tensor:
+def flatten(x: torch.Tensor) -> torch.Tensor:
     # reshape is a view whenever the leading dims can be merged; only a truly scattered x is copied.
     return x.reshape(-1, x.shape[-1])
 
 
-def _forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+def forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     M, k = x2.shape
     y = torch.empty((M, n), dtype=x2.dtype, device=x2.device)
     # B[kk, j] = weight[j, kk]: the prefix weight[:n, :k] transposed, read through the weight's own strides.
@@ -342,8 +341,8 @@ def _forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 class _SlicedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, n):
-        x2 = _flatten(x)
-        y = _forward(x2, weight, bias, n)
+        x2 = flatten(x)
+        y = forward(x2, weight, bias, n)
         ctx.save_for_backward(x2, weight)
         ctx.has_bias = bias is not None
         ctx.n = n
@@ -353,13 +352,13 @@ class _SlicedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight = ctx.saved_tensors
-        return (*_backward(dy, x2, weight, ctx.n, ctx.x_shape, ctx.has_bias, ctx.needs_input_grad[:3]), None)
+        return (*backward(dy, x2, weight, ctx.n, ctx.x_shape, ctx.has_bias, ctx.needs_input_grad[:3]), None)
 
 
-def _backward(dy, x2, weight, n: int, x_shape, has_bias: bool, need):
+def backward(dy, x2, weight, n: int, x_shape, has_bias: bool, need):
     """``(dx, dw, db)`` (None where not needed): ``need`` says whether x, weight and bias need gradients."""
     k = x2.shape[1]
-    dy2 = _flatten(dy)
+    dy2 = flatten(dy)
     dx = dw = db = None
     if need[0]:
         dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
@@ -423,12 +422,12 @@ def sliced_linear(
     y = _linear_view(x, weight, bias, n)
     if y is not None:
         return y
-    return _forward(_flatten(x), weight, bias, n).view(*x.shape[:-1], n)
+    return forward(flatten(x), weight, bias, n).view(*x.shape[:-1], n)
 
 
 def _linear_view(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """Inference where cuBLAS serves (a GPU, below the TMA kernel's sizes): ``F.linear`` on the prefix view, one
-    torch op (on the CPU: 3.3 us of host time per call against 11.2 through ``_forward``'s checks, allocation,
+    torch op (on the CPU: 3.3 us of host time per call against 11.2 through ``forward``'s checks, allocation,
     views and ``mm(out=)``). Only where cuBLAS takes the operands in place: x and the weight with a unit stride along
     K, the weight's row stride at least k. None otherwise (the caller's general path)."""
     k = x.shape[-1]

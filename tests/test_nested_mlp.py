@@ -1,13 +1,17 @@
 """nested_mlp against a float64 per-token reference: width mixes, odd shapes, dtypes, gradients, routing, bad input."""
 
+import contextlib
 import importlib
 
 import pytest
 import torch
 
 from flextron_kernels import nested_mlp
-from flextron_kernels.nested_mlp import nested_mlp_routing
+from flextron_kernels._hopper import tma_sms
+from flextron_kernels.nested_mlp import launch
+from flextron_kernels.nested_mlp import plan as nm_plan
 from flextron_kernels.reference import nested_mlp_ref
+from flextron_kernels.routing import nested_mlp_routing
 from tests.utils import DEVICE, DTYPES, ON_GPU, assert_close, poisoned_allocations, randn
 
 H, I = 48, 200  # I off every tile multiple on purpose
@@ -107,17 +111,24 @@ def test_gated_with_biases_leading_dims(dtype):
     _run(x, w, _params(dtype, gated=True, biases=True), "silu", dtype)
 
 
-def _kernels(tma, monkeypatch, plan_change=None):
-    """The op's module with its TMA forms on (``tma``) or off and ``plan_change(plan) -> plan`` applied to every
-    launch plan; skips where TMA is asked for and the device has none."""
-    nm = importlib.import_module("flextron_kernels.nested_mlp")  # the package exports the function by that name
-    if tma and not nm._tma_sms(torch.device(DEVICE)):
+@pytest.fixture
+def use_plan():
+    """``use_plan(change)``: nested_mlp runs on ``change(plan)`` for the rest of the test (``plan.override``)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda change: stack.enter_context(nm_plan.override(change))
+
+
+def _kernels(tma, use_plan, plan_change=None):
+    """The op's launch module, with ``plan_change(plan) -> plan`` applied to every launch plan and the TMA forms on
+    (``tma``) or off; skips where TMA is asked for and the device has none."""
+    if tma and not tma_sms(torch.device(DEVICE)):
         pytest.skip("no TMA on this device")
-    monkeypatch.setattr(nm, "_TMA", bool(tma))
-    if plan_change is not None:
-        real_plan = nm._plan
-        monkeypatch.setattr(nm, "_plan", lambda T, dtype: plan_change(real_plan(T, dtype)))
-    return nm
+
+    def change(p):
+        p = plan_change(p) if plan_change is not None else p
+        return p if tma else p.replace(tma=False)
+    use_plan(change)
+    return launch
 
 
 def _spy(nm, monkeypatch, name: str, record) -> list:
@@ -138,23 +149,21 @@ def _spy(nm, monkeypatch, name: str, record) -> list:
     return seen
 
 
-@pytest.mark.parametrize("tma", ["host", "host-pointer-epilogue", "device", False])
+@pytest.mark.parametrize("tma", ["host", "host-pointer-epilogue", False])
 @pytest.mark.parametrize("gated", [True, False])
-def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
-    """The sorted path in every form: TMA tiles (x gathered to sorted order, weight boxes) with descriptors from
-    the host or built in the kernel, the up kernel's buffer tiles by TMA or by pointers, and pointer loads
-    throughout; spies check which form ran, every call."""
+def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch, use_plan):
+    """The sorted path in every form: TMA tiles (x gathered to sorted order, weight boxes) with host descriptors,
+    the up kernel's buffer tiles by TMA or by pointers, and pointer loads throughout; spies check which form ran,
+    every call."""
     epi = (tma == "host")
-    form = "host" if tma == "host-pointer-epilogue" else tma
+    tma = bool(tma)
     # Every sorted-path plan asks for TMA, in the backward too; EPI_TMA picks the up kernel's buffer tiles' form.
-    nm = _kernels(tma, monkeypatch, lambda p: dict(p, tma=True, tma_bwd=True, dev_desc=form == "device",
-                                                   up=dict(p["up"], EPI_TMA=epi)))
-    tma = form
+    nm = _kernels(tma, use_plan, lambda p: p.replace(tma=True, tma_bwd=True, up=dict(p.up, EPI_TMA=epi)))
     seen = []
-    real = nm._tma_ok
-    monkeypatch.setattr(nm, "_tma_ok", lambda *a: seen.append(real(*a)) or seen[-1])
-    wgrad = _spy(nm, monkeypatch, "_wgrad_kernel", lambda grid, k: k["TMA"])
-    up = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: k["EPI_TMA"])
+    real = nm.tma_ok
+    monkeypatch.setattr(nm, "tma_ok", lambda *a: seen.append(real(*a)) or seen[-1])
+    wgrad = _spy(nm, monkeypatch, "wgrad_kernel", lambda grid, k: k["TMA"])
+    up = _spy(nm, monkeypatch, "up_kernel", lambda grid, k: k["EPI_TMA"])
     T = 150  # sorted on every device, not a multiple of any row tile
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=gated, biases=not gated),
@@ -165,16 +174,16 @@ def test_sorted_path_tma_and_pointer(tma, gated, monkeypatch):
 
 
 @pytest.mark.parametrize("tma,T", [(True, 150), (False, 150), (False, 7)])  # 7: the unsorted (decode) tile
-def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch):
+def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch, use_plan):
     """The down product split along K into fp32 chunks, summed by each tile's last chunk to finish (chunks past
     a tile's width skipped), under up tiles twice as tall as the down tiles; forward and backward (dx) split."""
     def plan(p):
         # Stages set here: taller tiles, and dx's two operands on the forward's config, within shared memory.
-        up = dict(p["up"], BLOCK_M=2 * p["down"]["BLOCK_M"], BLOCK_N=min(p["up"]["BLOCK_N"], 128), num_stages=3)
-        down = dict(p["down"], SPLIT_K=4, BLOCK_K=min(p["down"]["BLOCK_K"], 64), num_stages=3)
-        return dict(p, tma=True, tma_bwd=True, up=up, down=down, down_bwd={})  # dx on the forward's config
-    nm = _kernels(tma, monkeypatch, plan)
-    launches = _spy(nm, monkeypatch, "_down_kernel", lambda grid, k: k["SPLIT"])
+        up = dict(p.up, BLOCK_M=2 * p.down["BLOCK_M"], BLOCK_N=min(p.up["BLOCK_N"], 128), num_stages=3)
+        down = dict(p.down, SPLIT_K=4, BLOCK_K=min(p.down["BLOCK_K"], 64), num_stages=3)
+        return p.replace(tma=True, tma_bwd=True, up=up, down=down, down_bwd={})  # dx on the forward's config
+    nm = _kernels(tma, use_plan, plan)
+    launches = _spy(nm, monkeypatch, "down_kernel", lambda grid, k: k["SPLIT"])
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     w, params_ = _widths("mixed", T), _params(torch.bfloat16, gated=True, biases=True)
     _run(x, w, params_, "silu", torch.bfloat16)
@@ -190,15 +199,14 @@ def test_split_k_down_and_taller_up_tiles(tma, T, monkeypatch):
 
 @pytest.mark.parametrize("tma", [True, False])
 @pytest.mark.parametrize("sms", [1, 24, 64])
-def test_split_k_fill(tma, sms, monkeypatch):
+def test_split_k_fill(tma, sms, monkeypatch, use_plan):
     """``SPLIT_K="fill"``: as many K chunks as keep one program per SM (the SM count over the output tiles, 1 to 4),
     counted from the launch grid; forward and backward against the reference; bad values named."""
     def plan(p):
-        down = dict(p["down"], SPLIT_K="fill", BLOCK_N=32, BLOCK_K=min(p["down"]["BLOCK_K"], 64))
-        return dict(p, tma=True, tma_bwd=True, down=down, down_bwd={"SPLIT_K": 1})
-    nm = _kernels(tma, monkeypatch, plan)
-    monkeypatch.setattr(nm, "_sm_count", lambda device: sms)
-    grids = _spy(nm, monkeypatch, "_down_kernel", lambda grid, k: (grid, k["BLOCK_M"]))
+        down = dict(p.down, SPLIT_K="fill", BLOCK_N=32, BLOCK_K=min(p.down["BLOCK_K"], 64))
+        return p.replace(tma=True, tma_bwd=True, down=down, down_bwd={"SPLIT_K": 1})
+    nm = _kernels(tma, use_plan, lambda p: plan(p).replace(sms=sms))
+    grids = _spy(nm, monkeypatch, "down_kernel", lambda grid, k: (grid, k["BLOCK_M"]))
     T = 150
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=True, biases=True), "silu", torch.bfloat16)
@@ -207,16 +215,16 @@ def test_split_k_fill(tma, sms, monkeypatch):
     assert fwd == (tiles, max(1, min(4, sms // tiles))) and bwd[1] == 1
     for bad in (0, "all", 2.0):
         with pytest.raises(ValueError, match="SPLIT_K"):
-            nm._down_splits(T, H, {"BLOCK_M": 64, "BLOCK_N": 32, "SPLIT_K": bad}, x.device)
+            nm_plan.down_splits(T, H, {"BLOCK_M": 64, "BLOCK_N": 32, "SPLIT_K": bad}, sms)
 
 
 @pytest.mark.parametrize("tma", [True, False])
-def test_dx_own_config(tma, monkeypatch):
+def test_dx_own_config(tma, monkeypatch, use_plan):
     """dx (the backward's down product) on the plan's ``down_bwd`` changes: the forward's down product split along K,
     dx whole, with narrower column tiles; against the reference, the spy checking each launch's form."""
-    nm = _kernels(tma, monkeypatch, lambda p: dict(p, tma=True, tma_bwd=True, down=dict(p["down"], SPLIT_K=2),
+    nm = _kernels(tma, use_plan, lambda p: p.replace(tma=True, tma_bwd=True, down=dict(p.down, SPLIT_K=2),
                                                    down_bwd={"SPLIT_K": 1, "BLOCK_N": 32}))
-    launches = _spy(nm, monkeypatch, "_down_kernel", lambda grid, k: (k["DUAL"], k["SPLIT"], k["BLOCK_N"]))
+    launches = _spy(nm, monkeypatch, "down_kernel", lambda grid, k: (k["DUAL"], k["SPLIT"], k["BLOCK_N"]))
     x = randn(150, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", 150), _params(torch.bfloat16, gated=True, biases=True), "silu", torch.bfloat16)
     (f_dual, f_split, _), (b_dual, b_split, b_bn) = launches
@@ -226,20 +234,20 @@ def test_dx_own_config(tma, monkeypatch):
 @pytest.mark.parametrize("tma", [True, False])
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("ratio,rows", [(2, 1), (0.5, 1), (2, 0.5), (1, 0.5)])
-def test_backward_up_kernel_other_blocks(tma, gated, ratio, rows, monkeypatch):
+def test_backward_up_kernel_other_blocks(tma, gated, ratio, rows, monkeypatch, use_plan):
     """The backward's up kernel (dA) in N blocks twice or half the forward's, and in row tiles as tall or half as
     tall: its buffers are wider or narrower than the forward's pre-activation buffers it reads (I = 312 pads to
     different widths; its bf16 rows are 16-byte multiples, so the TMA form does run), its shorter tiles read blocks
     the forward's taller tile wrote, and dx (in dA's row tiles) and the weight gradients read its buffers (to the
     smaller block's pad)."""
     def plan(p):
-        up = dict(p["up"], BLOCK_N=min(p["up"]["BLOCK_N"], 128))
+        up = dict(p.up, BLOCK_N=min(p.up["BLOCK_N"], 128))
         bn, bm = int(up["BLOCK_N"] * ratio), int(up["BLOCK_M"] * rows)
-        return dict(p, tma=True, tma_bwd=True, up=up, up_bwd={"BLOCK_N": bn, "BLOCK_M": bm},
-                    down_bwd=dict(p["down_bwd"], BLOCK_M=min(bm, p["down"]["BLOCK_M"])),
-                    wgrad=dict(p["wgrad"], BLOCK_J=min(p["wgrad"]["BLOCK_J"], bn, up["BLOCK_N"])))
-    nm = _kernels(tma, monkeypatch, plan)
-    blocks = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: (k["BACKWARD"], k["BLOCK_N"], k["BLOCK_M"]))
+        return p.replace(tma=True, tma_bwd=True, up=up, up_bwd={"BLOCK_N": bn, "BLOCK_M": bm},
+                    down_bwd=dict(p.down_bwd, BLOCK_M=min(bm, p.down["BLOCK_M"])),
+                    wgrad=dict(p.wgrad, BLOCK_J=min(p.wgrad["BLOCK_J"], bn, up["BLOCK_N"])))
+    nm = _kernels(tma, use_plan, plan)
+    blocks = _spy(nm, monkeypatch, "up_kernel", lambda grid, k: (k["BACKWARD"], k["BLOCK_N"], k["BLOCK_M"]))
     inter, T = 312, 150
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T, inter), _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter),
@@ -250,12 +258,12 @@ def test_backward_up_kernel_other_blocks(tma, gated, ratio, rows, monkeypatch):
 
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("kind", ["mixed", "full"])
-def test_wgrad_tma_store_epilogue(gated, kind, monkeypatch):
+def test_wgrad_tma_store_epilogue(gated, kind, monkeypatch, use_plan):
     """The weight gradients' tiles stored by TMA (EPI_TMA): dWu and dWg as [I, H] boxes, dWd through its transpose;
     I = 312 and H = 48 end inside a tile (the boxes are clipped at the edges); against the reference, and the spy
     checks the launches took that form."""
-    nm = _kernels(True, monkeypatch, lambda p: dict(p, tma=True, tma_bwd=True, wgrad=dict(p["wgrad"], EPI_TMA=True)))
-    seen = _spy(nm, monkeypatch, "_wgrad_kernel", lambda grid, k: (k["EPI_TMA"], k["C1_T"]))
+    nm = _kernels(True, use_plan, lambda p: p.replace(tma=True, tma_bwd=True, wgrad=dict(p.wgrad, EPI_TMA=True)))
+    seen = _spy(nm, monkeypatch, "wgrad_kernel", lambda grid, k: (k["EPI_TMA"], k["C1_T"]))
     inter, T = 312, 150
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths(kind, T, inter), _params(torch.bfloat16, gated=gated, biases=not gated, inter=inter),
@@ -290,19 +298,19 @@ TAIL_CASES = [(True, True, 7, "mixed", 2, 1), (False, False, 64, "mixed", 4, 1),
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("tma,gated,sms,kind,parts,rounds", TAIL_CASES)
-def test_up_tail_split(tma, gated, sms, kind, parts, rounds, fused, monkeypatch):
+def test_up_tail_split(tma, gated, sms, kind, parts, rounds, fused, monkeypatch, use_plan):
     """The up product's tail split: a head launch over the tile grid's first N blocks (whole waves of ``sms``
     programs), then a launch of the remaining tiles cut along N into ``parts`` narrower ones, forward (the backward's
     dA runs whole); against the reference, with the device's plan checked against the rule worked out here. The plan
     comes from the routing's one launch (``fused``) or from a launch of its own."""
     def plan(p):  # the same tiles on every device, so the cases above hold (dA on the forward's N blocks)
-        up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, TAIL=parts, TAIL_SMS=sms, TAIL_ROUNDS=rounds)
-        return dict(p, tma=True, tma_bwd=True, up=up, down=dict(p["down"], BLOCK_M=32),
-                    up_bwd=dict(p["up_bwd"], BLOCK_N=64), wgrad=dict(p["wgrad"], BLOCK_J=64))
-    nm = _kernels(tma, monkeypatch, lambda p: dict(plan(p), fused_route=fused))
-    routes = _spy(nm, monkeypatch, "_route_kernel", lambda grid, k: (k["RANK"], k["GATHER"], k["PLAN"]))
+        up = dict(p.up, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, TAIL=parts, TAIL_ROUNDS=rounds)
+        return p.replace(tma=True, tma_bwd=True, sms=sms, up=up, down=dict(p.down, BLOCK_M=32),
+                         up_bwd=dict(p.up_bwd, BLOCK_N=64), wgrad=dict(p.wgrad, BLOCK_J=64))
+    nm = _kernels(tma, use_plan, lambda p: plan(p).replace(fused_route=fused))
+    routes = _spy(nm, monkeypatch, "route_kernel", lambda grid, k: (k["RANK"], k["GATHER"], k["PLAN"]))
     launches = []
-    real = nm._up_kernel
+    real = nm.up_kernel
 
     class Spy:
         def __getitem__(self, grid):
@@ -311,7 +319,7 @@ def test_up_tail_split(tma, gated, sms, kind, parts, rounds, fused, monkeypatch)
                 return real[grid](*a, **k)
             return launch
     k_plan = list(real.arg_names).index("plan_ptr")
-    monkeypatch.setattr(nm, "_up_kernel", Spy())
+    monkeypatch.setattr(nm, "up_kernel", Spy())
     T, inter, hidden = 150, 312, 256  # rows of 16-byte multiples (TMA)
     x = randn(T, hidden, dtype=torch.bfloat16, requires_grad=True)
     w = _widths(kind, T, inter)
@@ -334,33 +342,33 @@ ROUTE_CASES = [(150, "mixed", 4, 2, False), (150, "few", 1, 1, True), (1, "full"
 
 
 @pytest.mark.parametrize("T,kind,parts,splits,strided", ROUTE_CASES)
-def test_route_launch(T, kind, parts, splits, strided, monkeypatch):
+def test_route_launch(T, kind, parts, splits, strided, monkeypatch, use_plan):
     """The routing's one launch against torch: the stable descending sort of the widths, ``x``'s rows gathered in
     that order (exactly; ``x`` with a column stride too), the down product's split-K counts zeroed (poisoned memory
     before), and the tail plan as worked out on the host."""
     def plan(p):
-        up = dict(p["up"], BLOCK_M=32, BLOCK_N=64, TAIL=parts, TAIL_SMS=5, TAIL_ROUNDS=2)
-        return dict(p, sorted=True, tma=True, fused_route=True, up=up,
-                    down=dict(p["down"], BLOCK_M=32, SPLIT_K=splits))
-    nm = _kernels(False, monkeypatch, plan)
-    launches = _spy(nm, monkeypatch, "_route_kernel", lambda grid, k: grid)
+        up = dict(p.up, BLOCK_M=32, BLOCK_N=64, TAIL=parts, TAIL_ROUNDS=2)
+        return p.replace(sorted=True, tma=True, fused_route=True, sms=5, up=up,
+                         down=dict(p.down, BLOCK_M=32, SPLIT_K=splits))
+    nm = _kernels(False, use_plan, plan)
+    launches = _spy(nm, monkeypatch, "route_kernel", lambda grid, k: grid)
     inter, hidden = 300, 96
     x = randn(hidden, T, dtype=torch.bfloat16).t() if strided else randn(T, hidden, dtype=torch.bfloat16)
     w = _widths(kind, T, inter).to(torch.int32)
-    p = nm._plan(T, torch.bfloat16)
+    p = nm_plan.plan_for(T, torch.bfloat16)
     real_empty = torch.empty
 
     def poisoned(*a, **k):  # integer scratch full of -1: the counts must be zeroed
         t = real_empty(*a, **k)
         return t.fill_(-1) if not t.is_floating_point() else t.fill_(float("nan"))
     monkeypatch.setattr(torch, "empty", poisoned)
-    sw, order, src, tail_plan, counts = nm._route(x, w, inter, p, "host")
+    sw, order, src, tail_plan, counts = nm.route(x, w, inter, p, True, p.sms)
     monkeypatch.setattr(torch, "empty", real_empty)
     assert len(launches) == 1
     ref = torch.sort(w.cpu(), descending=True, stable=True)
     assert torch.equal(order.cpu(), ref.indices) and torch.equal(sw.cpu(), ref.values) and sw.dtype == w.dtype
     assert src.is_contiguous() and torch.equal(src, x[order])
-    n_cnt = nm._down_counts(T, hidden, inter, p["down"], p["up"]["BLOCK_N"], "host", x.device)
+    n_cnt = nm_plan.down_counts(T, hidden, inter, p.down, p.up["BLOCK_N"], True, p.sms)
     assert (n_cnt > 0) == (splits > 1 and inter > 64)
     if n_cnt:
         assert counts.numel() == n_cnt and int(counts.abs().sum()) == 0
@@ -375,20 +383,20 @@ def test_route_launch(T, kind, parts, splits, strided, monkeypatch):
         assert got[1] == units and (n_end is None and got[0] >= max(nb) or got[0] == n_end), got
 
 
-def test_up_tail_split_bad_config(monkeypatch):
+def test_up_tail_split_bad_config(use_plan):
     """A tail split into a part count that is not a power of two up to 8 is refused, naming the setting."""
-    nm = _kernels(True, monkeypatch, lambda p: dict(p, tma=True, up=dict(p["up"], TAIL=3)))
+    _kernels(True, use_plan, lambda p: p.replace(tma=True, up=dict(p.up, TAIL=3)))
     with pytest.raises(ValueError, match="TAIL"):
-        nm.nested_mlp(randn(150, H, dtype=torch.bfloat16), *(_params(torch.bfloat16, False, False).values()),
+        nested_mlp(randn(150, H, dtype=torch.bfloat16), *(_params(torch.bfloat16, False, False).values()),
                       _widths("mixed", 150))
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_backward_epilogue_in_halves(gated, monkeypatch):
+def test_backward_epilogue_in_halves(gated, monkeypatch, use_plan):
     """The backward's up kernel stores its epilogue (dA's activation derivative, the recomputed activation) in two
     half-width boxes; mixed widths so that rows end inside either half."""
-    nm = _kernels(True, monkeypatch, lambda p: dict(p, tma=True, tma_bwd=True, up_bwd={"EPI_SPLIT": 2}))
-    splits = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: (k["BACKWARD"], k["EPI_SPLIT"]))
+    nm = _kernels(True, use_plan, lambda p: p.replace(tma=True, tma_bwd=True, up_bwd={"EPI_SPLIT": 2}))
+    splits = _spy(nm, monkeypatch, "up_kernel", lambda grid, k: (k["BACKWARD"], k["EPI_SPLIT"]))
     T = 150
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("mixed", T), _params(torch.bfloat16, gated=gated, biases=not gated),
@@ -398,37 +406,33 @@ def test_backward_epilogue_in_halves(gated, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("T", [17, 64, 65, 128, 129, 200, 256, 257, 384, 385, 1024, 1025, 8192])
-def test_gpu_plan_consistent(T, dtype, monkeypatch):
+def test_gpu_plan_consistent(T, dtype):
     """The GPU's plans (worked out here on any device) keep the kernels' shared-row and block rules: the down
     product's row tiles inside the up product's, dA's row tiles inside the forward's and dx's inside dA's (also where
     a test shrinks the forward's tiles, as the GPU tests above do), the buffers' columns a multiple of every N block
     and the weight-gradient blocks inside them."""
-    nm = importlib.import_module("flextron_kernels.nested_mlp")
-    monkeypatch.setattr(nm, "INTERPRET", False)
-    plan = nm._plan.__wrapped__(T, dtype)
-    up, down = plan["up"], plan["down"]
-    assert up["BLOCK_M"] % down["BLOCK_M"] == 0 and nm._BUF_COLS % up["BLOCK_N"] == 0
-    bwd = nm._up_bwd_cfg(plan)
-    assert up["BLOCK_M"] % bwd["BLOCK_M"] == 0 and nm._BUF_COLS % bwd["BLOCK_N"] == 0
-    assert bwd["BLOCK_M"] % dict(down, **plan["down_bwd"])["BLOCK_M"] == 0
+    plan = nm_plan.build(T, dtype, interpret=False)
+    up, down = plan.up, plan.down
+    assert up["BLOCK_M"] % down["BLOCK_M"] == 0 and nm_plan.BUF_COLS % up["BLOCK_N"] == 0
+    bwd = nm_plan.up_bwd_cfg(plan)
+    assert up["BLOCK_M"] % bwd["BLOCK_M"] == 0 and nm_plan.BUF_COLS % bwd["BLOCK_N"] == 0
+    assert bwd["BLOCK_M"] % dict(down, **plan.down_bwd)["BLOCK_M"] == 0
     for rows in (16, 32):  # the forward's tiles shrunk (with the down product's), dA's follow
-        shrunk = dict(plan, up=dict(up, BLOCK_M=rows), down=dict(down, BLOCK_M=rows),
-                      down_bwd=dict(plan["down_bwd"], BLOCK_M=rows))
-        assert nm._up_bwd_cfg(shrunk)["BLOCK_M"] == rows
+        shrunk = plan.replace(up=dict(up, BLOCK_M=rows), down=dict(down, BLOCK_M=rows),
+                              down_bwd=dict(plan.down_bwd, BLOCK_M=rows))
+        assert nm_plan.up_bwd_cfg(shrunk)["BLOCK_M"] == rows
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the GPU's block plans (the interpreter has its own)")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [200, 300, 520, 1100])
 @pytest.mark.parametrize("fused", [False, True])
-def test_gpu_plan_buckets(T, dtype, fused, monkeypatch):
+def test_gpu_plan_buckets(T, dtype, fused, use_plan):
     """Each token-count bucket of the GPU plan (up to 256 tokens 128-wide up tiles and the down product in K chunks
     filling a wave; to 384, 256-wide up tiles with the tail split and two K chunks; 128-row up tiles over 64-row
     down tiles; prefill tiles) in every dtype, against the float64 reference; with the routing in one launch
     (``fused_route``, up to 1024 tokens) and without."""
-    nm = importlib.import_module("flextron_kernels.nested_mlp")
-    real_plan = nm._plan
-    monkeypatch.setattr(nm, "_plan", lambda T_, dt: dict(real_plan(T_, dt), fused_route=fused))
+    use_plan(lambda p: p.replace(fused_route=fused))
     inter, hidden = 1000, 256
     x = randn(T, hidden, dtype=dtype, requires_grad=True)
     _run(x, _widths("mixed", T, inter), _params(dtype, gated=True, biases=True, inter=inter, hidden=hidden), "silu",
@@ -436,11 +440,11 @@ def test_gpu_plan_buckets(T, dtype, fused, monkeypatch):
 
 
 @pytest.mark.parametrize("tma", [True, False])
-def test_wgrad_token_blocks_taller_than_row_tiles(tma, monkeypatch):
+def test_wgrad_token_blocks_taller_than_row_tiles(tma, use_plan):
     """Weight-gradient token blocks taller than the up kernel's row tiles: a block's last rows then belong to tiles
     that never wrote this neuron block (poisoned memory); they must not reach the gradient."""
-    _kernels(tma, monkeypatch, lambda p: dict(p, tma=True, tma_bwd=True, up=dict(p["up"], BLOCK_M=16),
-                                              down=dict(p["down"], BLOCK_M=16), wgrad=dict(p["wgrad"], BLOCK_T=64)))
+    _kernels(tma, use_plan, lambda p: p.replace(tma=True, tma_bwd=True, up=dict(p.up, BLOCK_M=16),
+                                              down=dict(p.down, BLOCK_M=16), wgrad=dict(p.wgrad, BLOCK_T=64)))
     T = 150
     x = randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     _run(x, _widths("few", T), _params(torch.bfloat16, gated=True, biases=True), "silu", torch.bfloat16)
@@ -662,38 +666,6 @@ def test_cuda_graph_capture():
         g.replay()
         ref = nested_mlp_ref(x.double(), args[0].double(), args[1].double(), w,
                              gate_weight=p["gate_weight"].detach().double())
-    assert_close(y, ref, torch.bfloat16)
-
-
-@pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch needs a Hopper GPU")
-@pytest.mark.parametrize("T,kind", [(200, "mixed"), (1500, "few")])  # the routing in one launch; sort + gather
-def test_programmatic_dependent_launch(T, kind, monkeypatch):
-    """Every kernel launched with programmatic dependent launch (each may start before the previous one ends and
-    waits for its results in the kernel): forward and gradients against the reference, back-to-back calls, and a
-    CUDA graph replayed with new widths. The spies check that the launches asked for it."""
-    nm = _kernels(True, monkeypatch, lambda p: dict(p, pdl=True, fused_route=True))
-    seen = _spy(nm, monkeypatch, "_up_kernel", lambda grid, k: k.get("PDL"))
-    inter, hidden = 1024, 256
-    x = randn(T, hidden, dtype=torch.bfloat16, requires_grad=True)
-    params_ = _params(torch.bfloat16, gated=True, biases=True, inter=inter, hidden=hidden)
-    _run(x, _widths(kind, T, inter), params_, "silu", torch.bfloat16)
-    assert seen == [True, True]  # forward, backward (dA)
-    args = (params_["up_weight"].detach(), params_["down_weight"].detach())
-    kw = {"gate_weight": params_["gate_weight"].detach(), "up_bias": params_["up_bias"].detach()}
-    xs = [randn(T, hidden, dtype=torch.bfloat16) for _ in range(3)]
-    w = _widths("mixed", T, inter)
-    with torch.no_grad():
-        ys = [nested_mlp(xi, *args, w, **kw) for xi in xs]  # back to back: each call's routing overlaps the last
-        for xi, y in zip(xs, ys):
-            assert_close(y, nested_mlp_ref(xi.double(), args[0].double(), args[1].double(), w,
-                                           **{k: v.double() for k, v in kw.items()}), torch.bfloat16)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            y = nested_mlp(xs[0], *args, w, **kw)
-        w.copy_(_widths("few", T, inter))
-        g.replay()
-        ref = nested_mlp_ref(xs[0].double(), args[0].double(), args[1].double(), w,
-                             **{k: v.double() for k, v in kw.items()})
     assert_close(y, ref, torch.bfloat16)
 
 

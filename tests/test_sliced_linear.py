@@ -1,9 +1,13 @@
 """sliced_linear against a float64 reference: odd shapes, prefixes, dtypes, strides, gradients, bad input."""
 
+import contextlib
+import importlib
+
 import pytest
 import torch
 
 from flextron_kernels import sliced_linear
+from flextron_kernels._hopper import tma_sms
 from flextron_kernels.reference import sliced_linear_ref
 from tests.utils import DEVICE, DTYPES, ON_GPU, assert_close, poisoned_allocations, randn
 
@@ -25,10 +29,13 @@ def _reference(x, w, b, n):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("blas", [True, False] if ON_GPU else [False])  # a GPU: cuBLAS below the TMA sizes, or not
-def test_forward_backward(lead, N, K, n, k, dtype, with_bias, blas, monkeypatch):
-    import importlib
+def test_forward_backward(lead, N, K, n, k, dtype, with_bias, blas):
+    sl = importlib.import_module("flextron_kernels.sliced_linear")  # the package exports the function by that name
+    with contextlib.nullcontext() if blas else sl.force_path("triton"):
+        _forward_backward(lead, N, K, n, k, dtype, with_bias)
 
-    monkeypatch.setattr(importlib.import_module("flextron_kernels.sliced_linear"), "_CUBLAS_BELOW_TMA", blas)
+
+def _forward_backward(lead, N, K, n, k, dtype, with_bias):
     w = randn(N, K, dtype=dtype, scale=K**-0.5, requires_grad=True)
     b = randn(N, dtype=dtype, requires_grad=True) if with_bias else None
     x = randn(*lead, k, dtype=dtype, requires_grad=True)
@@ -60,19 +67,18 @@ TMA_BLOCKS = {"persistent": (128, 256, 64, 8, 3, 2), "per_tile": (128, 128, 64, 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("lead", [(300,), (2, 150)])
 @pytest.mark.parametrize("blocks", ["persistent", "per_tile"])
-def test_tma_path_forward_backward(dtype, lead, blocks, monkeypatch):
+def test_tma_path_forward_backward(dtype, lead, blocks):
     """Shapes whose strides suit TMA descriptors (16-byte rows, >= 128 rows): the forward and both backward
     products take the descriptor kernel (dW reads dy transposed through its descriptor); x is a column prefix
     of a wider tensor and the weight a prefix of a bigger one."""
-    import importlib
-
-    from flextron_kernels.sliced_linear import _tma_plan
-
     sl = importlib.import_module("flextron_kernels.sliced_linear")  # the package exports the function by that name
-    if not sl._tma_sms(torch.device(DEVICE)):
+    if not tma_sms(torch.device(DEVICE)):
         pytest.skip("no TMA on this GPU")
-    monkeypatch.setattr(sl, "_tma_blocks", lambda M, N, sms: TMA_BLOCKS[blocks])
-    monkeypatch.setattr(sl, "_CUBLAS_BELOW_TMA", False)  # these sizes would go to cuBLAS on a GPU
+    with sl.force_path("tma", TMA_BLOCKS[blocks]):  # these sizes would go to cuBLAS or the pointer kernel on a GPU
+        _tma_forward_backward(sl, dtype, lead)
+
+
+def _tma_forward_backward(sl, dtype, lead):
 
     N, K, n, k = 264, 200, 136, 120
     w = randn(N, K, dtype=dtype, scale=K**-0.5, requires_grad=True)
@@ -83,7 +89,7 @@ def test_tma_path_forward_backward(dtype, lead, blocks, monkeypatch):
     M = xv.numel() // k
     x2 = xv.reshape(M, k)
     out = torch.empty(M, n, dtype=dtype, device=DEVICE)
-    assert _tma_plan(x2, w, out, M, n, k, *x2.stride(), w.stride(1), w.stride(0), n, 1) is not None
+    assert sl._tma_plan(x2, w, out, M, n, k, *x2.stride(), w.stride(1), w.stride(0), n, 1) is not None
     with poisoned_allocations():
         y = sliced_linear(xv.detach().requires_grad_(), w, b, out_features=n)
         y_leaf = sliced_linear(x, w, b, out_features=n)
@@ -138,12 +144,13 @@ def test_blas_below_tma(lead, N, K, n, k, with_bias, monkeypatch):
     """Below the TMA kernel's sizes a GPU takes cuBLAS on the prefix views (torch.mm / addmm with ``out=`` a view of
     the full-shape weight gradient); forced here on any device, forward and every gradient against the reference,
     with no launch of the pointer kernel. A transposed-and-sliced x (no unit stride in its view) still goes to it."""
-    import importlib
-
     sl = importlib.import_module("flextron_kernels.sliced_linear")
-    monkeypatch.setattr(sl, "_use_blas", lambda out, M, N: True)
-    monkeypatch.setattr(sl, "_tma_plan", lambda *a: None)
     seen = _count_launches(sl, monkeypatch)
+    with sl.force_path("cublas"):
+        _blas_below_tma(seen, lead, N, K, n, k, with_bias)
+
+
+def _blas_below_tma(seen, lead, N, K, n, k, with_bias):
     w = randn(N, K, scale=K**-0.5, requires_grad=True)
     b = randn(N, requires_grad=True) if with_bias else None
     x = randn(*lead, k, requires_grad=True)

@@ -1,8 +1,8 @@
 """One nested_mlp inference forward per call, for Nsight Compute (the device has ``/usr/local/cuda/bin/ncu``).
 
 Runs ``--calls`` forwards of a bench case (model, width mix, T) under an EXPLORE plan variant; profile the last with
-e.g. ``ncu --kernel-name regex:_up_kernel --launch-skip 2 --launch-count 1 --section SpeedOfLight
---section WarpStateStats python benchmarks/ncu_nested.py --variant sk4 --mix full``.
+e.g. ``ncu --kernel-name regex:up_kernel --launch-skip 2 --launch-count 1 --section SpeedOfLight
+--section WarpStateStats python benchmarks/lab/ncu_nested.py --variant c1 --mix full``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_nested_mlp import EXPLORE, MODELS, NM, _override, _widths
+from explore_nested_mlp import EXPLORE, MODELS, _widths, nm_plan, plan_change
 
 from flextron_kernels import nested_mlp
 
@@ -20,7 +20,7 @@ def main():
     ap.add_argument("--model", default="llama2-7b", choices=sorted(MODELS))
     ap.add_argument("--mix", default="full")
     ap.add_argument("--T", type=int, default=256)
-    ap.add_argument("--variant", default="base", help="an EXPLORE key of bench_nested_mlp.py")
+    ap.add_argument("--variant", default="base", help="an EXPLORE key of explore_nested_mlp.py")
     ap.add_argument("--calls", type=int, default=3)
     args = ap.parse_args()
     H, inter = MODELS[args.model]
@@ -28,8 +28,7 @@ def main():
     ws = [torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in ((inter, H), (inter, H), (H, inter))]
     x = torch.randn(args.T, H, device="cuda", dtype=torch.bfloat16)
     w = _widths(args.mix, args.T, inter, gen)
-    NM._plan = _override(NM._plan, EXPLORE[args.variant])
-    with torch.no_grad():
+    with torch.no_grad(), nm_plan.override(plan_change(EXPLORE[args.variant])):
         for _ in range(args.calls):
             nested_mlp(x, ws[1], ws[2], w, gate_weight=ws[0], check_widths=False)
     torch.cuda.synchronize()

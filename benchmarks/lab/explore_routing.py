@@ -3,7 +3,7 @@
 ``nested_mlp_routing`` ranks every token by counting (quadratic in T, split over programs above 1024 tokens);
 ``torch.sort(descending=True, stable=True)`` is a radix sort. Both from CUDA-graph replays (device time), widths
 drawn from four choices as the nested_mlp benchmark's uniform mix. Checks that the two orders agree.
-Usage: ``python benchmarks/explore_routing.py [--out DIR]`` (GPU only).
+Usage: ``python benchmarks/lab/explore_routing.py [--out DIR]`` (GPU only).
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/: _common
 
 import torch
 from _common import bench_graph_ms, run_info

@@ -4,17 +4,15 @@ Triton's wheel ships ptxas: each kernel of one forward+backward is compiled for 
 be (the launch arguments are captured from the op with CPU stand-in tensors; nothing runs), and ``ptxas -v``
 reports its resources. Use it to compare plan variants before spending device time, e.g. the up product's tail split:
 
-    python benchmarks/kernel_regs.py --T 256 --inference --set up.TAIL=4
+    python benchmarks/lab/kernel_regs.py --T 256 --inference --set up.TAIL=4
 
-2026-11-29 (benchmarks/NOTES.md has the table): the backward's dA kernel spills (255 registers, 372-452 bytes), as
-do dx at 256 tokens and the dWu+dWg weight-gradient launch. Registers alone prove little: with the stream-K tail
-the up kernel goes from 168 to 254 (and was slower), but the split-K down kernel also goes from 90 to 254 and was
-faster; spills are the firmer signal.
+Registers alone prove little (a kernel at 254 registers may still be the faster); spills are the firmer signal.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import subprocess
@@ -28,7 +26,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import mangle_type
 
-NM = importlib.import_module("flextron_kernels.nested_mlp")  # the package exports the function by that name
+from flextron_kernels.nested_mlp import launch as NL
+from flextron_kernels.nested_mlp import plan as NP
+
+NOP = importlib.import_module("flextron_kernels.nested_mlp.op")
 
 
 def _value(text: str):
@@ -60,10 +61,10 @@ def _compile(fn, args, kw) -> dict:
 
 def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True) -> list[tuple[str, dict]]:
     """Compile every kernel launch of one nested_mlp forward+backward (``train``; else an inference forward) as
-    ``_plan`` with ``changes`` (``{"up": {...}, ...}``) would launch it: SwiGLU, bf16, a sorted batch of T tokens,
+    the plan with ``changes`` (``{"up": {...}, ...}``) would launch it: SwiGLU, bf16, a sorted batch of T tokens,
     host TMA descriptors where the plan takes them; nothing runs. Returns (launch, ptxas report) per launch."""
     launches = []
-    real = {name: getattr(NM, name) for name in ("_up_kernel", "_down_kernel", "_wgrad_kernel", "_route_kernel")}
+    real = {name: getattr(NL, name) for name in ("up_kernel", "down_kernel", "wgrad_kernel", "route_kernel")}
 
     class Capture:
         def __init__(self, name):
@@ -72,7 +73,7 @@ def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True
         def __getitem__(self, grid):
             def launch(*args, **kw):
                 launches.append((self.name, args, kw))
-                if self.name == "_route_kernel" and kw.get("RANK"):
+                if self.name == "route_kernel" and kw.get("RANK"):
                     # Nothing runs: give the backward a valid order and sorted widths, as the routing would.
                     names = real[self.name].arg_names
                     w, sw, order = (args[names.index(n)] for n in ("w_ptr", "sw_ptr", "order_ptr"))
@@ -80,42 +81,46 @@ def step_resources(T: int, H: int, inter: int, changes: dict, train: bool = True
                     sw.copy_(w)
             return launch
 
-    saved = {n: getattr(NM, n) for n in ("_plan", "_tma_sms", "nested_mlp_routing", "use_triton", "wider_counts")}
-    real_plan = NM._plan
+    saved = [(m, n, getattr(m, n)) for m, n in ((NL, "tma_sms"), (NL, "nested_mlp_routing"), (NOP, "use_triton"),
+                                                  (NL, "wider_counts"))]
     dt = torch.bfloat16
 
     def routing(widths, sort=True):  # CPU stand-ins above the routing launch's token limit (index_select, torch.sort)
         return widths.to(torch.int32), torch.arange(widths.numel())
+    stack = contextlib.ExitStack()
+
+    def change(p):
+        return p.replace(**{k: dict(getattr(p, k), **v) if isinstance(v, dict) else v for k, v in changes.items()})
     try:
+        stack.enter_context(NP.override(change))
         for name in real:
-            setattr(NM, name, Capture(name))
-        NM._plan = lambda T_, dtype: {k: dict(v, **changes.get(k, {})) if isinstance(v, dict) else changes.get(k, v)
-                                      for k, v in real_plan(T_, dtype).items()}
-        NM._tma_sms = lambda device: 132  # as on the H200
-        NM.nested_mlp_routing = routing
-        NM.use_triton = lambda t: True  # CPU tensors: the op would otherwise take its torch reference
-        NM.wider_counts = lambda sw, inter_: torch.zeros(inter_ + 1, dtype=torch.int32)
+            setattr(NL, name, Capture(name))
+        NL.tma_sms = lambda device: 132  # as on the H200
+        NL.nested_mlp_routing = routing
+        NOP.use_triton = lambda t: True  # CPU tensors: the op would otherwise take its torch reference
+        NL.wider_counts = lambda sw, inter_: torch.zeros(inter_ + 1, dtype=torch.int32)
         x = torch.zeros(T, H, dtype=dt, requires_grad=train)
         ws = [torch.zeros(*s, dtype=dt, requires_grad=train) for s in ((inter, H), (inter, H), (H, inter))]
-        y = NM.nested_mlp(x, ws[1], ws[2], torch.full((T,), inter), gate_weight=ws[0], check_widths=False)
+        y = NOP.nested_mlp(x, ws[1], ws[2], torch.full((T,), inter), gate_weight=ws[0], check_widths=False)
         if train:
             y.backward(torch.zeros_like(y))
     finally:
+        stack.close()
         for name, fn in real.items():
-            setattr(NM, name, fn)
-        for name, fn in saved.items():
-            setattr(NM, name, fn)
+            setattr(NL, name, fn)
+        for m, name, fn in saved:
+            setattr(m, name, fn)
     return [(_tag(name, kw), _compile(real[name], args, kw)) for name, args, kw in launches]
 
 
 def _tag(name: str, kw: dict) -> str:
     """The launch's name in the report: up, up tail (the tail split's second launch), down; (dA) and (dx) in the
     backward; dWd, dWu+dWg for the weight gradients."""
-    if name == "_route_kernel":
+    if name == "route_kernel":
         return "route" if kw["RANK"] else "tail plan"
-    if name == "_wgrad_kernel":
+    if name == "wgrad_kernel":
         return "dWu+dWg" if kw["HAS_DB"] or kw["DUAL"] else "dWd"
-    if name == "_up_kernel":
+    if name == "up_kernel":
         return "up" + (" tail" if kw["TAIL_LAUNCH"] else "") + (" (dA)" if kw["BACKWARD"] else "")
     return "down (dx)" if kw["DUAL"] else "down"
 

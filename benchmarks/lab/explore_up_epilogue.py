@@ -10,7 +10,7 @@ Measured on an H200 (2026-11-29, benchmarks/NOTES.md): B's major order made no d
 N-major against 722 K-major, cuBLAS 649); the epilogue took the kernel from 1099 to 1696 us with 3 stages and to
 1446 with 4, which is why the plan gives the backward's up kernel 4 stages. (Those figures came from a first
 draft with the same kernels; this tidied form was checked under the interpreter only: no device time was left.)
-Usage: ``python benchmarks/explore_up_epilogue.py [major|epilogue|all]``.
+Usage: ``python benchmarks/lab/explore_up_epilogue.py [major|epilogue|all]``.
 """
 
 from __future__ import annotations

@@ -14,8 +14,11 @@ Prints a table (TFLOP/s for prefill, GB/s of weight stream for decode) and write
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/: _common
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,11 @@
+"""``nested_mlp``: per-token MLP widths over one set of prefix-nested weights.
+
+``kernels`` (the Triton kernels), ``plan`` (the launch plan: tile configs per token count, dtype and device; and
+``plan.override`` to run another), ``launch`` (the launchers and one call's forward and backward), ``op`` (autograd
+and the public function).
+"""
+
+from . import plan
+from .op import nested_mlp
+
+__all__ = ["nested_mlp", "plan"]
