@@ -1,4 +1,4 @@
-"""Issue 7 evidence on a CPU: latency-table accuracy, budgets held, and quality at equal latency.
+"""Routers on a CPU: latency-table accuracy, budgets held, and quality at equal latency.
 
 Stages (each writes into ``--out``/results.json, so a later stage can be re-run alone with ``--stages``):
 

@@ -6,10 +6,9 @@ GPU only (Hopper). One question per part, each a 128x128x64 tile, 8 warps, TMA l
 - ``epilogue``: the cost of the dA epilogue (two [T, N] buffer loads and three stores, all by TMA) after a
   one-product main loop, M=8192, K=4096, N=11008 (Llama-2-7B), 3 and 4 stages.
 
-Measured on an H200 (2026-11-29, benchmarks/NOTES.md): B's major order made no difference (one product: 711 us
-N-major against 722 K-major, cuBLAS 649); the epilogue took the kernel from 1099 to 1696 us with 3 stages and to
-1446 with 4, which is why the plan gives the backward's up kernel 4 stages. (Those figures came from a first
-draft with the same kernels; this tidied form was checked under the interpreter only: no device time was left.)
+On an H200, B's major order made no difference (one product: 711 us N-major against 722 K-major, cuBLAS 649); the
+epilogue took the kernel from 1099 to 1696 us with 3 stages and to 1446 with 4, which is why the plan gives the
+backward's up kernel 4 stages. This script has run only under the interpreter in its present form.
 Usage: ``python benchmarks/lab/explore_up_epilogue.py [major|epilogue|all]``.
 """
 

@@ -1,5 +1,7 @@
 """nested_mlp's Triton kernels (all fp32 accumulation; weights read through their strides, never copied or padded).
 
+One file over ~500 lines on purpose: the four kernels share the tile-walk and epilogue helpers defined here.
+
 Rows arrive sorted by width, descending (``routing``), cut into row tiles of ``BLOCK_M`` whose width is their first
 row's; a tile that straddles two width groups runs at the larger width with per-row masks. Small batches (decode)
 are one unsorted tile.

@@ -2,8 +2,8 @@
 
 Fixed heuristics, not autotuning: every new (T, I, H) would otherwise re-tune, and a decode loop sees a new T often.
 The figures behind each choice are graph-timed sweeps of the Llama-2-7B / Llama-3-8B / ~1B MLPs on an H200 or H100
-(benchmarks/NOTES.md; ``benchmarks/lab/explore_nested_mlp.py`` reruns them), and ptxas reports for sm_90
-(``benchmarks/lab/kernel_regs.py``).
+(``benchmarks/results/nested_mlp_explore_*.json``; ``benchmarks/lab/explore_nested_mlp.py`` reruns them), and
+ptxas reports for sm_90 (``benchmarks/lab/kernel_regs.py``).
 
 Tests and benchmarks run other plans through :func:`override`, never by patching this module.
 """
