@@ -1,5 +1,7 @@
 """Routers on a CPU: latency-table accuracy, budgets held, and quality at equal latency.
 
+Over ~500 lines as one file: its stages write to and read from one results file that docs/routers.md cites.
+
 Stages (each writes into ``--out``/results.json, so a later stage can be re-run alone with ``--stages``):
 
 - ``llama``: a Llama-shaped model with random weights (``--llama``, MHA like Llama-2) profiled on this CPU at a

@@ -1,4 +1,6 @@
-"""nested_mlp against a float64 per-token reference: width mixes, odd shapes, dtypes, gradients, routing, bad input."""
+"""nested_mlp against a float64 per-token reference: width mixes, odd shapes, dtypes, gradients, routing, bad input.
+
+Over ~500 lines as one file: the cases share the reference, the plan fixtures and the launch recorders below."""
 
 import contextlib
 import importlib
