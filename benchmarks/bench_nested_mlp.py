@@ -243,6 +243,18 @@ def run_case(H, inter, T, mix, backward, gen, quick):
     return rec
 
 
+def new_result(out_dir: str) -> tuple[str, dict]:
+    """The results file's path (``nested_mlp_<UTC stamp>.json``) and its header, with no cases yet."""
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    result = {
+        "bench": "nested_mlp", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": triton.__version__, "commit": commit(), "date": stamp, "dtype": "bfloat16",
+        "timing": "triton.testing.do_bench median, warmup=10ms rep=40ms", "cases": [],
+    }
+    return os.path.join(out_dir, f"nested_mlp_{stamp}.json"), result
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -251,14 +263,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_nested_mlp needs a CUDA GPU")
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(args.out, f"nested_mlp_{stamp}.json")
-    result = {
-        "bench": "nested_mlp", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "commit": commit(), "date": stamp, "dtype": "bfloat16",
-        "timing": "triton.testing.do_bench median, warmup=10ms rep=40ms", "cases": [],
-    }
+    path, result = new_result(args.out)
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
     t_fwd = [1, 256, 8192] if args.quick else T_FWD

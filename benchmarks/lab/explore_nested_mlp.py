@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import sys
@@ -22,9 +21,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/
 
 import torch
-import triton
-from _common import commit
-from bench_nested_mlp import EXTRA_MODELS, MODELS, _bench, _graph, _mlp, _widths
+from bench_nested_mlp import EXTRA_MODELS, MODELS, _bench, _graph, _mlp, _widths, new_result
 
 from flextron_kernels import nested_mlp
 from flextron_kernels.nested_mlp import plan as nm_plan
@@ -373,14 +370,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("explore_nested_mlp needs a CUDA GPU")
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(args.out, f"nested_mlp_{stamp}.json")
-    result = {
-        "bench": "nested_mlp", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "commit": commit(), "date": stamp, "dtype": "bfloat16",
-        "timing": "triton.testing.do_bench median, warmup=10ms rep=40ms", "cases": [],
-    }
+    path, result = new_result(args.out)
     gen = torch.Generator().manual_seed(0)
     if args.host:
         H, inter = {**MODELS, **EXTRA_MODELS}[args.models.split(",")[0]]
