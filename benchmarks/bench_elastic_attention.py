@@ -208,7 +208,6 @@ SWEEP_MIN_CHUNK = [128, 512, 1024]
 
 def decode_sweep(bandwidth):
     dec = sys.modules["flextron_kernels.elastic_attention_decode"]
-    base = (dec._PROGRAMS_PER_SM, dec._MIN_CHUNK)
     rows = []
     for hkv in HKVS:
         for ctx in DECODE_CTX[1:]:
@@ -221,13 +220,12 @@ def decode_sweep(bandwidth):
                 floor = 2 * kc.numel() * kc.element_size() / bandwidth * 1e3
                 for pps in SWEEP_PPS:
                     for mc in SWEEP_MIN_CHUNK:
-                        dec._PROGRAMS_PER_SM, dec._MIN_CHUNK = pps, mc
-                        chunk, nsplit = dec._chunking(b, hkv, ctx, q.device)
-                        t = graph_ms(lambda a=(q, kc, vc, lens, heads): elastic_attention_decode(*a))
+                        with dec.chunk_policy(dec.ChunkPolicy(programs_per_sm=pps, min_chunk=mc)):
+                            chunk, nsplit = dec.chunking(b, hkv, ctx, q.device)
+                            t = graph_ms(lambda a=(q, kc, vc, lens, heads): elastic_attention_decode(*a))
                         rows.append(dict(hkv=hkv, B=b, ctx=ctx, programs_per_sm=pps, min_chunk=mc, chunk=chunk,
                                          splits=nsplit, flextron_ms=t, ratio_to_floor=t / floor))
                         print(rows[-1], flush=True)
-                dec._PROGRAMS_PER_SM, dec._MIN_CHUNK = base
     return rows
 
 

@@ -16,7 +16,10 @@ the bandwidth of reading the cache, and ``B * Hkv`` programs alone would leave m
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -150,14 +153,33 @@ def _sm_count(device: torch.device) -> int:
     return 2  # the interpreter: a few chunks per sequence, so the tests exercise the reduction
 
 
-# Chunking policy (see _chunking); module constants so the benchmark can sweep them.
-_PROGRAMS_PER_SM = 8
-_MIN_CHUNK = 1024
+@dataclasses.dataclass(frozen=True)
+class ChunkPolicy:
+    """How the split kernel cuts the cache (see :func:`chunking`)."""
+
+    programs_per_sm: int = 8
+    min_chunk: int = 1024
 
 
-def _chunking(batch: int, hkv: int, s_max: int, device: torch.device) -> tuple[int, int]:
-    """Chunk length and count: about ``_PROGRAMS_PER_SM`` programs per SM, but chunks of at least
-    ``_MIN_CHUNK`` keys wherever that still leaves about one program per SM.
+_policy = ChunkPolicy()
+
+
+@contextlib.contextmanager
+def chunk_policy(policy: ChunkPolicy) -> Iterator[None]:
+    """Inside the block every decode call chunks the cache by ``policy`` (benchmark sweeps); the default otherwise."""
+    global _policy
+    if not isinstance(policy, ChunkPolicy):
+        raise TypeError(f"policy must be a ChunkPolicy, got {type(policy).__name__}")
+    previous, _policy = _policy, policy
+    try:
+        yield
+    finally:
+        _policy = previous
+
+
+def chunking(batch: int, hkv: int, s_max: int, device: torch.device) -> tuple[int, int]:
+    """Chunk length and count: about ``programs_per_sm`` programs per SM, but chunks of at least ``min_chunk`` keys
+    wherever that still leaves about one program per SM (:class:`ChunkPolicy`).
 
     Many chunks rather than one wave of long ones: with two programs resident per SM, 344 long programs ran as
     1.3 waves (the last one 30 % full) and took 1.6x the memory floor; ~8 per SM bounds that tail loss. But a
@@ -169,11 +191,11 @@ def _chunking(batch: int, hkv: int, s_max: int, device: torch.device) -> tuple[i
     multiple = _INTERPRET_BLOCK_N if INTERPRET else _CHUNK_MULTIPLE
     sms = _sm_count(device)
     groups = max(1, batch * hkv)
-    splits = max(1, min(cdiv(_PROGRAMS_PER_SM * sms, groups), cdiv(s_max, multiple)))
+    splits = max(1, min(cdiv(_policy.programs_per_sm * sms, groups), cdiv(s_max, multiple)))
     chunk = cdiv(cdiv(s_max, splits), multiple) * multiple
     if not INTERPRET:
         fill = cdiv(cdiv(s_max * groups, sms), multiple) * multiple  # ~one program per SM
-        chunk = max(chunk, min(_MIN_CHUNK, fill))
+        chunk = max(chunk, min(_policy.min_chunk, fill))
     return chunk, cdiv(s_max, chunk)
 
 
@@ -253,7 +275,7 @@ def decode(q, k_cache, v_cache, cache_lens, heads, scale: float) -> torch.Tensor
     B, HQ, D = q.shape
     HKV, S_MAX = k_cache.shape[1], k_cache.shape[2]
     rep = HQ // HKV
-    chunk, nsplit = _chunking(B, HKV, S_MAX, q.device)
+    chunk, nsplit = chunking(B, HKV, S_MAX, q.device)
     po = torch.empty((B, HQ, nsplit, D), dtype=torch.float32, device=q.device)
     plse = torch.empty((B, HQ, nsplit), dtype=torch.float32, device=q.device)
     lens = cache_lens.to(torch.int32)

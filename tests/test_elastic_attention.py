@@ -131,6 +131,27 @@ def test_decode(hkv, dtype):
     assert torch.count_nonzero(o[2, heads[2]:]) == 0
 
 
+def test_decode_chunk_policy():
+    """Another chunking (a benchmark sweep's) changes the split count, never the result; the default comes back."""
+    import sys
+
+    from flextron_kernels import elastic_attention_decode as dec_mod
+
+    dec = sys.modules["flextron_kernels.elastic_attention_decode"]
+    b, hq, hkv, s_max, d = 2, 4, 2, 300, 32
+    q, kc, vc = randn(b, hq, d), randn(b, hkv, s_max, d), randn(b, hkv, s_max, d)
+    lens = torch.tensor([300, 123], device=DEVICE)
+    want = _decode_ref(q, kc, vc, lens, hq)
+    default = dec.chunking(b, hkv, s_max, q.device)
+    with dec.chunk_policy(dec.ChunkPolicy(programs_per_sm=1, min_chunk=32)):
+        assert dec.chunking(b, hkv, s_max, q.device) != default
+        assert_close(dec_mod(q, kc, vc, lens, hq), want, torch.float32)
+    assert dec.chunking(b, hkv, s_max, q.device) == default
+    with pytest.raises(TypeError, match="policy must be a ChunkPolicy"):
+        with dec.chunk_policy((1, 32)):
+            pass
+
+
 def test_decode_strided_cache_and_int_heads():
     """A [B, S_max, Hkv, D] cache transposed, garbage past each length, an int budget, a custom scale."""
     b, hq, hkv, s_max, d = 3, 4, 2, 96, 64
