@@ -8,7 +8,7 @@ The order comes from one Triton launch that ranks every token by counting (``ran
 ``t`` plus equal-width tokens before it) and scatters it to its rank: ``torch.sort`` took 25 us for 256 tokens
 on an H200 (a radix sort and two helper kernels), 15 % of the whole 256-token Llama-2-7B MLP. Above 1024 tokens
 the count of each token block is split over programs (``_RANK_CHUNK``) and summed with integer atomics. The
-count is quadratic in T: above ``_RANK_MAX_T`` tokens the order comes from ``torch.sort`` (graph replays on an
+count is quadratic in T: above ``RANK_MAX_T`` tokens the order comes from ``torch.sort`` (graph replays on an
 H200, uniform mix of four widths: rank 8.7/20.8/22.9/25.0/65.6/227.6 us at 256/1024/2048/4096/8192/16384
 tokens, torch.sort 34.2/35.7/36.8/40.5/72.4/79.0; benchmarks/lab/explore_routing.py).
 """
@@ -64,21 +64,22 @@ def _rank_kernel(w_ptr, sw_ptr, order_ptr, rank_ptr, cnt_ptr, T, U_CHUNK,
 # a block in one program took 124-135 us at 8192 tokens on an H200: latency-bound, T/128 serial steps).
 _RANK_CHUNK = 64 if INTERPRET else 1024
 # Above this many tokens, torch.sort (a radix sort: linear in T) beats the count (see the module docstring).
-_RANK_MAX_T = 8192
+RANK_MAX_T = 8192
 
 
-def nested_mlp_routing(widths: torch.Tensor, sort: bool = True):
+def nested_mlp_routing(widths: torch.Tensor, sort: bool = True, *, sort_above: int = RANK_MAX_T):
     """``(sorted_widths, order)``: widths sorted descending (stable) and the token ids in that order (int64),
     on the device.
 
     ``order`` is ``None`` when ``sort`` is False (the identity). A row tile of the kernels is a contiguous
-    run of this order and runs at the largest width among its rows. No host synchronisation.
+    run of this order and runs at the largest width among its rows. No host synchronisation. Above
+    ``sort_above`` tokens the order comes from ``torch.sort`` rather than the rank count.
     """
     w = widths.reshape(-1)
     if not sort:
         return w, None
     T = w.numel()
-    if not use_triton(w) or T == 0 or T > _RANK_MAX_T:
+    if not use_triton(w) or T == 0 or T > sort_above:
         sw, order = torch.sort(w, descending=True, stable=True)
         return sw, order
     w = w.contiguous()

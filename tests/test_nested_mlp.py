@@ -544,17 +544,16 @@ def test_custom_ops_opcheck():
 
 
 # The rank count in one program (T <= 1024 on a GPU) or split over programs (above; the interpreter splits at 64),
-# or torch.sort above _RANK_MAX_T tokens (lowered here so that a small batch takes that path).
+# or torch.sort above ``sort_above`` tokens (lowered here so that a small batch takes that path).
 @pytest.mark.parametrize("sort_above", [None, 256])
 @pytest.mark.parametrize("T", [300, 2500] if ON_GPU else [300])
 @pytest.mark.parametrize("kind", ["mixed", "few", "full", "one"])
 def test_routing_invariants(kind, T, sort_above, monkeypatch):
     if sort_above is not None:
         routing = importlib.import_module("flextron_kernels.routing")
-        monkeypatch.setattr(routing, "_RANK_MAX_T", sort_above)
         launches = _spy(routing, monkeypatch, "_rank_kernel", lambda grid, k: grid)
     w = _widths(kind, T)
-    sw, order = nested_mlp_routing(w)
+    sw, order = nested_mlp_routing(w) if sort_above is None else nested_mlp_routing(w, sort_above=sort_above)
     assert order.dtype == torch.int64 and sw.dtype == w.dtype
     assert torch.equal(torch.sort(order.cpu()).values, torch.arange(T))  # a permutation
     # Exactly the stable descending sort (ties keep token order), computed independently by torch.
