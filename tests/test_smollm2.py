@@ -31,7 +31,7 @@ from flextron_kernels import cpu_reference
 from .model_utils import rel
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-WIKITEXT = SHARED / "wikitext-2-raw"
+WIKITEXT = Path(__file__).resolve().parent / "data" / "wikitext-2-raw"  # the first 8,192 characters of each split
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SEQ = 1024  # one window: the model has no BOS in raw text, so its first tokens are poorly predicted in any window
 TOL = 1e-5  # fp32 relative error of logits that should be the same function
@@ -50,6 +50,14 @@ def _window(tok, name: str) -> torch.Tensor:
     ids = tok(text, add_special_tokens=False)["input_ids"][:SEQ]
     assert len(ids) == SEQ, f"{name}: {len(ids)} tokens"
     return torch.tensor(ids).view(1, SEQ)
+
+
+@pytest.mark.skipif(not (SHARED / "wikitext-2-raw").is_dir(), reason="shared/data/wikitext-2-raw not present")
+@pytest.mark.parametrize("name", ["wiki.valid.raw", "wiki.test.raw"])
+def test_bundled_excerpts_are_wikitext(name):
+    excerpt = (WIKITEXT / name).read_text(encoding="utf-8")
+    assert len(excerpt) == 8192
+    assert (SHARED / "wikitext-2-raw" / name).read_text(encoding="utf-8").startswith(excerpt)
 
 
 def _logits(model, x: torch.Tensor) -> torch.Tensor:
