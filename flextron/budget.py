@@ -143,6 +143,17 @@ def static_subnet(router: StaticRouter, target: float, table: LatencyTable | Non
     return best[1]
 
 
+@implements("subnet_for_budget")
+def subnet_for_budget(fm: FlextronModel, target: float) -> Subnet:
+    """The subnet of one per-request budget: the static router's for ``target`` when one is attached (read through
+    the table, as :func:`set_budget` does), else the uniform subnet keeping that fraction of neurons and heads."""
+    r = routing(fm)
+    if r.static is not None:
+        r.static.check(fm)
+        return static_subnet(r.static, target, r.table)
+    return fm.uniform_subnet(mlp=target, heads=target)
+
+
 # -- set_budget -------------------------------------------------------------------------------------
 def _remove_hooks(r: Routing) -> None:
     for h in r.hooks:

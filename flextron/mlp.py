@@ -51,6 +51,9 @@ class ElasticMLP(nn.Module):
         # Per-token widths ([...] ints, shaped like the tokens) for the call in progress, set by a router; the
         # forward's ``widths`` argument takes precedence.
         self.token_widths: torch.Tensor | None = None
+        # Per-sequence widths ([B] ints) for the call in progress (per-request budgets): each sequence's tokens run
+        # its own width. ``token_widths`` and the forward's ``widths`` take precedence.
+        self.sequence_widths: torch.Tensor | None = None
         self.stats: dict | None = None  # set by ranking: accumulates per-neuron |activation|
 
     # -- weights as the kernels see them ------------------------------------------------------------
@@ -85,6 +88,12 @@ class ElasticMLP(nn.Module):
         """
         up, down = getattr(self, self._up), getattr(self, self._down)
         widths = self.token_widths if widths is None else widths
+        if widths is None and self.sequence_widths is not None:
+            b = self.sequence_widths
+            if x.dim() < 2 or x.shape[0] != b.shape[0]:
+                raise ValueError(f"per-sequence widths hold {b.shape[0]} sequences, but the input has shape "
+                                 f"{tuple(x.shape)} (batch first)")
+            widths = b.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
         if widths is not None:
             if widths.shape != x.shape[:-1]:
                 raise ValueError(

@@ -59,6 +59,14 @@ def _implementation(method: str) -> Callable:
     return fn
 
 
+def _batch_size(args, kwargs) -> int | None:
+    """The batch size of a forward/generate call, when its inputs tell (``input_ids`` or ``inputs_embeds``)."""
+    x = kwargs.get("input_ids", args[0] if args else None)
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+
+
 class FlextronModel(nn.Module):
     """A causal LM whose every layer runs a prefix of its MLP neurons and attention heads.
 
@@ -244,24 +252,89 @@ class FlextronModel(nn.Module):
         return total
 
     # -- running ------------------------------------------------------------------------------------
-    def forward(self, *args, head_budgets: torch.Tensor | None = None, **kwargs):
+    def forward(self, *args, head_budgets: torch.Tensor | None = None, budgets=None, **kwargs):
         """The HF model's forward (``input_ids``, ``attention_mask``, ``labels``, ...) on the active sub-network.
 
         ``head_budgets``: optional ``[B]`` integer tensor, the query heads each sequence keeps (in every layer,
         capped at the layer's active heads and rounded down to whole KV groups, at least one group). The
         attention kernels then skip each sequence's dropped heads in one launch.
+        ``budgets``: optional, one per sequence: a :class:`Subnet`, or a latency fraction in (0, 1] (the static
+        router's subnet for it when one is attached, else the uniform subnet of that fraction). Each sequence runs
+        its own sub-network in the same forward (heads through per-sequence head counts, MLP widths through the
+        grouped per-token kernel); it replaces the active subnet for the call.
         """
-        with self._head_budgets(head_budgets):
+        with self._budgets(head_budgets, budgets, _batch_size(args, kwargs)):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args, head_budgets: torch.Tensor | None = None, **kwargs):
+    def generate(self, *args, head_budgets: torch.Tensor | None = None, budgets=None, **kwargs):
         """HF ``generate`` on the active sub-network; the KV cache holds only the kept KV heads.
 
-        ``head_budgets`` as in :meth:`forward`, fixed for the whole generation (prefill and every decode step),
-        so each sequence's cache stays valid for its heads.
+        ``head_budgets`` and ``budgets`` as in :meth:`forward`, fixed for the whole generation (prefill and every
+        decode step), so each sequence's cache stays valid for its heads. With ``budgets``, every sequence's
+        greedy tokens are those it gets generated alone at its sub-network; each layer caches the largest KV head
+        count of the batch. One sequence per budget: beams and ``num_return_sequences`` > 1 are not supported.
         """
-        with self._head_budgets(head_budgets):
+        with self._budgets(head_budgets, budgets, _batch_size(args, kwargs)):
             return self.model.generate(*args, **kwargs)
+
+    def resolve_budgets(self, budgets) -> list[Subnet]:
+        """One :class:`Subnet` per entry of ``budgets`` (Subnets as they are, checked; fractions through the static
+        router when one is attached, else :meth:`uniform_subnet`)."""
+        if isinstance(budgets, (str, bytes)) or not isinstance(budgets, (list, tuple)):
+            raise TypeError(f"budgets must be a list with one Subnet or latency fraction per sequence, got "
+                            f"{type(budgets).__name__}")
+        if not budgets:
+            raise ValueError("budgets must hold one entry per sequence, got an empty list")
+        out = []
+        for i, b in enumerate(budgets):
+            if isinstance(b, Subnet):
+                try:
+                    out.append(self.check_subnet(b))
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"budgets[{i}]: {e}") from None
+            elif isinstance(b, (int, float)) and not isinstance(b, bool):
+                if not 0 < b <= 1:
+                    raise ValueError(f"budgets[{i}] must be a latency fraction in (0, 1] or a Subnet, got {b!r}")
+                out.append(_implementation("subnet_for_budget")(self, float(b)))
+            else:
+                raise TypeError(f"budgets[{i}] must be a Subnet or a latency fraction, got {type(b).__name__}")
+        return out
+
+    @contextlib.contextmanager
+    def _budgets(self, head_budgets: torch.Tensor | None, budgets, batch: int | None):
+        if budgets is None:
+            with self._head_budgets(head_budgets):
+                yield
+            return
+        if head_budgets is not None:
+            raise ValueError("give either head_budgets or budgets, not both (a Subnet in budgets sets the heads)")
+        adaptive = getattr(getattr(self, "routing", None), "budget", None)
+        if adaptive is not None and adaptive.get("adaptive"):
+            raise ValueError("budgets do not combine with an adaptive budget (its router sets every token's width): "
+                             "call fm.set_budget(None) first")
+        subnets = self.resolve_budgets(budgets)
+        if batch is not None and len(subnets) != batch:
+            raise ValueError(f"budgets holds {len(subnets)} entries but the batch has {batch} sequences: give one "
+                             f"per sequence")
+        device = next(self.model.parameters()).device
+        active = self.subnet
+        cap = Subnet(mlp=[max(s.mlp[i] for s in subnets) for i in range(self.num_layers)],
+                     heads=[max(s.heads[i] for s in subnets) for i in range(self.num_layers)])
+        self.set_subnet(cap)
+        mlps, attns = self.mlp_blocks, self.attention_blocks
+        try:
+            for i, (m, a) in enumerate(zip(mlps, attns)):
+                widths = [s.mlp[i] for s in subnets]
+                heads = [s.heads[i] for s in subnets]
+                # a layer where every sequence agrees runs the shared prefix, as a plain subnet would
+                m.sequence_widths = None if len(set(widths)) == 1 else torch.tensor(widths, device=device)
+                a.head_budgets = None if len(set(heads)) == 1 else torch.tensor(heads, device=device)
+            yield
+        finally:
+            for m, a in zip(mlps, attns):
+                m.sequence_widths = None
+                a.head_budgets = None
+            self.set_subnet(active)
 
     @contextlib.contextmanager
     def _head_budgets(self, budgets: torch.Tensor | None):

@@ -1,0 +1,150 @@
+"""Per-request budgets: every sequence of one batch runs its own sub-network, from prefill through decode.
+
+The reference is each sequence generated alone with its sub-network made active (``set_subnet``), with the same
+cache: the batched call must give the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import flextron.attention
+import flextron.mlp
+from flextron import FlextronModel, Subnet
+from flextron.budget import attach_router
+from flextron.router import StaticRouter
+from flextron_kernels import cpu_reference
+
+from .model_utils import VOCAB, tiny_model, tokens
+
+NEW = 6
+
+
+def _subnets(fm):
+    g = [a.group_size for a in fm.attention_blocks]
+    hetero = Subnet(mlp=[fm.mlp_choices(0)[0], fm.mlp_choices(1)[-1]], heads=[fm.head_choices(0)[-1], g[1]])
+    return [fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet(), hetero, fm.uniform_subnet(mlp=0.25, heads=0.25)]
+
+
+def _generate(fm, x, cache, **kw):
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(x), **kw)
+    if cache is not None:
+        kw["cache_implementation"] = cache
+    return fm.generate(x, **kw)
+
+
+def _alone(fm, x, subnets, cache):
+    rows = []
+    for b, s in enumerate(subnets):
+        fm.set_subnet(s)
+        rows.append(_generate(fm, x[b:b + 1], cache))
+    fm.set_subnet(None)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "qwen2", "mistral"])
+def test_each_sequence_runs_its_own_subnet(family, cache):
+    fm = FlextronModel.from_hf(tiny_model(family))
+    subnets = _subnets(fm)
+    x = tokens(batch=len(subnets), seq=7, seed=3)
+    with cpu_reference():
+        got = _generate(fm, x, cache, budgets=subnets)
+        want = _alone(fm, x, subnets, cache)
+    assert torch.equal(got, want)
+    assert fm.subnet is None and all(m.sequence_widths is None for m in fm.mlp_blocks)  # nothing left behind
+    assert all(a.head_budgets is None for a in fm.attention_blocks)
+
+
+def test_forward_logits_and_the_active_subnet_come_back():
+    fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
+    subnets = _subnets(fm)
+    x = tokens(batch=len(subnets), seq=9)
+    active = fm.uniform_subnet(mlp=0.75, heads=1.0)
+    fm.set_subnet(active)
+    with cpu_reference(), torch.no_grad():
+        got = fm(input_ids=x, budgets=subnets).logits
+        assert fm.subnet == active
+        for b, s in enumerate(subnets):
+            fm.set_subnet(s)
+            want = fm(input_ids=x[b:b + 1]).logits
+            assert ((got[b:b + 1] - want).norm() / want.norm()).item() < 1e-5
+    # the cache of a layer holds the batch's largest KV head count
+    fm.set_subnet(None)
+    with cpu_reference(), torch.no_grad():
+        out = fm(input_ids=x, budgets=subnets, use_cache=True)
+    for i, layer in enumerate(out.past_key_values.layers):
+        kv = max(s.heads[i] for s in subnets) // fm.attention_blocks[i].group_size
+        assert layer.keys.shape[1] == kv
+
+
+def test_fractions_go_through_the_static_router_else_uniform():
+    fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
+    assert fm.resolve_budgets([0.5, 1.0]) == [fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()]
+    n = fm.num_layers
+    router = StaticRouter([fm.mlp_choices(i) for i in range(n)], [fm.head_choices(i) for i in range(n)])
+    with torch.no_grad():  # a router that keeps the fewest neurons and every head, whatever the target
+        for lin in (*router.mlp_heads, *router.attn_heads):
+            lin.weight.zero_()
+            lin.bias.zero_()
+        for lin in router.mlp_heads:
+            lin.bias[0] = 1.0
+        for lin in router.attn_heads:
+            lin.bias[-1] = 1.0
+    attach_router(fm, router)
+    want = Subnet(mlp=[fm.mlp_choices(i)[0] for i in range(n)], heads=[fm.head_choices(i)[-1] for i in range(n)])
+    assert fm.resolve_budgets([0.3, fm.full_subnet()]) == [want, fm.full_subnet()]
+
+
+def _counter(calls: dict, name: str, run):
+    def counted(*a, **k):
+        calls[name] += 1
+        return run(*a, **k)
+    return counted
+
+
+def test_kernel_path():
+    """Head size 16: per-sequence heads through elastic_attention / its decode form and MLP widths through
+    nested_mlp (Triton: the interpreter on a CPU)."""
+    torch.manual_seed(0)
+    orig = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=64, vocab_size=VOCAB,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    fm = FlextronModel.from_hf(copy.deepcopy(orig))
+    subnets = [fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()]
+    x = tokens(batch=2, seq=6)
+    calls = {"nested_mlp": 0, "elastic_attention": 0, "elastic_attention_decode": 0}
+    with pytest.MonkeyPatch.context() as mp:  # count the kernels' calls: this test is about those paths
+        for module, name in ((flextron.mlp, "nested_mlp"), (flextron.attention, "elastic_attention"),
+                             (flextron.attention, "elastic_attention_decode")):
+            mp.setattr(module, name, _counter(calls, name, getattr(module, name)))
+        got = _generate(fm, x, "dynamic", budgets=subnets)
+    assert all(calls.values()), calls
+    assert torch.equal(got, _alone(fm, x, subnets, "dynamic"))
+
+
+@pytest.mark.parametrize("budgets, error, match", [
+    ([1.5], ValueError, r"budgets\[0\] must be a latency fraction in \(0, 1\]"),
+    (["half"], TypeError, r"budgets\[0\] must be a Subnet or a latency fraction"),
+    (0.5, TypeError, "budgets must be a list"),
+    ([], ValueError, "one entry per sequence"),
+])
+def test_bad_budgets(budgets, error, match):
+    fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
+    with pytest.raises(error, match=match):
+        fm(input_ids=tokens(batch=1), budgets=budgets)
+
+
+def test_bad_budget_combinations():
+    fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
+    x = tokens(batch=2)
+    with pytest.raises(ValueError, match="either head_budgets or budgets"):
+        fm(input_ids=x, budgets=[1.0, 1.0], head_budgets=torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match=r"budgets\[1\]: subnet\.heads\[0\] = 3 splits a KV group"):
+        fm(input_ids=x, budgets=[1.0, Subnet(mlp=[72, 72], heads=[3, 6])])
+    with pytest.raises(ValueError, match="budgets holds 3 entries but the batch has 2 sequences"):
+        fm(input_ids=x, budgets=[0.25, 0.5, 1.0])
