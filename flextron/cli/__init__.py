@@ -1,5 +1,5 @@
-"""The ``flextron`` command: ``demo``, ``train``, ``profile`` and ``route``, one module each; ``args`` holds what they
-share (argument types, one-line input errors, the tokenizer rule)."""
+"""The ``flextron`` command: ``demo``, ``train``, ``profile``, ``route`` and ``generate``, one module each; ``args``
+holds what they share (argument types, one-line input errors, the tokenizer rule)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 
 from .args import ArgumentParser, UsageError, report
 from .demo import add_demo_parser
+from .generate import add_generate_parser
 from .profile import add_profile_parser
 from .route import add_route_parser
 from .train import add_train_parser
@@ -25,7 +26,7 @@ status 2; --debug shows the traceback instead. Any other failure is a bug and al
 def build_parser() -> argparse.ArgumentParser:
     """The ``flextron`` parser with every subcommand."""
     parser = ArgumentParser(prog="flextron", description="Elastic sub-networks (Flextron) of Hugging Face causal "
-                            "LMs: rank, train, profile and route them.", epilog=EPILOG,
+                            "LMs: rank, train, profile, route and run them.", epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an input error instead of its one-line message")
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_profile_parser(sub)
     add_route_parser(sub)
+    add_generate_parser(sub)
     for sp in sub.choices.values():  # --debug is also accepted after the command
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an input error instead of its one-line message")
