@@ -17,6 +17,9 @@ The same files and settings therefore always give the same split, and it does no
 The cache is current when ``tokens.json`` matches the files (size and sha256) and the settings; then nothing is
 tokenised again. Files are written to a temporary name and renamed, and ``tokens.json`` last, so an interrupted run
 never leaves a cache that looks current.
+
+:func:`open_cache` opens any complete cache directory of this format as it is, without the source files: one made
+here, or a corpus sampled from the parent (:mod:`flextron.synth`, ``"synthetic": true`` in its ``tokens.json``).
 """
 
 from __future__ import annotations
@@ -63,6 +66,39 @@ def split_documents(text: str, separator: str | None = SEPARATOR) -> list[str]:
         return [text.strip()] if text.strip() else []
     parts = text.split(separator)[:-1]
     return [p.strip() for p in parts if p.strip()]
+
+
+def read_documents(paths: list[Path], separator: str | None = SEPARATOR) -> list[str]:
+    """The documents of every file in order; ``ValueError`` naming a file that holds none."""
+    docs: list[str] = []
+    for p in paths:
+        d = split_documents(Path(p).read_text(encoding="utf-8"), separator)
+        if not d:
+            raise ValueError(f"text file {str(p)!r} holds no document with text")
+        docs += d
+    return docs
+
+
+def held_out_count(n_docs: int, val_fraction: float) -> int:
+    """How many of ``n_docs`` documents (the last ones) the split rule holds out."""
+    n_val = 0 if val_fraction == 0 else max(1, int(round(n_docs * val_fraction)))
+    if n_val >= n_docs:
+        raise ValueError(f"val_fraction={val_fraction} leaves no training document of {n_docs}")
+    return n_val
+
+
+def file_sources(paths: list[Path]) -> list[dict]:
+    """Each file's provenance record: resolved path, size, mtime and sha256."""
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(p)})
+    return out
+
+
+def ids_dtype(tokenizer) -> type:
+    """``np.uint16`` when every id of ``tokenizer`` fits, else ``np.uint32``."""
+    return np.uint16 if max(len(tokenizer), len(tokenizer.get_vocab())) <= 1 << 16 else np.uint32
 
 
 def _check_files(paths) -> list[Path]:
@@ -192,24 +228,14 @@ def tokenize_files(text_files, tokenizer, cache_dir: str | Path | None = None, *
     fingerprint = tokenizer_fingerprint(tokenizer)
     settings = {"separator": separator, "val_fraction": val_fraction, "bos": tokenizer.bos_token_id}
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(paths, fingerprint, settings)
-    sources = []
-    for p in paths:
-        st = p.stat()
-        sources.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(p)})
+    sources = file_sources(paths)
     meta = _current(cache, sources, fingerprint, settings)
     if meta is not None:
         return _open(cache, meta)
 
-    docs: list[str] = []
-    for p in paths:
-        d = split_documents(p.read_text(encoding="utf-8"), separator)
-        if not d:
-            raise ValueError(f"text file {str(p)!r} holds no document with text")
-        docs += d
-    n_val = 0 if val_fraction == 0 else max(1, int(round(len(docs) * val_fraction)))
-    if n_val >= len(docs):
-        raise ValueError(f"val_fraction={val_fraction} leaves no training document of {len(docs)}")
-    dtype = np.uint16 if max(len(tokenizer), fingerprint["vocab_size"]) <= 1 << 16 else np.uint32
+    docs = read_documents(paths, separator)
+    n_val = held_out_count(len(docs), val_fraction)
+    dtype = ids_dtype(tokenizer)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     out = {"train": [], "val": []}
     n_train_docs = len(docs) - n_val
@@ -237,4 +263,80 @@ def tokenize_files(text_files, tokenizer, cache_dir: str | Path | None = None, *
         "dtype": np.dtype(dtype).name,
     }
     _write_atomic(cache / META, (json.dumps(meta, indent=2) + "\n").encode())
+    return _open(cache, meta)
+
+
+def validation_ids(text_files, tokenizer, *, val_fraction: float = 0.1, separator: str | None = SEPARATOR,
+                   chunk: int = 512) -> tuple[np.ndarray, dict]:
+    """The validation split of ``text_files`` exactly as :func:`tokenize_files` makes it (the last ``val_fraction``
+    of the documents, each as ``<s>`` + its ids), without tokenising the training documents. Returns
+    ``(ids, info)``; ``info`` holds the sources, settings, split rule and document counts for provenance."""
+    paths = _check_files(text_files)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    docs = read_documents(paths, separator)
+    n_val = held_out_count(len(docs), val_fraction)
+    dtype = ids_dtype(tokenizer)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    held = docs[len(docs) - n_val:]
+    arrs = []
+    for i in range(0, len(held), chunk):
+        for t in tokenizer(held[i:i + chunk], add_special_tokens=False, verbose=False)["input_ids"]:
+            arrs.append(np.asarray(bos + t, dtype=dtype))
+    info = {
+        "sources": file_sources(paths),
+        "settings": {"separator": separator, "val_fraction": val_fraction, "bos": tokenizer.bos_token_id},
+        "split_rule": f"last {val_fraction:g} of documents in file order (at least one) are validation",
+        "documents": n_val,
+        "documents_in_files": len(docs),
+    }
+    return np.concatenate(arrs), info
+
+
+PROGRESS = "progress.json"  # an unfinished synthetic corpus (flextron.synth) keeps its state here
+
+
+def open_cache(path: str | Path) -> TokenData:
+    """Memory-map a prepared cache directory (``tokenize_files``' or a synthetic corpus of
+    :func:`flextron.synth.sample_corpus`) as it is, without looking at any source file.
+
+    Raises ``ValueError`` naming ``path`` when it is not a complete cache of this format: no ``tokens.json`` (for an
+    unfinished synthetic corpus: how many tokens of how many it holds and how to continue), another format version,
+    or ``train.bin``/``val.bin`` missing or of another size than ``tokens.json`` records.
+    """
+    cache = Path(path)
+    if not cache.is_dir():
+        raise ValueError(f"token cache {str(cache)!r} does not exist (or is not a directory)")
+    meta_path = cache / META
+    if not meta_path.is_file():
+        progress = cache / PROGRESS
+        if progress.is_file():
+            try:
+                p = json.loads(progress.read_text())
+                have, want = int(p["train_tokens"]), int(p["target_tokens"])
+            except (OSError, ValueError, KeyError, TypeError):
+                have, want = None, None
+            held = f"{have:,} of {want:,} training tokens" if have is not None else "an unknown number of tokens"
+            raise ValueError(f"token cache {str(cache)!r} is an unfinished synthetic corpus ({held}): run the same "
+                             f"`flextron sample-corpus` command (or sample_corpus with this out_dir) again to continue")
+        raise ValueError(f"{str(cache)!r} is not a token cache (no {META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"token cache {str(cache)!r}: cannot read {META}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(f"token cache {str(cache)!r} has format version {version!r}, this flextron reads "
+                         f"{FORMAT_VERSION}: make it again")
+    try:
+        dtype = np.dtype(meta["dtype"])
+        counts = {split: int(meta["tokens"][split]) for split in ("train", "val")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"token cache {str(cache)!r}: {META} lacks the dtype or token counts ({e})") from None
+    for split, n in counts.items():
+        f = cache / f"{split}.bin"
+        if not f.is_file() or f.stat().st_size != n * dtype.itemsize:
+            size = f"{f.stat().st_size} bytes" if f.is_file() else "missing"
+            raise ValueError(f"token cache {str(cache)!r}: {split}.bin is {size}, {META} records {n} tokens of "
+                             f"{dtype.name} ({n * dtype.itemsize} bytes)")
     return _open(cache, meta)

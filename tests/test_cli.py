@@ -300,7 +300,7 @@ def test_every_option_documents_its_values_and_default():
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"demo", "train", "profile", "route", "generate"}
+    assert set(sub.choices) == {"demo", "train", "profile", "route", "generate", "sample-corpus"}
     helps = {a.dest: a.help for a in sub._choices_actions}
     for name, p in sub.choices.items():
         assert p.description, name

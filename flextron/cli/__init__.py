@@ -10,6 +10,7 @@ from .demo import add_demo_parser
 from .generate import add_generate_parser
 from .profile import add_profile_parser
 from .route import add_route_parser
+from .sample import add_sample_parser
 from .train import add_train_parser
 
 EPILOG = """\
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_profile_parser(sub)
     add_route_parser(sub)
+    add_sample_parser(sub)
     add_generate_parser(sub)
     for sp in sub.choices.values():  # --debug is also accepted after the command
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

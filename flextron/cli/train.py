@@ -10,10 +10,10 @@ import torch.distributed as dist
 from .. import train as training
 from ..distributed import init_distributed
 from ..space import ElasticSpace
-from ..tokens import tokenize_files
+from ..tokens import open_cache, tokenize_files, tokenizer_fingerprint
 from ..train import TrainConfig, Trainer, load_model
 from . import args as c
-from .args import check_device_available, check_vocab, config_vocab_size, load_tokenizer, user_input
+from .args import UsageError, check_device_available, check_vocab, config_vocab_size, load_tokenizer, user_input
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,8 +25,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         "tokenizer.")
     p.add_argument("--model", required=True, type=c.model_dir,
                    help="a flextron checkpoint or a Hugging Face model folder")
-    p.add_argument("--data", required=True, nargs="+", type=c.existing_file,
-                   help="text files (documents separated by <|endoftext|>)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", nargs="+", type=c.existing_file,
+                        help="text files (documents separated by <|endoftext|>)")
+    source.add_argument("--tokens-cache", default=None,
+                        help="a prepared token cache folder instead of --data, e.g. a corpus written by `flextron "
+                             "sample-corpus`; made with the model's tokenizer (checked)")
     p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, model/")
     p.add_argument("--tokenizer", default=None, type=c.tokenizer_dir,
                    help="tokenizer folder (default: the tokenizer saved in --model; there is no other default)")
@@ -102,6 +106,18 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def check_cache_tokenizer(data, tokenizer, tok_dir) -> None:
+    """Raise :class:`UsageError` unless the prepared cache ``data`` was tokenised with ``tokenizer``'s vocabulary."""
+    have = (data.meta.get("tokenizer") or {})
+    mine = tokenizer_fingerprint(tokenizer)
+    if have.get("vocab_sha256") != mine["vocab_sha256"]:
+        raise UsageError(f"the token cache {str(data.path)!r} was made with another tokenizer "
+                         f"({have.get('name_or_path')!r}, {have.get('vocab_size')} tokens, vocabulary sha256 "
+                         f"{str(have.get('vocab_sha256'))[:12]}) than the model's ({str(tok_dir)!r}, "
+                         f"{mine['vocab_size']} tokens, {mine['vocab_sha256'][:12]}): its ids would mean other "
+                         f"tokens; make the cache with this model's tokenizer")
+
+
 def run_train(args: argparse.Namespace) -> int:
     """``flextron train``. Bad input raises :class:`flextron.cli.args.UsageError` before any training or writing."""
     names = {f.name for f in fields(TrainConfig)}
@@ -110,6 +126,8 @@ def run_train(args: argparse.Namespace) -> int:
                           bf16=not args.no_bf16, progress=not args.no_progress)
     if cfg.device == "cuda":
         check_device_available("cuda")
+    if args.tokens_cache is not None and args.cache is not None:
+        raise UsageError("--cache is where --data is tokenised; with --tokens-cache there is nothing to tokenise")
     tokenizer, tok_dir = load_tokenizer(args.model, args.tokenizer)
     vocab = config_vocab_size(args.model)  # cheap check before tokenising; the embedding is checked after loading
     if vocab is not None:
@@ -119,12 +137,16 @@ def run_train(args: argparse.Namespace) -> int:
         if args.mlp is not None or args.heads is not None:
             space = ElasticSpace(mlp=args.mlp, heads=args.heads)
         rank, world, _ = init_distributed()
-        if rank == 0:  # one rank tokenises; the others read the cache it wrote
+        if args.tokens_cache is not None:  # prepared: every rank reads it as it is
+            data = open_cache(args.tokens_cache)
+        elif rank == 0:  # one rank tokenises; the others read the cache it wrote
             data = tokenize_files(args.data, tokenizer, args.cache, val_fraction=args.val_fraction,
                                   progress=not args.no_progress)
+    if args.tokens_cache is not None:
+        check_cache_tokenizer(data, tokenizer, tok_dir)
     if dist.is_initialized():
         dist.barrier()
-    if rank != 0:
+    if rank != 0 and args.tokens_cache is None:
         data = tokenize_files(args.data, tokenizer, args.cache, val_fraction=args.val_fraction, progress=False)
     with user_input():
         fm = load_model(args.model, space=space, data=data, rank_windows=args.rank_windows, seq_len=cfg.seq_len)
