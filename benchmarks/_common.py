@@ -78,12 +78,16 @@ def parse_args(description: str) -> argparse.Namespace:
     return p.parse_args()
 
 
-def write_result(out_dir: str, name: str, payload: dict) -> Path:
+def result_path(out_dir: str | Path, name: str) -> Path:
+    """``<out_dir>/<name>_<GPU>.json``: one current file per benchmark and GPU, which each run rewrites (the commit
+    and date are inside; older results live in git history)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    info = payload["info"]
-    gpu = info["gpu"].replace(" ", "_")
-    path = out / f"{name}_{gpu}_{info['commit']}.json"
+    return out / f"{name}_{torch.cuda.get_device_name().replace(' ', '_')}.json"
+
+
+def write_result(out_dir: str, name: str, payload: dict) -> Path:
+    path = result_path(out_dir, name)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)

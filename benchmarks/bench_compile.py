@@ -162,10 +162,9 @@ def main():
         rows.append(row)
         print(row, flush=True)
     if cuda:
-        from _common import run_info
-        os.makedirs(args.out, exist_ok=True)
+        from _common import result_path, run_info
         info = run_info()
-        path = os.path.join(args.out, f"compile_{info['gpu'].replace(' ', '_')}_{info['commit']}.json")
+        path = result_path(args.out, "compile")
         with open(path, "w") as f:
             subnet = {"mlp": [m.width for m in fm.mlp_blocks], "heads": [a.heads for a in fm.attention_blocks],
                       "token_widths": "uniform in [1, the layer's mlp width] per token"}

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-from _common import commit
+from _common import commit, result_path
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flextron_kernels import elastic_attention, elastic_attention_decode
@@ -276,13 +276,13 @@ def main():
     torch.manual_seed(0)
     t0 = time.time()
     now = datetime.datetime.now(datetime.timezone.utc)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"elastic_attention_{now.strftime('%Y%m%dT%H%M%S')}.json")
+    path = str(result_path(args.out, "elastic_attention"))
     bw = copy_bandwidth()
     if args.decode_sweep:
         sweep = decode_sweep(bw)
-        with open(path.replace("elastic_attention_", "elastic_attention_decode_sweep_"), "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), commit=commit(), copy_bandwidth_gbps=bw / 1e9,
+        with open(result_path(args.out, "elastic_attention_decode_sweep"), "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), commit=commit(), date=now.isoformat(timespec="seconds"),
+                           copy_bandwidth_gbps=bw / 1e9,
                            timing="CUDA graph replay, L2 flushed (graph_ms)", rows=sweep), f, indent=1)
         return
     rows = []

@@ -93,7 +93,11 @@ def main() -> None:
               "phases": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"latency_table_{torch.cuda.get_device_name().replace(' ', '_')}_{_commit()}.json"
+    path = out / f"latency_table_{torch.cuda.get_device_name().replace(' ', '_')}.json"
+    if path.is_file():  # phases this run does not time stay as they were measured (each carries its commit and date)
+        previous = json.loads(path.read_text())
+        if previous.get("model") == result["model"]:
+            result["phases"] = dict(previous.get("phases", {}))
     runs = [("prefill", t, args.prefill_batch, args.prefill_len)
             for t in ("eager", "cuda_graph") if args.prefill_timing in (t, "both")]
     runs += [("decode", t, args.decode_batch, args.decode_len)
@@ -133,7 +137,8 @@ def main() -> None:
                   f"measured {b['measured_fraction']:.3f}")
         result["phases"][f"{phase}_{timing}"] = {"timing": timing, "table": table.to_dict(), "validation": v,
                                                  "budgets": budgets, "unreachable": unreachable,
-                                                 "full_measured_ms": full}
+                                                 "full_measured_ms": full, "commit": result["commit"],
+                                                 "date": result["date"]}
         tmp = path.with_suffix(".json.tmp")  # written after every phase: a later failure keeps what was measured
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(path)

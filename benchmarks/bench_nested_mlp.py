@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
-from _common import commit
+from _common import commit, result_path
 from triton.testing import do_bench
 
 from flextron_kernels import nested_mlp
@@ -244,15 +243,14 @@ def run_case(H, inter, T, mix, backward, gen, quick):
 
 
 def new_result(out_dir: str) -> tuple[str, dict]:
-    """The results file's path (``nested_mlp_<UTC stamp>.json``) and its header, with no cases yet."""
-    os.makedirs(out_dir, exist_ok=True)
+    """The results file's path (``nested_mlp_<GPU>.json``, rewritten by each run) and its header, with no cases yet."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {
         "bench": "nested_mlp", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": triton.__version__, "commit": commit(), "date": stamp, "dtype": "bfloat16",
         "timing": "triton.testing.do_bench median, warmup=10ms rep=40ms", "cases": [],
     }
-    return os.path.join(out_dir, f"nested_mlp_{stamp}.json"), result
+    return str(result_path(out_dir, "nested_mlp")), result
 
 
 def main():

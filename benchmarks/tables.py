@@ -60,7 +60,7 @@ class Result:
 
 
 def kind_of(name: str) -> str:
-    """The benchmark kind of a results file name (``nested_mlp_20261205T221715Z.json`` -> ``nested_mlp``)."""
+    """The benchmark kind of a results file name (``nested_mlp_NVIDIA_H100_80GB_HBM3.json`` -> ``nested_mlp``)."""
     for prefix, _ in KINDS:
         if name.startswith(prefix + "_"):
             return prefix
@@ -296,7 +296,8 @@ def latency_table(rs: list[Result], link_base: str) -> list[str]:
         acc.append([name.replace("_", " "), fmt(100 * v.get("median_abs_rel_error", math.nan), ".1f", "%"),
                     fmt(100 * v.get("max_abs_rel_error", math.nan), ".1f", "%"),
                     fmt(100 * v.get("noise_floor_full_vs_full", math.nan), ".1f", "%"),
-                    fmt(p.get("full_measured_ms"), ".1f"), f"[{r.commit}]({link_base}{r.path.name})"])
+                    fmt(p.get("full_measured_ms"), ".1f"),
+                    f"[{str(p.get('commit') or r.commit)[:7]}]({link_base}{r.path.name})"])
     out += table(["phase, timing", "median error", "worst error", "noise floor (full vs full)",
                   "full model ms", "file"], acc, right_from=1)
     targets = sorted({b.get("target") for _, p in phases.values() for b in p.get("budgets", [])})

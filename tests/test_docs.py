@@ -133,8 +133,7 @@ def test_benchmarks_readme_tables_current():
 def test_one_current_file_per_benchmark_and_gpu():
     tables = load_tables()
     groups = tables.current(r for p in RESULTS.glob("*.json") if (r := tables.load(p)) is not None)
-    # A latency-table run may time only some phases, so its kind may keep one file per phase set.
-    extra = {k: [r.path.name for r in rs] for k, rs in groups.items() if len(rs) > 1 and k[0] != "latency_table"}
+    extra = {k: [r.path.name for r in rs] for k, rs in groups.items() if len(rs) > 1}
     assert not extra, f"older result files to delete (git keeps them): {extra}"
     assert not list(RESULTS.glob("*.log")), "stale .log files in benchmarks/results"
 
@@ -156,6 +155,7 @@ def test_tables_robust(tmp_path: Path):
     assert "| fwd | 1 | full | 2.00x" in out
     assert "mystery" in out  # unknown kinds are listed in the index
     assert tables.kind_of("nested_mlp_explore_20261205T213216Z.json") == "nested_mlp_explore"
+    assert tables.kind_of("nested_mlp_explore_NVIDIA_H100_80GB_HBM3.json") == "nested_mlp_explore"
     assert tables.norm_date("2026-12-04T19:13:20+00:00") == tables.norm_date("20261204T191320Z")
     with pytest.raises(ValueError, match="markers"):
         tables.splice("no markers here", "x")

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/: _common
 
 import torch
-from _common import bench_graph_ms, run_info
+from _common import bench_graph_ms, result_path, run_info
 
 from flextron_kernels.routing import nested_mlp_routing
 
@@ -42,8 +42,7 @@ def main():
         rows.append(row)
         print(row, flush=True)
     info = run_info()
-    stamp = info["date"][:19].replace("-", "").replace(":", "")  # 20261129T065349: letters and digits only
-    path = os.path.join(args.out, f"routing_{stamp}Z.json")
+    path = result_path(args.out, "routing")
     with open(path, "w") as f:
         json.dump(dict(info, bench="routing", rows=rows), f, indent=1)
     print("wrote", path)

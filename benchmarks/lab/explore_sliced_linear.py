@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from _common import bench_graph_ms, bench_ms, run_info
+from _common import bench_graph_ms, bench_ms, result_path, run_info
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flextron_kernels.sliced_linear import _strided_matmul_kernel
@@ -246,7 +246,7 @@ def main() -> None:
                           f"{fmt(best[0])} ({row['cublas_copy'] / best[0]:.2f}x) | "
                           + " ".join(f"{kk}={fmt(v)}" for kk, v in row.items() if kk not in (
                               "weight", "frac", "n", "k", "T", "phase", "cublas_copy")), flush=True)
-    path = f"{out}/explore_sliced_linear.json"
+    path = result_path(out, "explore_sliced_linear")
     with open(path, "w") as f:
         json.dump({"info": run_info(), "rows": rows}, f, indent=1)
     print("wrote", path)

@@ -98,7 +98,7 @@ def build(T: int, dtype: torch.dtype, interpret: bool = INTERPRET) -> Plan:
             down.update(num_stages=8, SPLIT_K="fill")
             if T > 128 and kdiv == 1:
                 # 128x64 up tiles: less L2 traffic per K step for the same tiles, 0.96-0.98x all-full at 256 tokens
-                # (results/nested_mlp_explore_20261205T213216Z.json); not at 128 tokens.
+                # (results/nested_mlp_explore_NVIDIA_H100_80GB_HBM3.json); not at 128 tokens.
                 up = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=6)
         if few:
             # Token steps of 32 (no register spills) and 64-neuron blocks in 4 warps stored by TMA: 0.91-0.93x the
