@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 MODE=${1:-all}
 FILTER=${2:-}
 OUTDIR=${OUT:-benchmarks/results}
-mkdir -p "$OUTDIR"
+LOGDIR=${OUT:-${TMPDIR:-/tmp}}  # logs stay out of benchmarks/results (results files only)
+mkdir -p "$OUTDIR" "$LOGDIR"
 unset TRITON_INTERPRET
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -24,12 +25,12 @@ if [ "$MODE" = all ] || [ "$MODE" = tests ] || [ "$MODE" = explore ]; then
   # Triton compiles each kernel variant the tests touch (minutes in one process): spread over processes.
   XDIST=""
   $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-  $PY -m pytest -q $XDIST --benchmark-disable -p no:cacheprovider 2>&1 | tee "$OUTDIR/pytest_cuda.log" | tail -25
+  $PY -m pytest -q $XDIST --benchmark-disable -p no:cacheprovider 2>&1 | tee "$LOGDIR/pytest_cuda.log" | tail -25
   status=${PIPESTATUS[0]}
 fi
 if [ "$MODE" = explore ]; then
   # shellcheck disable=SC2086  # the arguments are meant to split
-  $PY benchmarks/lab/explore_nested_mlp.py $FILTER --out "$OUTDIR" 2>&1 | tee "$OUTDIR/explore.log" | grep -v "^{"
+  $PY benchmarks/lab/explore_nested_mlp.py $FILTER --out "$OUTDIR" 2>&1 | tee "$LOGDIR/explore.log" | grep -v "^{"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   # shellcheck disable=SC2012  # the newest sweep file
   $PY benchmarks/report.py "$(ls -t "$OUTDIR"/nested_mlp_explore_*.json | head -1)"
