@@ -160,13 +160,19 @@ def betas(s: str) -> tuple:
     return vals
 
 
-def existing_file(s: str) -> str:
-    """A path to an existing file (returned as given)."""
+def _existing(s: str, kind: str) -> Path:
+    """``s`` as a path that exists and is a ``kind`` ("file" or "directory")."""
     p = Path(s)
     if not p.exists():
         raise argparse.ArgumentTypeError(f"{s!r} does not exist")
-    if not p.is_file():
-        raise argparse.ArgumentTypeError(f"{s!r} is not a file")
+    if not (p.is_file() if kind == "file" else p.is_dir()):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a {kind}")
+    return p
+
+
+def existing_file(s: str) -> str:
+    """A path to an existing file (returned as given)."""
+    _existing(s, "file")
     return s
 
 
@@ -178,12 +184,7 @@ def output_file(s: str) -> str:
 
 
 def _existing_dir(s: str) -> Path:
-    p = Path(s)
-    if not p.exists():
-        raise argparse.ArgumentTypeError(f"{s!r} does not exist")
-    if not p.is_dir():
-        raise argparse.ArgumentTypeError(f"{s!r} is not a directory")
-    return p
+    return _existing(s, "directory")
 
 
 def flextron_checkpoint(s: str) -> str:
