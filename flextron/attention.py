@@ -19,6 +19,7 @@ from transformers.cache_utils import StaticLayer
 
 from flextron_kernels import elastic_attention, elastic_attention_decode, sliced_linear
 from flextron_kernels._runtime import use_triton
+from flextron_kernels.elastic_attention import sdpa_serves
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -67,10 +68,11 @@ def attention_core(
     float mask, broadcast over heads). ``head_budgets`` (``[B]`` query-head counts, multiples of the group size,
     at most ``h``) gives each sequence its own head count; heads past it come out as zeros.
 
-    This is the one place attention runs. Where the Triton kernels apply (CUDA, or the interpreter; no padding
-    mask; head dim a power of two >= 16), prefill runs ``elastic_attention`` and a one-token step against the
-    cache runs ``elastic_attention_decode``, both over the GQA heads as they are (no K/V expansion) and with
-    heads past a sequence's budget skipped. Otherwise SDPA runs on the head prefix.
+    This is the one place attention runs. Where the kernels apply (CUDA, or the interpreter; no padding mask; head
+    dim a power of two >= 16), prefill runs ``elastic_attention`` (SDPA on a GPU when every sequence keeps the same
+    heads, the Triton kernel for per-sequence budgets), and a one-token step against the cache runs SDPA as HF does
+    or, with per-sequence budgets, ``elastic_attention_decode``; all over the GQA heads as they are (no K/V
+    expansion), heads past a sequence's budget skipped. Otherwise SDPA runs on the head prefix with HF's mask.
 
     ``attention_mask=None`` means what it means to HF's SDPA integration: one query sees every key; several
     queries start at key 0 (causal, upper-left), which transformers passes only when the queries are all the keys
@@ -84,7 +86,7 @@ def attention_core(
     elif attention_mask is None and 1 < sq < sk:
         k, v, sk = k[:, :, :sq], v[:, :, :sq], sq  # upper-left causal: query i sees keys 0..i only
     if _kernel_fits(q, attention_mask, dropout) and sk >= sq:
-        if sq == 1:
+        if sq == 1 and (head_budgets is not None or not sdpa_serves(q, k, True)):
             lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
             o = elastic_attention_decode(q[:, :, 0], k, v, lens, head_budgets, scale=scaling, validate=False)
             return o.unsqueeze(1)

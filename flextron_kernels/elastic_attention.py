@@ -1,5 +1,9 @@
 """``elastic_attention``: flash attention over a per-sequence prefix of query heads (GQA), forward and backward.
 
+On a GPU a uniform budget runs PyTorch's SDPA (the backend torch picks) on the head-prefix views, the fastest
+attention a user has; the Triton kernel below serves per-sequence budgets in one launch, queries after cached keys
+(causal alignment at the end, which SDPA's ``is_causal`` lacks) and the interpreter. ``attention_backend`` chooses.
+
 Sequence ``b`` keeps query heads ``[0, num_heads[b])``; the others come out as zeros. The grid covers every
 ``(query block, batch, head)`` like the Triton fused-attention tutorial, and a program whose head is past its
 sequence's budget stores zeros and returns before loading anything: an inactive head costs one tile store,
@@ -17,9 +21,13 @@ Everything is read through strides, so head-prefix views ``q[:, :h]`` and ``[B, 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -388,6 +396,94 @@ class _ElasticAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+# --------------------------------------------------------------------------------------------- dispatch
+
+BACKENDS = ("auto", "sdpa", "triton")
+_backend = "auto"
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Inside the block, ``elastic_attention`` takes ``name`` in place of its rule (tests, benchmarks):
+
+    - ``"auto"`` (the default): uniform budgets (``num_heads`` None or an int) on a GPU go to
+      ``F.scaled_dot_product_attention`` on the head-prefix views, the backend torch picks (cuDNN on Hopper),
+      wherever SDPA's causal alignment is ours (``Sq == Sk``, or one query); per-sequence budgets given as a list of
+      ints run SDPA once per budget group; a budget tensor, a chunk of queries after cached keys, and the
+      interpreter run the Triton kernel.
+    - ``"sdpa"``: SDPA wherever it can serve (also on the CPU); the Triton kernel only where it cannot.
+    - ``"triton"``: the Triton kernel always (a list of budgets becomes a tensor).
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def sdpa_serves(q: torch.Tensor, k: torch.Tensor, causal: bool) -> bool:
+    """SDPA's ``is_causal`` aligns queries to the first keys, ours to the last: the same where ``Sq == Sk``; one
+    query sees every key either way."""
+    if _backend == "triton" or (_backend == "auto" and not (q.is_cuda and not INTERPRET)):
+        return False
+    sq, sk = q.shape[2], k.shape[2]
+    return not causal or sq == sk or sq == 1
+
+
+def _sdpa_prefix(q, k, v, h: int, causal: bool, scale: float) -> torch.Tensor:
+    """SDPA on the first ``h`` query heads (views, no copy); ``[B, h, Sq, D]`` as SDPA returns it."""
+    hq, hkv = q.shape[1], k.shape[1]
+    rep = hq // hkv
+    if h != hq:
+        q, k, v = q[:, :h], k[:, : h // rep], v[:, : h // rep]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, scale=scale,
+                                          enable_gqa=rep > 1)
+
+
+def _padded(o: torch.Tensor, hq: int) -> torch.Tensor:
+    """``[B, h, Sq, D]`` -> ``[B, Hq, Sq, D]`` with zero heads appended, stored ``[B, Sq, Hq, D]`` (the layout the
+    output projection reads as ``[B, Sq, Hq * D]`` without a copy)."""
+    h = o.shape[1]
+    if h == hq:
+        return o
+    return F.pad(o.transpose(1, 2), (0, 0, 0, hq - h)).transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=256)
+def _index(seqs: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A group's sequence indices on the device, made once (a copy from the host is illegal in a CUDA graph)."""
+    return torch.tensor(seqs, device=device)
+
+
+def _grouped(q, k, v, budgets: list[int], causal: bool, scale: float) -> torch.Tensor:
+    """Per-sequence budgets known on the host: SDPA once per budget group. A group whose sequences are adjacent
+    reads views; a scattered one gathers its sequences' kept heads. One output, zeros past each budget."""
+    B, hq, sq, d = q.shape
+    rep = hq // k.shape[1]
+    groups: dict[int, list[int]] = {}
+    for b, h in enumerate(budgets):
+        groups.setdefault(h, []).append(b)
+    if len(groups) == 1:
+        return _padded(_sdpa_prefix(q, k, v, budgets[0], causal, scale), hq)
+    out = q.new_empty((B, sq, hq, d))
+    for h, seqs in groups.items():
+        lo, hi = seqs[0], seqs[-1] + 1
+        if hi - lo == len(seqs):
+            o = _sdpa_prefix(q[lo:hi], k[lo:hi], v[lo:hi], h, causal, scale)
+            out[lo:hi, :, :h] = o.transpose(1, 2)
+            if h < hq:
+                out[lo:hi, :, h:] = 0
+        else:
+            idx = _index(tuple(seqs), q.device)
+            o = _sdpa_prefix(q[idx, :h], k[idx, : h // rep], v[idx, : h // rep], h, causal, scale)
+            part = _padded(o, hq).transpose(1, 2)
+            out.index_copy_(0, idx, part)
+    return out.transpose(1, 2)
+
+
 # ---------------------------------------------------------------------------------------------- input checks
 
 
@@ -428,14 +524,24 @@ def heads_tensor(num_heads, batch: int, hq: int, rep: int, device: torch.device,
             if lo < rep or hi > hq or bad:
                 raise ValueError(f"num_heads values must each be {expect}, got {num_heads.tolist()}")
         return num_heads.to(torch.int32)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
-        raise TypeError(f"num_heads must be None, an int or an integer tensor, got {type(num_heads).__name__}")
-    if not rep <= num_heads <= hq or num_heads % rep:
-        raise ValueError(f"num_heads must be {expect}, got {num_heads}")
-    return torch.full((batch,), num_heads, dtype=torch.int32, device=device)
+    if isinstance(num_heads, (list, tuple)):
+        return torch.tensor(host_heads(num_heads, batch, hq, rep), dtype=torch.int32, device=device)
+    return torch.full((batch,), _uniform_heads(num_heads, hq, rep), dtype=torch.int32, device=device)
 
 
-def _check(q, k, v, num_heads, causal, scale, validate):
+def host_heads(num_heads: Sequence, batch: int, hq: int, rep: int) -> list[int]:
+    """Check per-sequence head counts given on the host (a list or tuple of ints, one per sequence)."""
+    if len(num_heads) != batch:
+        raise ValueError(f"num_heads must hold one count per sequence ({batch}), got {len(num_heads)}")
+    for i, h in enumerate(num_heads):
+        if isinstance(h, bool) or not isinstance(h, int):
+            raise TypeError(f"num_heads[{i}] must be an int, got {type(h).__name__}")
+        if not rep <= h <= hq or h % rep:
+            raise ValueError(f"num_heads[{i}] must be a multiple of {rep} (Hq // Hkv) in [{rep}, {hq}], got {h}")
+    return list(num_heads)
+
+
+def _check(q, k, v, causal, scale):
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
     check_tensor("v", v, ndim=4)
@@ -454,14 +560,22 @@ def _check(q, k, v, num_heads, causal, scale, validate):
     check_head_dim("q", D)
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    return heads_tensor(num_heads, B, HQ, HQ // HKV, q.device, validate)
+
+
+def _uniform_heads(num_heads, hq: int, rep: int) -> int:
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads must be None, an int, a list of ints or an integer tensor, got "
+                        f"{type(num_heads).__name__}")
+    if not rep <= num_heads <= hq or num_heads % rep:
+        raise ValueError(f"num_heads must be a multiple of {rep} (Hq // Hkv) in [{rep}, {hq}], got {num_heads}")
+    return num_heads
 
 
 def elastic_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    num_heads: int | torch.Tensor | None = None,
+    num_heads: int | Sequence[int] | torch.Tensor | None = None,
     *,
     causal: bool = True,
     scale: float | None = None,
@@ -472,8 +586,14 @@ def elastic_attention(
     Args:
         q: ``[B, Hq, Sq, D]``; any strides (a head-prefix view ``x[:, :h]`` is read in place).
         k, v: ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0``; query head ``h`` attends with KV head ``h // (Hq // Hkv)``.
-        num_heads: ``None`` (all heads), an int, or an integer tensor ``[B]``; each a multiple of ``Hq // Hkv``
-            in ``[Hq // Hkv, Hq]``.
+        num_heads: ``None`` (all heads), an int, a list of ints (one per sequence, known on the host) or an integer
+            tensor ``[B]``; each a multiple of ``Hq // Hkv`` in ``[Hq // Hkv, Hq]``.
+
+    Which implementation runs (:func:`attention_backend` overrides it): on a GPU, a uniform budget (None or an int)
+    runs ``F.scaled_dot_product_attention`` with the backend torch picks, on the head-prefix views, wherever its
+    causal alignment is this function's (``Sq == Sk`` or one query); a list runs SDPA once per budget group; a
+    tensor of budgets (no host sync, CUDA-graph safe) and a chunk of queries after cached keys run the Triton
+    kernel, one launch that skips each sequence's dropped heads.
         validate: check a ``num_heads`` tensor's values, at the cost of one host sync per call; skipped anyway
             while a CUDA graph is captured or torch.compile traces the call. Unchecked, heads ``h < num_heads[b]``
             are kept (clamped to [0, Hq]).
@@ -484,11 +604,18 @@ def elastic_attention(
     heads past each budget; those heads cost no attention work, forward or backward. Differentiable in q, k, v.
     """
     q, k, v = cast_to(autocast_dtype(q), q, k, v)  # as SDPA under autocast
-    heads = _check(q, k, v, num_heads, causal, scale, validate)
+    _check(q, k, v, causal, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not use_triton(q):
-        return elastic_attention_ref(q, k, v, heads.long(), causal=causal, scale=scale)
-    if q.numel() == 0 or k.shape[2] == 0:
+    B, hq = q.shape[:2]
+    rep = hq // k.shape[1]
+    if not isinstance(num_heads, torch.Tensor) and q.numel() and k.shape[2] and sdpa_serves(q, k, causal):
+        if num_heads is None:
+            return _sdpa_prefix(q, k, v, hq, causal, scale)
+        if isinstance(num_heads, (list, tuple)):
+            return _grouped(q, k, v, host_heads(num_heads, B, hq, rep), causal, scale)
+        return _padded(_sdpa_prefix(q, k, v, _uniform_heads(num_heads, hq, rep), causal, scale), hq)
+    heads = heads_tensor(num_heads, B, hq, rep, q.device, validate)
+    if not use_triton(q) or q.numel() == 0 or k.shape[2] == 0:
         return elastic_attention_ref(q, k, v, heads.long(), causal=causal, scale=scale)
     if torch.compiler.is_compiling():  # one opaque custom op in the traced graph (_ops), its backward registered
         return torch.ops.flextron.elastic_attention_fwd(q, k, v, heads, bool(causal), scale)[0]
