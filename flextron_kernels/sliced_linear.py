@@ -8,9 +8,11 @@ just a smaller matrix with the full row stride:
 - grad weight  ``dW[:n, :k] = dy^T[n, M] @ x[M, k]``    (written into a view of the full-shape gradient)
 
 No copy of ``W`` is ever made; ``x`` and ``dy`` are flattened to 2-D (a view when their strides allow).
-Which implementation runs each product (``matmul_strided``): on a GPU, cuBLAS on the prefix views (torch passes
-such views to cuBLAS in place), and a Triton GEMM only for operands cuBLAS would copy (a persistent TMA-descriptor
-kernel for large products, a pointer-based one otherwise); under the interpreter, the Triton kernels.
+On a GPU a call is ``F.linear`` on the prefix view (torch passes such views to cuBLAS in place; autograd writes the
+full-shape weight gradient): the Triton GEMMs below made 0.85-0.98x of cuBLAS at 4096 tokens and 0.35x on a 25%
+input slice (H200), and a Python autograd function costs more host time than torch's own. The Triton products
+(``matmul_strided``: a persistent TMA-descriptor kernel for large products, a pointer-based one otherwise) run
+under the interpreter, for a weight whose strides cuBLAS cannot take in place, and under ``force_path``.
 """
 
 from __future__ import annotations
@@ -263,12 +265,15 @@ def _use_blas(out: torch.Tensor, M: int, N: int) -> bool:
     return out.is_cuda and not INTERPRET
 
 
+def _blas_strides(s_r: int, s_c: int, rows: int, cols: int) -> bool:
+    """Whether a ``[rows, cols]`` matrix with these strides goes to cuBLAS in place: one unit stride and the other
+    at least the extent it steps over."""
+    return (s_c == 1 and s_r >= max(1, cols)) or (s_r == 1 and s_c >= max(1, rows))
+
+
 def _blas_view(t: torch.Tensor, rows: int, cols: int, s_r: int, s_c: int) -> torch.Tensor | None:
-    """``t`` as the strided ``[rows, cols]`` matrix, where cuBLAS can read (or write) it in place: one unit stride
-    and the other at least the extent it steps over; else None."""
-    if (s_c == 1 and s_r >= max(1, cols)) or (s_r == 1 and s_c >= max(1, rows)):
-        return t.as_strided((rows, cols), (s_r, s_c))
-    return None
+    """``t`` as the strided ``[rows, cols]`` matrix where cuBLAS can read (or write) it in place, else None."""
+    return t.as_strided((rows, cols), (s_r, s_c)) if _blas_strides(s_r, s_c, rows, cols) else None
 
 
 def _blas_matmul(a, b, out, bias, M, N, K, sam, sak, sbk, sbn, scm, scn) -> bool:
@@ -409,6 +414,11 @@ def sliced_linear(
     if amp is not None:  # as F.linear under autocast; only the prefix this call reads is cast
         k = x.shape[-1]
         x, weight, bias = cast_to(amp, x, weight[:n, :k], None if bias is None else bias[:n])
+    if _use_blas(x, 0, 0) and _blas_strides(*weight.stride(), n, x.shape[-1]):
+        # A GPU: F.linear on the prefix view, forward and backward. cuBLAS reads the view in place (a row-major
+        # weight, or a transposed one such as GPT-2's Conv1D), autograd's own backward writes the full-shape
+        # weight gradient, and torch.compile traces it as it is. The least host time a call can cost.
+        return torch.nn.functional.linear(x, weight[:n, : x.shape[-1]], None if bias is None else bias[:n])
     if not use_triton(x):
         return sliced_linear_ref(x, weight, bias, n)
     if torch.compiler.is_compiling():  # one opaque custom op in the traced graph (_ops), its backward registered
@@ -416,21 +426,5 @@ def sliced_linear(
     needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if needs_grad and torch.is_grad_enabled():
         return _SlicedLinear.apply(x, weight, bias, n)
-    # Inference skips autograd's bookkeeping: on the decode path host time is what a call costs.
-    y = _linear_view(x, weight, bias, n)
-    if y is not None:
-        return y
+    # Inference skips autograd's bookkeeping.
     return forward(flatten(x), weight, bias, n).view(*x.shape[:-1], n)
-
-
-def _linear_view(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """Inference where cuBLAS serves (a GPU): ``F.linear`` on the prefix view, one
-    torch op (on the CPU: 3.3 us of host time per call against 11.2 through ``forward``'s checks, allocation,
-    views and ``mm(out=)``). Only where cuBLAS takes the operands in place: x and the weight with a unit stride along
-    K, the weight's row stride at least k. None otherwise (the caller's general path)."""
-    k = x.shape[-1]
-    if x.stride(-1) != 1 or weight.stride(1) != 1 or weight.stride(0) < k:
-        return None
-    if not _use_blas(x, x.numel() // k, n):
-        return None
-    return torch.nn.functional.linear(x, weight[:n, :k], None if bias is None else bias[:n])

@@ -141,9 +141,9 @@ def _count_launches(sl, monkeypatch) -> list:
 @pytest.mark.parametrize("lead,N,K,n,k", SHAPES[:4])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_blas_below_tma(lead, N, K, n, k, with_bias, monkeypatch):
-    """Below the TMA kernel's sizes a GPU takes cuBLAS on the prefix views (torch.mm / addmm with ``out=`` a view of
-    the full-shape weight gradient); forced here on any device, forward and every gradient against the reference,
-    with no launch of the pointer kernel. A transposed-and-sliced x (no unit stride in its view) still goes to it."""
+    """A GPU takes F.linear on the prefix views (cuBLAS in place, autograd's full-shape weight gradient); forced here
+    on any device, forward and every gradient against the reference, with no launch of the pointer kernel. A weight
+    with no unit stride (cuBLAS would copy it) goes to the pointer kernel."""
     sl = importlib.import_module("flextron_kernels.sliced_linear")
     seen = _count_launches(sl, monkeypatch)
     with sl.force_path("cublas"):
@@ -173,9 +173,13 @@ def _blas_below_tma(seen, lead, N, K, n, k, with_bias):
     with torch.no_grad():
         assert_close(sliced_linear(x, w, b, n), _reference(x, w, b, n), torch.float32, "y (inference)")
     assert seen == []
-    # A view with no unit stride: cuBLAS would copy it, so the pointer kernel serves.
+    # An x with no unit stride: F.linear takes it too (torch makes the activation contiguous, as for any user).
     xs = randn(k, 4, 2)[:, :, 0].t()  # [4, k], strides (2, 8)
     assert_close(sliced_linear(xs, w.detach(), None, n), _reference(xs, w.detach(), None, n), torch.float32)
+    assert seen == []
+    # A weight cuBLAS cannot read in place (no unit stride): the pointer kernel serves, never a weight copy.
+    ws = randn(N, K, 2, scale=K**-0.5)[:, :, 0]
+    assert_close(sliced_linear(x.detach(), ws, None, n), _reference(x.detach(), ws, None, n), torch.float32)
     assert len(seen) == 1
 
 
