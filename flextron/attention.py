@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import StaticLayer
 
-from flextron_kernels import elastic_attention, elastic_attention_decode, sliced_linear
+from flextron_kernels import elastic_attention, elastic_attention_decode
 from flextron_kernels._runtime import use_triton
 from flextron_kernels.elastic_attention import sdpa_serves
+
+from .layers import prefix_linear
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +87,12 @@ def attention_core(
         attention_mask = None  # the caller vouches: no padding, keys end at the last query (dynamic caches)
     elif attention_mask is None and 1 < sq < sk:
         k, v, sk = k[:, :, :sq], v[:, :, :sq], sq  # upper-left causal: query i sees keys 0..i only
+    if head_budgets is None and attention_mask is None and sk >= sq and sdpa_serves(q, k, True):
+        # HF's own call (SDPA, the backend torch picks, GQA without expanding K/V): every sequence keeps the same
+        # heads, and the causal alignment is SDPA's (queries == keys) or moot (one query).
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=sq > 1,
+                                           enable_gqa=h != k.shape[1])
+        return o.transpose(1, 2)
     if _kernel_fits(q, attention_mask, dropout) and sk >= sq:
         if sq == 1 and (head_budgets is not None or not sdpa_serves(q, k, True)):
             lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
@@ -195,9 +203,9 @@ class ElasticAttention(nn.Module):
         kv = h // self.group_size
         (wq, bq), (wk, bk), (wv, bv) = self.qkv_weights()
         shape = hidden_states.shape[:-1]
-        q = sliced_linear(hidden_states, wq, bq, h * d).view(*shape, h, d).transpose(1, 2)
-        k = sliced_linear(hidden_states, wk, bk, kv * d).view(*shape, kv, d).transpose(1, 2)
-        v = sliced_linear(hidden_states, wv, bv, kv * d).view(*shape, kv, d).transpose(1, 2)
+        q = prefix_linear(hidden_states, wq, bq, h * d).view(*shape, h, d).transpose(1, 2)
+        k = prefix_linear(hidden_states, wk, bk, kv * d).view(*shape, kv, d).transpose(1, 2)
+        v = prefix_linear(hidden_states, wv, bv, kv * d).view(*shape, kv, d).transpose(1, 2)
         if position_embeddings is not None:
             q, k = apply_rotary(q, k, *position_embeddings)
         fixed = False
@@ -210,7 +218,8 @@ class ElasticAttention(nn.Module):
         if self.stats is not None:
             self._accumulate(o)
         proj = self.out_proj()
-        y = sliced_linear(o.reshape(*shape, h * d), self.out_weight(), proj.bias)
+        wo = self.out_weight()
+        y = prefix_linear(o.reshape(*shape, h * d), wo, proj.bias, wo.shape[0])
         if self.fused:
             y = self.resid_dropout(y)
         return y, None

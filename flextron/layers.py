@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flextron_kernels import sliced_linear
+from flextron_kernels.sliced_linear import blas_serves
+
+# Prefix views made outside autograd, per weight: {id(weight): (weakref, data_ptr, {(n, k, bias ptr): views})}. An
+# entry goes with its weight (the weakref's callback) and is remade when the weight's storage changes (``.to()``).
+_VIEWS: dict[int, tuple[weakref.ref, int, dict]] = {}
+
+
+def _prefix_views(weight: torch.Tensor, bias: torch.Tensor | None, n: int, k: int):
+    if torch.is_grad_enabled():  # views that carry gradients are made under autograd, each call
+        return weight[:n, :k], None if bias is None else bias[:n]
+    key = id(weight)
+    entry = _VIEWS.get(key)
+    ptr = weight.data_ptr()
+    if entry is None or entry[0]() is not weight or entry[1] != ptr:
+        entry = _VIEWS[key] = (weakref.ref(weight, lambda _, key=key: _VIEWS.pop(key, None)), ptr, {})
+    views = entry[2].get((n, k, 0 if bias is None else bias.data_ptr()))
+    if views is None:
+        views = entry[2][(n, k, 0 if bias is None else bias.data_ptr())] = (
+            weight[:n, :k], None if bias is None else bias[:n])
+    return views
+
+
+def prefix_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``x @ weight[:n, :k].T + bias[:n]`` (``k = x.shape[-1]``) for the elastic blocks, whose shapes are right by
+    construction: ``F.linear`` on the prefix views where cuBLAS takes them in place (a GPU), with no checks and,
+    outside autograd, the views made once per sub-network (the least host time per call, which is what an eager
+    decode step costs); :func:`sliced_linear` otherwise."""
+    if blas_serves(x):
+        k = x.shape[-1]
+        if n != weight.shape[0] or k != weight.shape[1]:
+            weight, bias = _prefix_views(weight, bias, n, k)
+        return F.linear(x, weight, bias)
+    return sliced_linear(x, weight, bias, n)
 
 
 class ElasticLinear(nn.Linear):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flextron_kernels import nested_mlp, sliced_linear
+from flextron_kernels import nested_mlp
+
+from .layers import prefix_linear
 
 # Hugging Face activation names -> the kernels' names.
 _ACTIVATIONS = {
@@ -84,7 +86,7 @@ class ElasticMLP(nn.Module):
         ``widths`` (optional, an integer tensor of shape ``x.shape[:-1]``, or ``self.token_widths``) gives each
         token its own neuron count, capped at the layer's active width: the grouped ``nested_mlp`` kernel runs
         then, so each token costs its own width. Without per-token widths the whole batch shares ``self.width``
-        and ``sliced_linear`` runs.
+        and the prefix products run (``F.linear`` on the weight views on a GPU, ``sliced_linear`` otherwise).
         """
         up, down = getattr(self, self._up), getattr(self, self._down)
         widths = self.token_widths if widths is None else widths
@@ -105,12 +107,13 @@ class ElasticMLP(nn.Module):
             )
         else:
             w = self.width
-            h = sliced_linear(x, self.up_weight(), up.bias, w)
+            h = prefix_linear(x, self.up_weight(), up.bias, w)
             act = getattr(self, self._act)
-            a = act(sliced_linear(x, self.gate_weight(), self.gate_proj.bias, w)) * h if self.gated else act(h)
+            a = act(prefix_linear(x, self.gate_weight(), self.gate_proj.bias, w)) * h if self.gated else act(h)
             if self.stats is not None:
                 self._accumulate(a)
-            y = sliced_linear(a, self.down_weight(), down.bias)
+            dw = self.down_weight()
+            y = prefix_linear(a, dw, down.bias, dw.shape[0])
         return self.dropout(y) if self.conv1d else y
 
     @torch.no_grad()

@@ -40,13 +40,22 @@ def aligned(t: torch.Tensor, row_stride: int) -> bool:
     return t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0 and row_stride > 0
 
 
+def _descriptor(t: torch.Tensor, block: list[int]):
+    """``TensorDescriptor(t, shape, [row stride, 1], block)`` without the dataclass's checks (~10 us of Python each on
+    a slow host, several per call): the callers pass tensors whose alignment they checked (``aligned``) or that they
+    allocated themselves."""
+    d = TensorDescriptor.__new__(TensorDescriptor)
+    d.base, d.shape, d.strides, d.block_shape, d.padding = t, list(t.shape), [t.stride(0), 1], block, "zero"
+    return d
+
+
 def full_desc(t: torch.Tensor, block: list[int], memo: dict | None = None):
     """A host TMA descriptor over all of row-major ``t`` with boxes of ``block``. ``memo``: one call's descriptors by
-    tensor and box, shared by its launches (each costs microseconds of Python)."""
+    tensor and box, shared by its launches."""
     if memo is None:
-        return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
+        return _descriptor(t, block)
     key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(0), tuple(block))
     d = memo.get(key)
     if d is None:
-        d = memo[key] = TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
+        d = memo[key] = _descriptor(t, block)
     return d

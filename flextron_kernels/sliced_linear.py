@@ -265,6 +265,12 @@ def _use_blas(out: torch.Tensor, M: int, N: int) -> bool:
     return out.is_cuda and not INTERPRET
 
 
+def blas_serves(x: torch.Tensor) -> bool:
+    """Whether ``sliced_linear`` on ``x`` is ``F.linear`` on the prefix views (a GPU, and no ``force_path`` to
+    the Triton kernels), for a weight stored row-major or transposed."""
+    return _use_blas(x, 0, 0)
+
+
 def _blas_strides(s_r: int, s_c: int, rows: int, cols: int) -> bool:
     """Whether a ``[rows, cols]`` matrix with these strides goes to cuBLAS in place: one unit stride and the other
     at least the extent it steps over."""
