@@ -17,7 +17,9 @@ _VIEWS: dict[int, tuple[weakref.ref, int, dict]] = {}
 
 
 def _prefix_views(weight: torch.Tensor, bias: torch.Tensor | None, n: int, k: int):
-    if torch.is_grad_enabled():  # views that carry gradients are made under autograd, each call
+    # Views that carry gradients are made under autograd, each call; torch.compile traces plain slices (the cache's
+    # weakrefs and ids would break its graph at every projection).
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return weight[:n, :k], None if bias is None else bias[:n]
     key = id(weight)
     entry = _VIEWS.get(key)

@@ -16,7 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import flextron.attention
 from flextron import FlextronModel, Subnet
-from flextron_kernels import cpu_reference
+from flextron_kernels import attention_backend, cpu_reference
+from flextron_kernels.sliced_linear import force_path
 
 from .model_utils import FAMILIES, VOCAB, masked_reference, tiny_model, tokens
 
@@ -158,8 +159,43 @@ def test_kernel_path(cache):
     x = tokens(batch=2, seq=6)
     calls = []
     run = flextron.attention.elastic_attention
-    with pytest.MonkeyPatch.context() as mp:  # count the kernel's calls: this test is about that path
+    # count the kernel's calls: this test is about that path (on a GPU, uniform heads would otherwise run SDPA)
+    with pytest.MonkeyPatch.context() as mp, attention_backend("triton"):
         mp.setattr(flextron.attention, "elastic_attention", lambda *a, **k: calls.append(1) or run(*a, **k))
         got = _generate(fm, x, cache)
     assert calls, "prefill did not run the elastic_attention kernel"
     assert torch.equal(got, _generate(masked_reference(orig, subnet), x, cache))
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_gpu_dispatch_tokens(family, cache):
+    """The path a GPU takes, forced on any device: F.linear on prefix views cached per sub-network and SDPA on the
+    kept heads. Greedy tokens equal the reference at a subnet, after a switch of subnet, and after the weights move
+    to new storage (the cached views follow)."""
+    orig = _sharp(tiny_model(family))
+    fm = FlextronModel.from_hf(copy.deepcopy(orig))
+    x = tokens(batch=2, seq=6, seed=7)
+    with force_path("cublas"), attention_backend("sdpa"), torch.no_grad():
+        for mlp, heads in ((0.5, 0.5), (0.75, 1.0), (0.5, 0.5)):
+            subnet = fm.uniform_subnet(mlp=mlp, heads=heads)
+            fm.set_subnet(subnet)
+            assert torch.equal(_generate(fm, x, cache), _generate(masked_reference(orig, subnet), x, cache))
+        fm.model.double()  # new storage for every weight: views cached for the old one must not be used
+        ref = masked_reference(orig, subnet).double()
+        assert torch.equal(_generate(fm, x, cache), _generate(ref, x, cache))
+
+
+def test_gpu_dispatch_compiles_in_one_graph():
+    """torch.compile traces the GPU's eager path at a sub-network with no graph break (fullgraph): the cached prefix
+    views are bypassed while tracing, and the logits equal eager's."""
+    orig = _sharp(tiny_model("llama_gqa"))
+    fm = FlextronModel.from_hf(copy.deepcopy(orig)).to(DEVICE)
+    fm.set_subnet(fm.uniform_subnet(mlp=0.5, heads=0.5))
+    x = tokens(batch=2, seq=6, seed=8).to(DEVICE)
+    with force_path("cublas"), attention_backend("sdpa"), torch.no_grad():
+        want = fm.model(input_ids=x).logits
+        torch._dynamo.reset()
+        got = torch.compile(fm.model, fullgraph=True, backend="eager")(input_ids=x).logits
+    torch._dynamo.reset()
+    assert torch.equal(got, want)
