@@ -39,6 +39,8 @@ KINDS = [
     ("sliced_linear", "sliced_linear"),
     ("latency_table", "latency tables and budgets"),
     ("compile", "whole model, eager and torch.compile"),
+    ("end_to_end_quick", "end-to-end prefill and generation, --quick"),
+    ("end_to_end", "end-to-end prefill and generation"),
     ("routing", "nested_mlp routing (rank count vs torch.sort)"),
     ("bf16_drift", "bf16 hidden-state drift"),
 ]
@@ -278,6 +280,75 @@ def compile_table(r: Result) -> list[str]:
         ["provider"] + [f"{t} tokens" for t in ts], out_rows, right_from=1)
 
 
+E2E_MODES = {"eager": 0, "static-compile": 1, "graph": 2}
+
+
+def end_to_end(r: Result) -> list[str]:
+    """Whole models per phase, batch and mode: times of the dense HF model and the FlextronModel at full width, the
+    ratios the targets are set on, and per-request budgets; then the targets met and the rows that failed."""
+    rows = [x for x in r.data.get("rows", []) if isinstance(x, dict)]
+    st = r.data.get("settings", {})
+    index = {(x.get("shape"), x.get("provider"), x.get("phase"), x.get("mode"), x.get("batch")): x for x in rows}
+    shapes = r.data.get("shapes", {})
+    names = ", ".join(f"{k} ({v.get('parameters', 0) / 1e9:.1f}B)" for k, v in shapes.items())
+    out = [f"Random-weight bf16 models {names}; sub-networks keep 75/50/25% of every layer's MLP neurons and heads. "
+           f"Decode: ms per greedy step of `generate`, {st.get('new_tokens')} tokens after a {st.get('prompt_len')}"
+           "-token prompt (prefill excluded); prefill: ms per forward. Time ratios: at most 1.05x is the target; "
+           "speed-ups: fm-50 >= 1.5x under static-compile and graph.", ""]
+    keys = sorted({(x.get("shape"), x.get("phase"), x.get("batch"), x.get("mode"), x.get("seq_len"))
+                   for x in rows if x.get("provider") != "fm-budgets" and x.get("ms")},
+                  key=lambda k: (list(shapes).index(k[0]) if k[0] in shapes else 99, k[1] != "prefill",
+                                 k[2] or 0, -(k[4] or 0), E2E_MODES.get(k[3], 9)))
+
+    def val(shape, provider, phase, mode, batch, field="ms"):
+        x = index.get((shape, provider, phase, mode, batch))
+        return x.get(field) if x else None
+
+    body = []
+    for shape, phase, batch, mode, seq in keys:
+        cell = lambda p, f="ms", k=(shape, phase, mode, batch): val(k[0], p, k[1], k[2], k[3], f)
+        row = [shape, phase, f"{batch} x {seq}" if phase == "prefill" else str(batch), mode,
+               fmt(cell("hf"), ".2f"), fmt(cell("fm-full"), ".2f"), fmt(ratio(cell("fm-full"), cell("hf")), ".2f", "x")]
+        row += [fmt(ratio(cell(f"fm-{w}"), cell(f"ext-{w}")), ".2f", "x") for w in (75, 50, 25)]
+        row += [fmt(ratio(cell("fm-full"), cell(p)), ".2f", "x") for p in ("fm-50", "fm-random-widths")]
+        body.append(row)
+    out += table(["model", "phase", "batch", "mode", "hf ms", "fm-full ms", "fm-full / hf", "fm-75 / ext-75",
+                  "fm-50 / ext-50", "fm-25 / ext-25", "fm-50 speed-up", "random widths speed-up"], body, right_from=4)
+    budgets = [x for x in rows if x.get("provider") == "fm-budgets" and x.get("ms")]
+    if budgets:
+        out += ["", "Per-request budgets: 16 sequences at 25/50/75/100% (four each) in one batch, against the same 16 "
+                "at full width and the four groups of 4 run one after another (ms per decode step):", ""]
+        out += table(["model", "mode", "budgets", "full width", "groups in sequence", "speed-up vs full",
+                      "vs groups"],
+                     [[x.get("shape"), x.get("mode"), fmt(x.get("ms"), ".2f"), fmt(x.get("full_ms_per_step"), ".2f"),
+                       fmt(x.get("groups_ms_per_step"), ".2f"),
+                       fmt(ratio(x.get("full_ms_per_step"), x.get("ms")), ".2f", "x"),
+                       fmt(ratio(x.get("groups_ms_per_step"), x.get("ms")), ".2f", "x")]
+                      for x in sorted(budgets, key=lambda x: E2E_MODES.get(x.get("mode"), 9))], right_from=2)
+    s = r.data.get("summary", {})
+    notes = []
+    host = s.get("host_overhead_us_per_layer") or {}
+    if host:
+        notes.append("Eager host overhead per layer (fm-full - hf at decode batch 1): " + ", ".join(
+            f"{k} {fmt(v, '.1f')} µs" for k, v in host.items()) + " (target <= 20 µs)")
+    if s.get("targets_total"):
+        missed = s.get("missed", [])
+        notes.append(f"Targets met: {s.get('targets_met')} of {s.get('targets_total')}" + (
+            "; missed: " + "; ".join(f"{t.get('row')}: {t.get('name')} = {fmt(t.get('value'), '.2f')}"
+                                     for t in missed[:12]) + ("; ..." if len(missed) > 12 else "") if missed else ""))
+    broken = [x for x in rows if x.get("graph_breaks")]
+    if broken:
+        notes.append("Compiled with graph breaks (past Dynamo's recompile limit, eager): " + "; ".join(
+            f"{x.get('shape')} {x.get('provider')} b{x.get('batch')} ({x.get('graph_breaks')} breaks)"
+            for x in broken[:8]) + ("; ..." if len(broken) > 8 else ""))
+    failed = [x for x in rows if x.get("error")]
+    if failed:
+        notes.append(f"{len(failed)} rows failed: " + "; ".join(
+            f"{x.get('shape')} {x.get('provider')} {x.get('phase')} {x.get('mode')} b{x.get('batch')}"
+            for x in failed[:8]) + ("; ..." if len(failed) > 8 else ""))
+    return out + (["", ". ".join(notes) + "."] if notes else [])
+
+
 def latency_table(rs: list[Result], link_base: str) -> list[str]:
     """Phases merged over the files, newest first: each phase from the newest file that timed it."""
     phases: dict[str, tuple[Result, dict]] = {}
@@ -333,6 +404,8 @@ RENDER: dict[str, Callable[[Result], list[str]]] = {
     "nested_mlp": nested_mlp,
     "elastic_attention": elastic_attention,
     "compile": compile_table,
+    "end_to_end": end_to_end,
+    "end_to_end_quick": end_to_end,
     "routing": routing,
 }
 
