@@ -143,8 +143,11 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def sliced_linear(r: Result) -> list[str]:
-    """Speed against cuBLAS on a contiguous copy of the slice, per token count and pass, over every weight and width."""
-    rows, groups = r.data.get("rows", []), {}
+    """Speed against cuBLAS on the slice, per token count and pass, over every weight and width."""
+    rows = r.data.get("rows", [])
+    if rows and "speed_vs_cublas" in rows[0]:
+        return sliced_linear_vs_view(r)
+    groups = {}
     for row in rows:
         groups.setdefault((row.get("T"), row.get("mode")), []).append(row)
     out = []
@@ -168,6 +171,28 @@ def sliced_linear(r: Result) -> list[str]:
     widths = sorted({x.get("width") for x in rows if x.get("width") is not None})
     extra.append(f"{len(rows)} cases: {', '.join(weights)} at widths {', '.join(f'{w:g}' for w in widths)}")
     return lines + ["", "; ".join(extra) + "."]
+
+
+def sliced_linear_vs_view(r: Result) -> list[str]:
+    """Results that time cuBLAS on the strided view of the slice (what a user calls), eager and from graphs."""
+    groups: dict = {}
+    for row in r.data.get("rows", []):
+        groups.setdefault((row.get("T"), row.get("mode")), []).append(row)
+    out = []
+    for (t, mode), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] != "fwd", kv[0][0])):
+        eager = [x.get("speed_vs_cublas") for x in rs]
+        graph = [x.get("graph_speed_vs_cublas") for x in rs]
+        out.append([mode, str(t), span(eager), fmt(geomean(eager), ".2f", "x"), span(graph),
+                    fmt(geomean(graph), ".2f", "x")])
+    s = r.data.get("summary", {})
+    lines = table(["pass", "tokens", "speed vs cuBLAS on the slice, eager", "geomean", "CUDA graph", "geomean"], out)
+    extra = []
+    if "max_peak_extra_bytes_flextron" in s:
+        extra.append(f"peak memory beyond the output: at most {s['max_peak_extra_bytes_flextron']:.0f} bytes")
+    target = s.get("target_min_speed_vs_cublas")
+    if isinstance(target, list) and len(target) == 2:
+        extra.append(f"target >= {target[0]}x in every case: {'met' if target[1] else 'not met'}")
+    return lines + (["", "; ".join(extra) + "."] if extra else [])
 
 
 NESTED_MODELS = ("llama2-7b", "llama3-8b")
@@ -207,6 +232,8 @@ def nested_mlp(r: Result) -> list[str]:
 
 def elastic_attention(r: Result) -> list[str]:
     rows = r.data.get("rows", [])
+    if rows and isinstance(rows[0].get("ms"), dict):
+        return elastic_attention_vs_default(r)
     by = lambda k: [x for x in rows if x.get("kind") == k]
     out = ["Prefill and backward (causal, head dim " + str(r.data.get("head_dim", "")) + ", "
            + str(r.data.get("hq", "")) + " query heads), speed against SDPA flash on the same kept heads, "
@@ -246,6 +273,53 @@ def elastic_attention(r: Result) -> list[str]:
                      [[k, fmt(v[0], ".3f"), str(v[1]), "yes" if v[2] else "no"]
                       for k, v in targets.items() if isinstance(v, list) and len(v) == 3 and v[1] != "info"],
                      right_from=1)
+    return out
+
+
+def _eager_graph(values: list[dict | None]) -> str:
+    eager = [v.get("eager") for v in values if v]
+    graph = [v.get("graph") for v in values if v and v.get("graph") is not None]
+    return f"{span(eager)} / {span(graph)}"
+
+
+def elastic_attention_vs_default(r: Result) -> list[str]:
+    """Results against SDPA with torch's default backend, each figure eager / from CUDA graphs."""
+    rows = r.data.get("rows", [])
+    backends = sorted({x.get("sdpa_backend", "") for x in rows if x.get("sdpa_backend")})
+    out = [f"Speed against `F.scaled_dot_product_attention` with the backend torch picks ({', '.join(backends)}), "
+           f"head dim {r.data.get('head_dim', '')}, {r.data.get('hq', '')} query heads; each cell eager / CUDA graph, "
+           "over kept heads 8-32:", ""]
+    pre: dict = {}
+    for x in rows:
+        if x.get("kind") in ("prefill", "backward"):
+            pre.setdefault((x.get("hkv"), x.get("B"), x.get("S")), {}).setdefault(x.get("kind"), []).append(x)
+    body = []
+    for (hkv, b, s), kinds in sorted(pre.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        p, bw = kinds.get("prefill", []), kinds.get("backward", [])
+        body.append([str(hkv), f"{b} x {s}", _eager_graph([x["speed_vs_sdpa"].get("flextron") for x in p]),
+                     _eager_graph([x["speed_vs_sdpa"].get("triton") for x in p]),
+                     _eager_graph([x["speed_vs_sdpa"].get("flextron") for x in bw])])
+    out += table(["KV heads", "batch x tokens", "prefill", "prefill, Triton kernel forced", "backward"], body,
+                 right_from=2)
+    mixed = [x for x in rows if x.get("kind") in ("mixed", "decode")]
+    if mixed:
+        out += ["", "Mixed per-sequence budgets (8/16/24/32 of 32 heads, a quarter of the batch each) against SDPA on "
+                "all heads, eager / CUDA graph:", ""]
+        body = []
+        for x in mixed:
+            sp = x.get("speed_vs_sdpa_all", {})
+            size = f"{x.get('B')} x {x.get('S')}" if x["kind"] == "mixed" else f"{x.get('B')}, {x.get('ctx')} cached"
+            body.append([x["kind"], str(x.get("hkv")), size] + [
+                _eager_graph([sp.get(p)]) if sp.get(p) else "–" for p in ("triton", "grouped", "grouped_scattered",
+                                                                          "decode")])
+        out += table(["pass", "KV heads", "batch", "Triton, one launch", "SDPA per group (adjacent)",
+                      "SDPA per group (scattered)", "decode kernel"], body, right_from=3)
+    targets = r.data.get("targets", {})
+    if targets:
+        out += ["", "Targets recorded by the run:", ""]
+        out += table(["target", "measured", "goal", "met"],
+                     [[k, fmt(v[0], ".3f"), str(v[1]), "yes" if v[2] else "no"] for k, v in targets.items()
+                      if isinstance(v, list) and len(v) == 3], right_from=1)
     return out
 
 
