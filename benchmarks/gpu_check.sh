@@ -25,8 +25,11 @@ if [ "$MODE" = all ] || [ "$MODE" = tests ] || [ "$MODE" = explore ]; then
   # Triton compiles each kernel variant the tests touch (minutes in one process): spread over processes.
   XDIST=""
   $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-  $PY -m pytest -q $XDIST --benchmark-disable -p no:cacheprovider 2>&1 | tee "$LOGDIR/pytest_cuda.log" | tail -25
-  status=${PIPESTATUS[0]}
+  # -v: each test's outcome is in the log as it finishes, so a run cut short still names its failures.
+  $PY -m pytest -v $XDIST --benchmark-disable -p no:cacheprovider -rfE > "$LOGDIR/pytest_cuda.log" 2>&1
+  status=$?
+  grep -E "(FAILED|ERROR) tests/" "$LOGDIR/pytest_cuda.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u
+  tail -3 "$LOGDIR/pytest_cuda.log"
 fi
 if [ "$MODE" = explore ]; then
   # shellcheck disable=SC2086  # the arguments are meant to split

@@ -9,23 +9,30 @@ trained alone, with the same loss, on as many tokens as the elastic run drew. Al
 
 Run without TRITON_INTERPRET on a CPU (the kernels fall back to plain torch). Each stage writes its result to
 ``<out>/results.json`` and is skipped when rerun (``--force`` reruns everything); ``docs/training.png`` is redrawn.
+
+At scale on a GPU: ``--tokens-cache DIR`` trains on a corpus ``flextron sample-corpus`` wrote (its validation split is
+real held-out text), and ``--time-limit SECONDS`` stops a stage at a checkpoint before that wall time and exits
+with status 3; the same command continues it, so a long run fits in commands of a few minutes each.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from flextron.checkpoint import latest_checkpoint
 from flextron.data import perplexity
 from flextron.export import slim
 from flextron.model import FlextronModel
 from flextron.space import ElasticSpace
-from flextron.tokens import tokenize_files
+from flextron.tokens import open_cache, tokenize_files
 from flextron.train import TrainConfig, Trainer, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +71,14 @@ def main() -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--plot", default=str(ROOT / "docs" / "training.png"))
+    p.add_argument("--tokens-cache", default=None, help="a corpus folder from `flextron sample-corpus` (train on its "
+                   "sampled text, validate on its real held-out split) instead of tokenising --text")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--eval-windows", type=int, default=64, help="validation windows at each in-run evaluation")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--time-limit", type=float, default=None, help="stop at a checkpoint before this many seconds "
+                   "and exit with status 3; the same command continues")
     p.add_argument("--baseline-widths", type=lambda s: tuple(float(x) for x in s.split(",")), default=WIDTHS[:-1],
                    help="uniform widths trained alone (1.0: the full model trained alone, a dense control)")
     args = p.parse_args()
@@ -79,15 +94,19 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    data = tokenize_files(args.text, tokenizer, out / "tokens", val_fraction=0.1)
+    if args.tokens_cache:
+        data = open_cache(args.tokens_cache)
+    else:
+        data = tokenize_files(args.text, tokenizer, out / "tokens", val_fraction=0.1)
     val = data.val_windows(args.seq_len + 1)  # the whole held-out split
     print(data, f"validation: {val.shape[0]} windows of {val.shape[1]}")
     space = ElasticSpace(mlp=WIDTHS, heads=WIDTHS)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=20,
                       k_random=args.k_random, random_kind=args.random_kind, distill=args.distill, alpha=args.alpha,
-                      full_weight=args.full_weight,
-                      eval_every=100,
-                      eval_windows=64, log_every=10, save_every=100)
+                      full_weight=args.full_weight, device=args.device, progress=False,
+                      eval_every=args.eval_every, eval_windows=args.eval_windows, log_every=10,
+                      save_every=args.save_every)
+    deadline = None if args.time_limit is None else time.perf_counter() + args.time_limit
     tokens = cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
     results["setup"] = {
         "train_tokens_available": int(len(data.train)), "val_tokens": int(len(data.val)),
@@ -113,14 +132,10 @@ def main() -> None:
 
     if "elastic" in stages and ("elastic" not in results or args.force):
         run = out / "elastic"
-        shutil.rmtree(run, ignore_errors=True)
-        fm = FlextronModel.from_pretrained(parent_dir)
-        t0 = time.perf_counter()
-        trainer = Trainer(fm, data, cfg, run)
-        history = trainer.fit()
-        secs = time.perf_counter() - t0
+        trainer, history, secs = fit_in_time(lambda: FlextronModel.from_pretrained(parent_dir), data, cfg, run,
+                                             deadline, args.force)
         results["elastic"] = {"ppl": evaluate(trainer.fm, val), "seconds": secs, "tokens": tokens,
-                              "subnet_passes_per_step": 2 + cfg.k_random,
+                              "tokens_per_s": tokens / secs, "subnet_passes_per_step": 2 + cfg.k_random,
                               "history": [r for r in history if "losses" in r or "eval" in r]}
         save()
         print("elastic", results["elastic"]["ppl"], f"{secs:.0f} s")
@@ -132,23 +147,53 @@ def main() -> None:
             if key in results["baselines"] and not args.force:
                 continue
             parent = FlextronModel.from_pretrained(parent_dir)
+            run = out / f"baseline_{key}"
+            bcfg = TrainConfig(**{**vars(cfg), "sampling": "full", "eval_widths": (1.0,)})
             # The subnet cut out physically (its weights are copies of the prefixes): the same function as
             # ``parent.extract`` (a plain LlamaForCausalLM), which transformers 5.24 cannot save_pretrained at 6 of 8
             # heads (its config validator wants hidden_size % num_attention_heads == 0 even with head_dim given).
-            alone = slim(parent, parent.uniform_subnet(w, w))
-            run = out / f"baseline_{key}"
-            shutil.rmtree(run, ignore_errors=True)
-            bcfg = TrainConfig(**{**vars(cfg), "sampling": "full", "eval_widths": (1.0,), "save_every": 0})
-            t0 = time.perf_counter()
-            trainer = Trainer(alone, data, bcfg, run, teacher=parent)
-            history = trainer.fit()
-            secs = time.perf_counter() - t0
+            trainer, history, secs = fit_in_time(lambda p=parent, w=w: slim(p, p.uniform_subnet(w, w)), data, bcfg,
+                                                 run, deadline, args.force, teacher=parent)
             results["baselines"][key] = {"ppl": evaluate(trainer.fm, val, (1.0,))["1"], "seconds": secs,
-                                         "tokens": tokens,
+                                         "tokens": tokens, "tokens_per_s": tokens / secs,
                                          "history": [r for r in history if "losses" in r or "eval" in r]}
             save()
             print("baseline", key, results["baselines"][key]["ppl"], f"{secs:.0f} s")
     plot(results, Path(args.plot))
+
+
+def fit_in_time(make_model, data, cfg: TrainConfig, run: Path, deadline: float | None, force: bool, teacher=None):
+    """Train ``run`` to ``cfg.steps``: continued from its latest checkpoint where one exists (a stage an earlier
+    command stopped), in chunks of steps that end at a checkpoint before ``deadline``; past it, exit with status 3.
+    Returns ``(trainer, history, training seconds over every command)``."""
+    if force:
+        shutil.rmtree(run, ignore_errors=True)
+    clock = run / "seconds.json"  # training time spent by earlier commands on this run
+    spent = json.loads(clock.read_text())["seconds"] if clock.is_file() and not force else 0.0
+    chunk, step_s = 25, None
+    while True:
+        resume = "latest" if (run / "checkpoints").is_dir() and latest_checkpoint(run / "checkpoints") else None
+        trainer = Trainer(make_model(), data, cfg, run, resume=resume, teacher=teacher)
+        if trainer.step >= cfg.steps:  # every command's records, as the run's metrics file holds them
+            metrics = run / "metrics.jsonl"
+            history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+            return trainer, history, spent
+        stop = cfg.steps
+        if deadline is not None:
+            left = deadline - time.perf_counter()
+            steps_left = int(left / step_s) - 5 if step_s else chunk
+            if steps_left < 1:
+                print(f"{run.name}: time limit reached at step {trainer.step} of {cfg.steps}; run again to continue")
+                sys.exit(3)
+            stop = min(cfg.steps, trainer.step + steps_left)
+        trainer.cfg = dataclasses.replace(cfg, stop_at=stop if stop < cfg.steps else None)
+        t0, first = time.perf_counter(), trainer.step
+        trainer.fit()
+        took = time.perf_counter() - t0
+        spent += took
+        run.mkdir(parents=True, exist_ok=True)
+        clock.write_text(json.dumps({"seconds": spent}))
+        step_s = took / max(1, trainer.step - first)
 
 
 def plot(results: dict, path: Path) -> None:
