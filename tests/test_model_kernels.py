@@ -1,6 +1,8 @@
 """The model layer on the Triton kernels: elastic attention (prefill and decode), per-sequence head budgets,
 per-token MLP widths. Head dim 16 so the attention kernels apply (the other model tests use 8: SDPA)."""
 
+import sys
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -30,8 +32,10 @@ def _ids(batch=2, seq=11, seed=3):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the kernel launches the model layer makes (so a silent fallback to SDPA fails the test)."""
+    """Counts the kernel launches the model layer makes (so a silent fallback to SDPA fails the test). The Triton
+    backend is pinned: on a GPU, heads every sequence shares would otherwise run SDPA (tested elsewhere)."""
     n = {"prefill": 0, "decode": 0, "nested": 0}
+    monkeypatch.setattr(sys.modules["flextron_kernels.elastic_attention"], "_backend", "triton")
 
     def wrap(name, key, module):
         fn = getattr(module, name)
