@@ -34,12 +34,12 @@ def test_attention_cases_and_tables_run_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "DEVICE", "cpu")
     monkeypatch.setattr(bench, "D", 16)
-    monkeypatch.setattr(bench, "HQ", 8)
+    monkeypatch.setattr(bench, "HQ", 4)
     monkeypatch.setattr(bench, "DTYPE", torch.float32)
     monkeypatch.setattr(bench, "bench_ms", lambda fn, grad_to_none=None, rep=0: (fn(), 1.0)[1])
     monkeypatch.setattr(bench, "bench_graph_ms", lambda fn, rep=0: (fn(), 0.5)[1])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    rows = bench.prefill_case(4, 2, 24) + [bench.mixed_case(4, 8, 24), bench.decode_case(4, 8, 40)]
+    rows = bench.prefill_case(4, 1, 16) + [bench.mixed_case(4, 4, 16), bench.decode_case(4, 4, 16)]
     assert {r["kind"] for r in rows} == {"prefill", "backward", "mixed", "decode"}
     for r in rows:  # every provider timed eager and from a graph, against the same baseline
         speeds = r.get("speed_vs_sdpa", r.get("speed_vs_sdpa_all"))
@@ -47,7 +47,7 @@ def test_attention_cases_and_tables_run_on_cpu(tmp_path, monkeypatch):
     targets = bench.targets(rows)
     assert len(targets) == 8 and all(len(v) == 3 for v in targets.values())
     payload = dict(benchmark="elastic_attention", gpu="NVIDIA Toy", torch="t", triton="t", commit="0000000",
-                   date="2026-01-01T00:00:00+00:00", head_dim=16, hq=8, rows=rows, targets=targets)
+                   date="2026-01-01T00:00:00+00:00", head_dim=16, hq=4, rows=rows, targets=targets)
     (tmp_path / "elastic_attention_NVIDIA_Toy.json").write_text(json.dumps(payload))
     sl_rows = [dict(weight="w", T=t, mode=m, speed_vs_cublas=1.0, graph_speed_vs_cublas=0.96)
                for t in (1, 256) for m in ("fwd", "fwd+bwd")]
