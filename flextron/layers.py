@@ -19,7 +19,8 @@ _VIEWS: dict[int, tuple[weakref.ref, int, dict]] = {}
 def _prefix_views(weight: torch.Tensor, bias: torch.Tensor | None, n: int, k: int):
     # Views that carry gradients are made under autograd, each call; torch.compile traces plain slices (the cache's
     # weakrefs and ids would break its graph at every projection).
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+    # A weight that is itself a view made per call (GPT-2's transposed Conv1D weights) has nothing to cache.
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or weight._base is not None:
         return weight[:n, :k], None if bias is None else bias[:n]
     key = id(weight)
     entry = _VIEWS.get(key)
@@ -27,9 +28,9 @@ def _prefix_views(weight: torch.Tensor, bias: torch.Tensor | None, n: int, k: in
     if entry is None or entry[0]() is not weight or entry[1] != ptr:
         entry = _VIEWS[key] = (weakref.ref(weight, lambda _, key=key: _VIEWS.pop(key, None)), ptr, {})
     views = entry[2].get((n, k, 0 if bias is None else bias.data_ptr()))
-    if views is None:
+    if views is None:  # views of detached aliases: a view of the weight itself would keep the weight object alive
         views = entry[2][(n, k, 0 if bias is None else bias.data_ptr())] = (
-            weight[:n, :k], None if bias is None else bias[:n])
+            weight.detach()[:n, :k], None if bias is None else bias.detach()[:n])
     return views
 
 

@@ -63,3 +63,29 @@ def test_bad_input_width():
     el.set_width(in_width=6)
     with pytest.raises(ValueError, match=r"x\.shape\[-1\]"):
         el(randn(2, 7))
+
+
+def test_prefix_views_made_once_and_remade_for_new_storage():
+    """Outside autograd the elastic blocks' prefix views are made once per (weight, width) and reused; a weight moved
+    to new storage, a transposed weight made per call, and calls under autograd get fresh slices."""
+    from flextron.layers import _VIEWS, _prefix_views
+
+    lin = torch.nn.Linear(8, 6)
+    with torch.no_grad():
+        a = _prefix_views(lin.weight, lin.bias, 4, 5)
+        b = _prefix_views(lin.weight, lin.bias, 4, 5)
+        assert a[0] is b[0] and a[1] is b[1] and a[0].shape == (4, 5) and a[1].shape == (4,)
+        assert _prefix_views(lin.weight, lin.bias, 3, 5)[0] is not a[0]  # another width
+        lin.double()  # new storage, same Parameter objects
+        c = _prefix_views(lin.weight, lin.bias, 4, 5)
+        assert c[0] is not a[0] and c[0].dtype == torch.float64 and c[0].data_ptr() == lin.weight.data_ptr()
+        t = lin.weight.t()
+        assert _prefix_views(t, None, 3, 2)[0] is not _prefix_views(t, None, 3, 2)[0]
+    g = _prefix_views(lin.weight, lin.bias, 4, 5)  # under autograd: views that carry gradients
+    assert g[0] is not c[0] and g[0].requires_grad
+    key = id(lin.weight)
+    del lin, a, b, c, g, t
+    import gc
+
+    gc.collect()
+    assert key not in _VIEWS, "an entry must go with its weight"
