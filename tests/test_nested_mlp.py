@@ -4,13 +4,14 @@ Over ~500 lines as one file: the cases share the reference, the plan fixtures an
 
 import contextlib
 import importlib
+import math
 
 import pytest
 import torch
 
 from flextron_kernels import nested_mlp
 from flextron_kernels._hopper import tma_sms
-from flextron_kernels.nested_mlp import launch
+from flextron_kernels.nested_mlp import graphs, launch
 from flextron_kernels.nested_mlp import plan as nm_plan
 from flextron_kernels.reference import nested_mlp_ref
 from flextron_kernels.routing import nested_mlp_routing
@@ -668,6 +669,62 @@ def test_cuda_graph_capture():
         ref = nested_mlp_ref(x.double(), args[0].double(), args[1].double(), w,
                              gate_weight=p["gate_weight"].detach().double())
     assert_close(y, ref, torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("shape", [(1,), (16,), (2, 150)])
+def test_eager_graph_cache(shape):
+    """Eager inference calls replayed from cached graphs: the first call of a key runs the launches, the second
+    captures, later ones replay. Every output equals the float64 reference and the launches' own output, stays what
+    it was after later calls, and sees new widths, new inputs and weights updated in place; a new weight tensor is
+    another graph."""
+    graphs.clear()
+    p = {k: v.detach() for k, v in _params(torch.bfloat16, gated=True, biases=True, inter=1024, hidden=256).items()}
+    T = math.prod(shape)
+
+    def call(x, widths, **over):
+        kw = dict(p, **over)
+        return nested_mlp(x, kw.pop("up_weight"), kw.pop("down_weight"), widths, check_widths=False, **kw)
+
+    def ref(x, widths):
+        pr = {k: v.double() for k, v in p.items()}
+        return nested_mlp_ref(x.double(), pr.pop("up_weight"), pr.pop("down_weight"), widths, **pr)
+
+    with torch.no_grad():
+        outs = []
+        for i, kind in enumerate(["mixed", "few", "one_per_width" if T <= 1024 else "mixed", "full", "one"]):
+            x = randn(*shape, 256, dtype=torch.bfloat16)
+            widths = _widths(kind, T, 1024).view(shape)
+            y = call(x, widths)
+            with graphs.graphs_enabled(False):
+                assert_close(y, call(x, widths), torch.bfloat16, f"call {i} vs the launches")
+            outs.append((y, y.clone(), ref(x, widths)))
+            assert graphs.cached_graphs() == (1 if i >= 1 else 0)
+        for i, (y, y_then, r) in enumerate(outs):
+            assert torch.equal(y, y_then), f"call {i}'s output changed after later calls"
+            assert_close(y, r, torch.bfloat16, f"call {i}")
+        p["up_weight"].mul_(0.5)  # in place: the same graph reads the new values
+        assert_close(call(x, widths), ref(x, widths), torch.bfloat16, "after an in-place update")
+        assert graphs.cached_graphs() == 1
+        p["down_weight"] = p["down_weight"] * 2  # a new tensor: another key, first sighting runs the launches
+        for _ in range(3):
+            assert_close(call(x, widths), ref(x, widths), torch.bfloat16, "a new weight tensor")
+        assert graphs.cached_graphs() == 2
+    graphs.clear()
+    assert graphs.cached_graphs() == 0
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need CUDA")
+def test_eager_graph_cache_not_for_autograd():
+    """A call that records autograd never uses the cache (it saves tensors for backward)."""
+    graphs.clear()
+    p = _params(torch.bfloat16, gated=True, biases=False, inter=512, hidden=128)
+    for _ in range(3):
+        x = randn(16, 128, dtype=torch.bfloat16, requires_grad=True)
+        _run(x, _widths("mixed", 16, 512), p, "silu", torch.bfloat16)
+        for v in p.values():
+            v.grad = None
+    assert graphs.cached_graphs() == 0
 
 
 @pytest.mark.skipif(not ON_GPU, reason="a real-size shape is too slow under the interpreter")

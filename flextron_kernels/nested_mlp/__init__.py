@@ -2,10 +2,10 @@
 
 ``kernels`` (the Triton kernels), ``plan`` (the launch plan: tile configs per token count, dtype and device; and
 ``plan.override`` to run another), ``launch`` (the launchers and one call's forward and backward), ``op`` (autograd
-and the public function).
+and the public function), ``graphs`` (eager inference calls replayed from cached CUDA graphs).
 """
 
-from . import plan
+from . import graphs, plan
 from .op import nested_mlp
 
-__all__ = ["nested_mlp", "plan"]
+__all__ = ["graphs", "nested_mlp", "plan"]

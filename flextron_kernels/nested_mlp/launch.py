@@ -221,9 +221,10 @@ def launch_wgrad(a1, a2, order, sw, cnt, src, c1, c2, db, inter, cfg, sorted_, t
     )
 
 
-def forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, act_id, training):
+def forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, act_id, training, out=None):
     """Route, up kernel, down kernel: ``(y, (x2, sorted widths, order, h, g, plan))``. ``training`` also keeps the
-    pre-activations ``h``, ``g`` for :func:`backward` (else None)."""
+    pre-activations ``h``, ``g`` for :func:`backward` (else None). ``out``: a contiguous tensor of ``x``'s shape and
+    dtype that ``y`` is written into (else a new one)."""
     H = x.shape[-1]
     inter = up_weight.shape[0]
     x2 = x.reshape(-1, H)
@@ -242,7 +243,7 @@ def forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, 
     memo = {}  # host TMA descriptors shared by the launches
     launch_up(src, order, sw, up_weight, gate_weight, True, up_bias, h, g, a, None, None, inter, act_id, False,
               training, plan.up, plan.sorted, plan.tma, gate_weight is not None, sms, tail_plan, memo)
-    y = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    y = torch.empty((T, H), dtype=x.dtype, device=x.device) if out is None else out.view(T, H)
     launch_down(a, None, order, sw, down_weight, None, True, down_bias, y, inter, plan.down, plan.sorted, pad,
                 plan.tma, sms, counts, memo)
     return y.view(x.shape), (x2, sw, order, h, g, plan)

@@ -17,7 +17,7 @@ import torch
 
 from .._runtime import autocast_dtype, cast_to, check_same, check_tensor, use_triton
 from ..reference import ACTIVATIONS, nested_mlp_ref
-from . import launch
+from . import graphs, launch
 
 ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2, relu 3
 
@@ -130,5 +130,8 @@ def nested_mlp(
                                                  ACT_ID[activation], training)[0]
     if training:
         return _NestedMLP.apply(*tensors, widths, ACT_ID[activation])
-    # Inference: no autograd node, no saved pre-activations (a decode step pays the least host time).
+    # Inference: no autograd node, no saved pre-activations; on CUDA, replayed from a cached graph where this exact
+    # call was seen before (graphs.py: one graph launch instead of three Triton launches).
+    if graphs.serves(x):
+        return graphs.call(launch.forward, *tensors, widths, ACT_ID[activation])
     return launch.forward(*tensors, widths, ACT_ID[activation], False)[0]

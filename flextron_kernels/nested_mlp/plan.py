@@ -147,6 +147,11 @@ def override(change: Callable[[Plan], Plan]) -> Iterator[None]:
         _overrides.remove(change)
 
 
+def overridden() -> bool:
+    """Whether an :func:`override` block is active."""
+    return bool(_overrides)
+
+
 def plan_for(T: int, dtype: torch.dtype) -> Plan:
     """The plan a call of ``T`` tokens of ``dtype`` runs: :func:`build`'s, with any :func:`override` applied."""
     plan = build(T, dtype)

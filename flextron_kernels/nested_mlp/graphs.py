@@ -1,0 +1,163 @@
+"""Eager inference calls of ``nested_mlp`` replayed from CUDA graphs: one graph launch instead of three Triton launches.
+
+A Triton launch from Python costs tens of microseconds of host time, and a ``nested_mlp`` call makes three of them
+(routing, up, down) plus its torch allocations; in an eager decode step the GPU waits on that. So an eager
+inference call on CUDA whose exact arguments were seen before is served by a graph captured on the second sighting
+(the first runs the launches as they are, which also compiles the kernels): the call copies ``x`` and ``widths``
+into the graph's input buffers, replays it, and returns a copy of its output. Its host cost is a key lookup, two
+copies, one replay and one copy, whatever the token count.
+
+Why it is exact: the key holds every address, shape, stride and dtype the launches read (``x``'s and ``widths``'
+shape, each weight and bias tensor, the activation, the device, the stream and torch's TF32 switch, which fp32 dots
+follow). A replay reads whatever those
+addresses hold at that moment, and a call whose key matches passes tensors at exactly those addresses; so a weight
+updated in place is read as updated, and a new weight at another address is another key. Buffers:
+
+- input buffers (``x``, ``widths``) and the output buffer are shared by every graph of one shape on one stream
+  (every layer of a model), since a replay reads and writes them only while it runs; graphs keep theirs alive;
+- the launches' intermediates live in one private memory pool per device and stream, shared by all graphs: a
+  replay's intermediates are dead when it ends, and replays on one stream never overlap.
+
+Not served here (the launches run as before): calls that record autograd, calls under ``torch.compile`` or inside a
+user's own graph capture, CPU tensors, token counts above :data:`MAX_TOKENS`, calls inside :func:`plan.override`.
+Off with ``FLEXTRON_NESTED_MLP_GRAPHS=0`` in the environment or :func:`graphs_enabled` ``(False)``; :func:`clear`
+drops every graph and buffer (the weights' memory is never held: a graph only holds addresses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+
+import torch
+
+from . import plan
+
+MAX_TOKENS = 4096  # larger calls are bound by GPU time, and their input buffers would be large
+MAX_GRAPHS = 1024  # least recently used graphs beyond this are dropped (a 7B model at 16 token counts: 512)
+
+_ENABLED = os.environ.get("FLEXTRON_NESTED_MLP_GRAPHS", "1") != "0"
+_lock = threading.Lock()
+_graphs: OrderedDict = OrderedDict()  # key -> _Entry, or None once seen (the next sighting captures)
+_buffers: dict = {}  # (device, stream, x shape, x dtype, widths dtype) -> (x, widths, y)
+_pools: dict = {}  # (device, stream) -> graph memory pool handle
+_failed: set = set()  # keys whose capture raised: run eagerly from then on
+
+
+class _Entry:
+    __slots__ = ("graph", "bufs")
+
+    def __init__(self, graph, bufs):
+        self.graph, self.bufs = graph, bufs
+
+
+@contextlib.contextmanager
+def graphs_enabled(enabled: bool):
+    """Within this block, eager inference calls use (``True``) or never use (``False``) cached graphs."""
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, bool(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED = previous
+
+
+def clear() -> None:
+    """Drop every cached graph, buffer and pool."""
+    with _lock:
+        _graphs.clear()
+        _buffers.clear()
+        _pools.clear()
+        _failed.clear()
+
+
+def cached_graphs() -> int:
+    """How many captured graphs the cache holds."""
+    return sum(e is not None for e in _graphs.values())
+
+
+def _sig(t):
+    return None if t is None else (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether an eager inference call on ``x`` may be served from a graph (the caller excludes autograd). Never
+    while a :func:`plan.override` is active (the key does not hold the plan)."""
+    return (_ENABLED and x.is_cuda and 0 < x.numel() and x.numel() // x.shape[-1] <= MAX_TOKENS
+            and not plan.overridden() and not torch.cuda.is_current_stream_capturing())
+
+
+def call(forward, x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, act_id):
+    """``forward(x, ..., widths, act_id, False, out)[0]`` (``launch.forward``), from a graph where one is cached
+    for these exact arguments; on the first sighting of a key the launches run as they are, on the second the
+    graph is captured."""
+    stream = torch.cuda.current_stream(x.device)
+    sid = (x.device.index, stream.cuda_stream)
+    bkey = (sid, tuple(x.shape), x.dtype, widths.dtype)
+    key = (bkey, torch.backends.cuda.matmul.allow_tf32, _sig(up_weight), _sig(down_weight), _sig(gate_weight),
+           _sig(up_bias), _sig(down_bias), act_id)
+    entry = _graphs.get(key, False)
+    if entry is False or key in _failed:  # first sighting (or a capture that failed): run the launches
+        if entry is False:
+            with _lock:
+                _graphs[key] = None
+                _trim()
+        return forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, act_id, False)[0]
+    if entry is None:
+        entry = _capture(key, bkey, sid, stream, forward, x, up_weight, down_weight, gate_weight, up_bias,
+                         down_bias, widths, act_id)
+        if entry is None:
+            return forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, act_id, False)[0]
+    else:
+        _graphs.move_to_end(key)
+    sx, sw, sy = entry.bufs
+    sx.copy_(x)
+    sw.copy_(widths)
+    entry.graph.replay()
+    return sy.clone()
+
+
+def _trim() -> None:
+    while len(_graphs) > MAX_GRAPHS:
+        _graphs.popitem(last=False)
+
+
+def _capture(key, bkey, sid, stream, forward, x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths,
+             act_id):
+    with _lock:
+        bufs = _buffers.get(bkey)
+        if bufs is None:
+            bufs = (torch.empty_like(x, memory_format=torch.contiguous_format),
+                    torch.empty_like(widths, memory_format=torch.contiguous_format),
+                    torch.empty_like(x, memory_format=torch.contiguous_format))
+            _buffers[bkey] = bufs
+        pool = _pools.get(sid)
+        if pool is None:
+            pool = _pools[sid] = torch.cuda.graph_pool_handle()
+    sx, sw, sy = bufs
+    # torch.cuda.graph without its synchronize / gc.collect / empty_cache on entry (one capture per layer and
+    # shape: those would cost milliseconds each); the capture runs on a side stream, as CUDA requires.
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                forward(sx, up_weight, down_weight, gate_weight, up_bias, down_bias, sw, act_id, False, sy)
+            finally:
+                graph.capture_end()
+    except Exception:  # a capture that cannot happen runs eagerly, as before
+        stream.wait_stream(side)
+        with _lock:
+            _failed.add(key)
+        return None
+    stream.wait_stream(side)
+    entry = _Entry(graph, bufs)
+    with _lock:
+        _graphs[key] = entry
+        _graphs.move_to_end(key)
+        _trim()
+    return entry
