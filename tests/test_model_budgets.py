@@ -20,6 +20,7 @@ from flextron.router import StaticRouter
 from flextron_kernels import cpu_reference
 
 from .model_utils import VOCAB, tiny_model, tokens
+from .utils import DEVICE
 
 NEW = 6
 
@@ -110,13 +111,13 @@ def _counter(calls: dict, name: str, run):
 
 def test_kernel_path():
     """Head size 16: per-sequence heads through elastic_attention / its decode form and MLP widths through
-    nested_mlp (Triton: the interpreter on a CPU)."""
+    nested_mlp (Triton on the GPU where there is one, else the interpreter on the CPU)."""
     torch.manual_seed(0)
     orig = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=64, vocab_size=VOCAB,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval().to(DEVICE)
     fm = FlextronModel.from_hf(copy.deepcopy(orig))
     subnets = [fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()]
-    x = tokens(batch=2, seq=6)
+    x = tokens(batch=2, seq=6).to(DEVICE)
     calls = {"nested_mlp": 0, "elastic_attention": 0, "elastic_attention_decode": 0}
     with pytest.MonkeyPatch.context() as mp:  # count the kernels' calls: this test is about those paths
         for module, name in ((flextron.mlp, "nested_mlp"), (flextron.attention, "elastic_attention"),
