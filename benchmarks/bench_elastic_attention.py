@@ -129,18 +129,24 @@ def backward_row(q, k, v, rep, h):
     leaves = [x[:, :n].detach().clone().requires_grad_() for x, n in ((q, h), (k, h // rep), (v, h // rep))]
     do = torch.randn_like(leaves[0])
 
-    def fwd(backend):
+    def fwd(backend, ts=leaves):
         if backend is None:
-            return sdpa(*leaves)
+            return sdpa(*ts)
         with attention_backend(backend):
-            return elastic_attention(*leaves)
+            return elastic_attention(*ts)
+
+    def fwd_bwd(backend):
+        # Leaves made inside the call: a leaf made before a capture keeps the stream it was made on, and the
+        # engine's end-of-backward sync with it would cross the capture boundary.
+        ts = [t.detach().requires_grad_() for t in leaves]
+        return torch.autograd.grad(fwd(backend, ts), ts, do)
 
     outs = {name: fwd(backend) for name, backend in (("sdpa", None), ("flextron", "auto"), ("triton", "triton"))}
     # eager: the backward alone (the forward's graph kept); graph: forward and backward through torch.autograd.grad
     # (no gradient accumulated into leaves, which a captured backward must not touch).
     eager = {name: (lambda o=o: torch.autograd.grad(o, leaves, do, retain_graph=True)) for name, o in outs.items()}
     backends = {"sdpa": None, "flextron": "auto", "triton": "triton"}
-    graph = {name: (lambda be=be: torch.autograd.grad(fwd(be), leaves, do)) for name, be in backends.items()}
+    graph = {name: (lambda be=be: fwd_bwd(be)) for name, be in backends.items()}
     out = {}
     for name in eager:
         out[name] = {"eager": min(bench_ms(eager[name], rep=30) for _ in range(2)),
