@@ -9,12 +9,13 @@ copies, one replay and one copy, whatever the token count.
 
 Why it is exact: the key holds every address, shape, stride and dtype the launches read (``x``'s and ``widths``'
 shape, each weight and bias tensor, the activation, the device, the stream and torch's TF32 switch, which fp32 dots
-follow). A replay reads whatever those
-addresses hold at that moment, and a call whose key matches passes tensors at exactly those addresses; so a weight
-updated in place is read as updated, and a new weight at another address is another key. Buffers:
+follow). A replay reads whatever those addresses hold at that moment, and a call whose key matches passes tensors at
+exactly those addresses; so a weight updated in place is read as updated, and a new weight at another address is
+another key. Memory:
 
 - input buffers (``x``, ``widths``) and the output buffer are shared by every graph of one shape on one stream
-  (every layer of a model), since a replay reads and writes them only while it runs; graphs keep theirs alive;
+  (every layer of a model), since a replay reads and writes them only while it runs; they go with the last graph
+  that uses them (at most :data:`MAX_GRAPHS` graphs are kept, least recently used dropped);
 - the launches' intermediates live in one private memory pool per device and stream, shared by all graphs: a
   replay's intermediates are dead when it ends, and replays on one stream never overlap.
 
@@ -29,21 +30,33 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from collections import OrderedDict
 
 import torch
 
 from . import plan
 
-MAX_TOKENS = 4096  # larger calls are bound by GPU time, and their input buffers would be large
-MAX_GRAPHS = 1024  # least recently used graphs beyond this are dropped (a 7B model at 16 token counts: 512)
+MAX_TOKENS = 1024  # larger calls are bound by GPU time (their host time overlaps it), and their buffers are large
+MAX_GRAPHS = 1024  # least recently used graphs beyond this are dropped (a 32-layer model at 32 token counts)
+MAX_SEEN = 4096  # keys seen once and not yet captured (one-off prompt lengths), least recently seen dropped
 
 _ENABLED = os.environ.get("FLEXTRON_NESTED_MLP_GRAPHS", "1") != "0"
 _lock = threading.Lock()
-_graphs: OrderedDict = OrderedDict()  # key -> _Entry, or None once seen (the next sighting captures)
-_buffers: dict = {}  # (device, stream, x shape, x dtype, widths dtype) -> (x, widths, y)
+_graphs: OrderedDict = OrderedDict()  # key -> _Entry
+_seen: OrderedDict = OrderedDict()  # key -> None: seen once; the next sighting captures
+# (device, stream, x shape, x dtype, widths dtype) -> _Buffers, while a graph holds them (weak: they go with the
+# last graph that uses them, so shapes seen long ago hold no memory)
+_buffers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _pools: dict = {}  # (device, stream) -> graph memory pool handle
 _failed: set = set()  # keys whose capture raised: run eagerly from then on
+
+
+class _Buffers:
+    __slots__ = ("x", "widths", "y", "__weakref__")
+
+    def __init__(self, x, widths, y):
+        self.x, self.widths, self.y = x, widths, y
 
 
 class _Entry:
@@ -68,6 +81,7 @@ def clear() -> None:
     """Drop every cached graph, buffer and pool."""
     with _lock:
         _graphs.clear()
+        _seen.clear()
         _buffers.clear()
         _pools.clear()
         _failed.clear()
@@ -75,7 +89,7 @@ def clear() -> None:
 
 def cached_graphs() -> int:
     """How many captured graphs the cache holds."""
-    return sum(e is not None for e in _graphs.values())
+    return len(_graphs)
 
 
 def _sig(t):
@@ -98,30 +112,29 @@ def call(forward, x, up_weight, down_weight, gate_weight, up_bias, down_bias, wi
     bkey = (sid, tuple(x.shape), x.dtype, widths.dtype)
     key = (bkey, torch.backends.cuda.matmul.allow_tf32, _sig(up_weight), _sig(down_weight), _sig(gate_weight),
            _sig(up_bias), _sig(down_bias), act_id)
-    entry = _graphs.get(key, False)
-    if entry is False or key in _failed:  # first sighting (or a capture that failed): run the launches
-        if entry is False:
-            with _lock:
-                _graphs[key] = None
-                _trim()
+    entry = _graphs.get(key)
+    if entry is not None:
+        _graphs.move_to_end(key)
+    elif key in _failed:  # a capture that failed: run the launches from then on
         return forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, act_id, False)[0]
-    if entry is None:
+    elif key not in _seen:  # first sighting: run the launches (they compile the kernels)
+        with _lock:
+            _seen[key] = None
+            while len(_seen) > MAX_SEEN:
+                _seen.popitem(last=False)
+        return forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, act_id, False)[0]
+    else:  # second sighting: capture
+        with _lock:
+            _seen.pop(key, None)
         entry = _capture(key, bkey, sid, stream, forward, x, up_weight, down_weight, gate_weight, up_bias,
                          down_bias, widths, act_id)
         if entry is None:
             return forward(x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths, act_id, False)[0]
-    else:
-        _graphs.move_to_end(key)
-    sx, sw, sy = entry.bufs
-    sx.copy_(x)
-    sw.copy_(widths)
+    b = entry.bufs
+    b.x.copy_(x)
+    b.widths.copy_(widths)
     entry.graph.replay()
-    return sy.clone()
-
-
-def _trim() -> None:
-    while len(_graphs) > MAX_GRAPHS:
-        _graphs.popitem(last=False)
+    return b.y.clone()
 
 
 def _capture(key, bkey, sid, stream, forward, x, up_weight, down_weight, gate_weight, up_bias, down_bias, widths,
@@ -129,14 +142,11 @@ def _capture(key, bkey, sid, stream, forward, x, up_weight, down_weight, gate_we
     with _lock:
         bufs = _buffers.get(bkey)
         if bufs is None:
-            bufs = (torch.empty_like(x, memory_format=torch.contiguous_format),
-                    torch.empty_like(widths, memory_format=torch.contiguous_format),
-                    torch.empty_like(x, memory_format=torch.contiguous_format))
+            bufs = _Buffers(*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, widths, x)))
             _buffers[bkey] = bufs
         pool = _pools.get(sid)
         if pool is None:
             pool = _pools[sid] = torch.cuda.graph_pool_handle()
-    sx, sw, sy = bufs
     # torch.cuda.graph without its synchronize / gc.collect / empty_cache on entry (one capture per layer and
     # shape: those would cost milliseconds each); the capture runs on a side stream, as CUDA requires.
     side = torch.cuda.Stream(x.device)
@@ -146,7 +156,8 @@ def _capture(key, bkey, sid, stream, forward, x, up_weight, down_weight, gate_we
         with torch.cuda.stream(side):
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
-                forward(sx, up_weight, down_weight, gate_weight, up_bias, down_bias, sw, act_id, False, sy)
+                forward(bufs.x, up_weight, down_weight, gate_weight, up_bias, down_bias, bufs.widths, act_id,
+                        False, bufs.y)
             finally:
                 graph.capture_end()
     except Exception:  # a capture that cannot happen runs eagerly, as before
@@ -158,6 +169,6 @@ def _capture(key, bkey, sid, stream, forward, x, up_weight, down_weight, gate_we
     entry = _Entry(graph, bufs)
     with _lock:
         _graphs[key] = entry
-        _graphs.move_to_end(key)
-        _trim()
+        while len(_graphs) > MAX_GRAPHS:
+            _graphs.popitem(last=False)
     return entry
