@@ -37,7 +37,7 @@ import torch
 
 from . import plan
 
-MAX_TOKENS = 1024  # larger calls are bound by GPU time (their host time overlaps it), and their buffers are large
+MAX_TOKENS = 2048  # larger calls are bound by GPU time (their host time overlaps it), and their buffers are large
 MAX_GRAPHS = 1024  # least recently used graphs beyond this are dropped (a 32-layer model at 32 token counts)
 MAX_SEEN = 4096  # keys seen once and not yet captured (one-off prompt lengths), least recently seen dropped
 
