@@ -163,6 +163,7 @@ class ElasticAttention(nn.Module):
         # Per-sequence query-head budgets ([B] ints) for the call in progress; set only for the duration of a
         # FlextronModel forward/generate that was given ``head_budgets`` (HF's generate drops unknown kwargs).
         self.head_budgets: torch.Tensor | None = None
+        self._budget_memo: tuple | None = None
         self.stats: dict | None = None  # set by ranking: accumulates per-head output norms
 
     @property
@@ -233,7 +234,20 @@ class ElasticAttention(nn.Module):
         if b.shape != (batch,):
             raise ValueError(f"head_budgets must have shape ({batch},) (one count per sequence), got {tuple(b.shape)}")
         g = self.group_size
-        return (b.clamp(max=self.heads) // g * g).clamp(min=g).to(torch.int32)
+        # Made once per budget tensor (and its in-place version) and active head count, not at every decode step
+        # (five small launches per layer and step otherwise). Not kept while compiling or capturing (no graph may
+        # hold a stale one) nor for inference-mode tensors (they have no version counter).
+        keep = not (torch.compiler.is_compiling() or b.is_inference()
+                    or (b.is_cuda and torch.cuda.is_current_stream_capturing()))
+        if keep:
+            key = (b._version, self.heads, g)
+            memo = self._budget_memo
+            if memo is not None and memo[0] is b and memo[1] == key:
+                return memo[2]
+        out = (b.clamp(max=self.heads) // g * g).clamp(min=g).to(torch.int32)
+        if keep:
+            self._budget_memo = (b, key, out)
+        return out
 
     @torch.no_grad()
     def _accumulate(self, o: torch.Tensor) -> None:

@@ -56,6 +56,7 @@ class ElasticMLP(nn.Module):
         # Per-sequence widths ([B] ints) for the call in progress (per-request budgets): each sequence's tokens run
         # its own width. ``token_widths`` and the forward's ``widths`` take precedence.
         self.sequence_widths: torch.Tensor | None = None
+        self._widths_memo: tuple | None = None
         self.stats: dict | None = None  # set by ranking: accumulates per-neuron |activation|
 
     # -- weights as the kernels see them ------------------------------------------------------------
@@ -95,14 +96,16 @@ class ElasticMLP(nn.Module):
             if x.dim() < 2 or x.shape[0] != b.shape[0]:
                 raise ValueError(f"per-sequence widths hold {b.shape[0]} sequences, but the input has shape "
                                  f"{tuple(x.shape)} (batch first)")
-            widths = b.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-        if widths is not None:
+            widths = self._sequence_token_widths(b, x.shape[:-1])
+        elif widths is not None:
             if widths.shape != x.shape[:-1]:
                 raise ValueError(
                     f"widths must have shape {tuple(x.shape[:-1])} (one per token), got {tuple(widths.shape)}")
             # Clamped into [1, width] here, so the kernel's range check (a host sync per layer) can be skipped.
+            widths = widths.clamp(1, self.width)
+        if widths is not None:
             y = nested_mlp(
-                x, self.up_weight(), self.down_weight(), widths.clamp(1, self.width), gate_weight=self.gate_weight(),
+                x, self.up_weight(), self.down_weight(), widths, gate_weight=self.gate_weight(),
                 up_bias=up.bias, down_bias=down.bias, activation=self.activation, check_widths=False,
             )
         else:
@@ -115,6 +118,22 @@ class ElasticMLP(nn.Module):
             dw = self.down_weight()
             y = prefix_linear(a, dw, down.bias, dw.shape[0])
         return self.dropout(y) if self.conv1d else y
+
+    def _sequence_token_widths(self, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Each token's width from its sequence's (``b [B]``), clamped into ``[1, width]``. Made once per widths
+        tensor (and its in-place version), active width and token shape, not at every decode step; made afresh while
+        compiling or capturing (no graph may hold a stale one) and for inference-mode tensors (no version counter)."""
+        keep = not (torch.compiler.is_compiling() or b.is_inference()
+                    or (b.is_cuda and torch.cuda.is_current_stream_capturing()))
+        if keep:
+            key = (b._version, self.width, tuple(shape))
+            memo = self._widths_memo
+            if memo is not None and memo[0] is b and memo[1] == key:
+                return memo[2]
+        out = b.view(-1, *([1] * (len(shape) - 1))).expand(shape).clamp(1, self.width)
+        if keep:
+            self._widths_memo = (b, key, out)
+        return out
 
     @torch.no_grad()
     def _accumulate(self, a: torch.Tensor) -> None:

@@ -149,3 +149,34 @@ def test_bad_budget_combinations():
         fm(input_ids=x, budgets=[1.0, Subnet(mlp=[72, 72], heads=[3, 6])])
     with pytest.raises(ValueError, match="budgets holds 3 entries but the batch has 2 sequences"):
         fm(input_ids=x, budgets=[0.25, 0.5, 1.0])
+
+
+def test_budgets_made_once_per_call_and_follow_changes():
+    """The per-layer budgets and per-token widths a generate call reads at every step are made once, and made
+    again when the budget tensor changes in place or the active sub-network changes; inference-mode tensors (no
+    version counter) work too."""
+    fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
+    a, m = fm.attention_blocks[0], fm.mlp_blocks[0]
+    g, full = a.group_size, a.num_heads
+    b = torch.tensor([full, g])
+    a.head_budgets = b
+    first = a._budgets(2)
+    assert first.tolist() == [full, g] and a._budgets(2) is first
+    b[0] = 2 * g  # in place: a new version
+    assert a._budgets(2).tolist() == [2 * g, g]
+    fm.set_subnet(fm.uniform_subnet(mlp=1.0, heads=g / full))  # fewer active heads: every budget capped at them
+    assert a._budgets(2).tolist() == [g, g]
+    with torch.inference_mode():
+        a.head_budgets = torch.tensor([full, full])
+        assert a._budgets(2).tolist() == [g, g] and a._budgets(2) is not a._budgets(2)
+    fm.set_subnet(None)
+
+    w = torch.tensor([m.full_width, 3])
+    shape = torch.Size([2, 5])
+    first = m._sequence_token_widths(w, shape)
+    assert first.tolist() == [[m.full_width] * 5, [3] * 5] and m._sequence_token_widths(w, shape) is first
+    assert m._sequence_token_widths(w, torch.Size([2, 1])).tolist() == [[m.full_width], [3]]  # a decode step
+    w[1] = 0  # in place; clamped to one neuron
+    assert m._sequence_token_widths(w, shape)[1].tolist() == [1] * 5
+    m.width = 10
+    assert m._sequence_token_widths(w, shape)[0].tolist() == [10] * 5
