@@ -188,14 +188,27 @@ def test_gpu_dispatch_tokens(family, cache):
 
 def test_gpu_dispatch_compiles_in_one_graph():
     """torch.compile traces the GPU's eager path at a sub-network with no graph break (fullgraph): the cached prefix
-    views are bypassed while tracing, and the logits equal eager's."""
+    views are bypassed while tracing, and the logits equal eager's: exactly on a CPU; on CUDA no further from eager
+    than the plain HF model compiled the same way is from its own eager logits (float32 rounding)."""
     orig = _sharp(tiny_model("llama_gqa"))
     fm = FlextronModel.from_hf(copy.deepcopy(orig)).to(DEVICE)
     fm.set_subnet(fm.uniform_subnet(mlp=0.5, heads=0.5))
     x = tokens(batch=2, seq=6, seed=8).to(DEVICE)
-    with force_path("cublas"), attention_backend("sdpa"), torch.no_grad():
-        want = fm.model(input_ids=x).logits
+
+    def eager_and_compiled(model):
+        want = model(input_ids=x).logits
         torch._dynamo.reset()
-        got = torch.compile(fm.model, fullgraph=True, backend="eager")(input_ids=x).logits
-    torch._dynamo.reset()
-    assert torch.equal(got, want)
+        got = torch.compile(model, fullgraph=True, backend="eager")(input_ids=x).logits
+        torch._dynamo.reset()
+        return want, got
+
+    with force_path("cublas"), attention_backend("sdpa"), torch.no_grad():
+        want, got = eager_and_compiled(fm.model)
+        if DEVICE == "cpu":
+            assert torch.equal(got, want)
+            return
+        ref = masked_reference(orig, fm.subnet).to(DEVICE)
+        hf_want, hf_got = eager_and_compiled(ref)
+    torch.testing.assert_close(want, hf_want, rtol=1e-4, atol=1e-4)  # the sub-network's function
+    hf_gap = (hf_got - hf_want).abs().max().item()
+    assert (got - want).abs().max().item() <= 2 * hf_gap + 1e-6 * want.abs().max().item()
