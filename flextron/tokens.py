@@ -169,6 +169,59 @@ class TokenData:
         return torch.from_numpy(np.asarray(self.val[: n * seq_len]).astype(np.int64)).view(n, seq_len)
 
 
+@dataclass
+class MixedTokenData(TokenData):
+    """Training blocks from two token caches: ``round(share * n)`` of each step's ``n`` blocks from ``other``'s
+    train split, at random positions of the batch, the rest from ``train``; validation, ``path`` and ``meta`` are
+    the first cache's (``meta["mix"]`` records the second). Made by :func:`mix`."""
+
+    other: TokenData | None = None
+    share: float = 0.0
+
+    def check_seq_len(self, seq_len: int) -> None:
+        super().check_seq_len(seq_len)
+        self.other.check_seq_len(seq_len)
+
+    def batch_starts(self, step: int, n: int, seq_len: int, *, seed: int, mode: str = "random") -> np.ndarray:
+        """Like :meth:`TokenData.batch_starts` (``random`` only): a block from ``other`` at offset ``o`` is
+        ``len(train) + o``."""
+        if mode != "random":
+            raise ValueError(f"a mix of token caches draws random blocks only (mode='random'), got mode={mode!r}")
+        rng = np.random.default_rng([seed, step, 0xDA7A, 0x313])
+        from_other = rng.permutation(n) < round(self.share * n)
+        starts = rng.integers(0, len(self.train) - seq_len, size=n)
+        other = rng.integers(0, len(self.other.train) - seq_len, size=n)
+        return np.where(from_other, len(self.train) + other, starts)
+
+    def blocks(self, starts: np.ndarray, seq_len: int, split: str = "train") -> torch.Tensor:
+        if split != "train":
+            return super().blocks(starts, seq_len, split)
+        starts = np.asarray(starts, dtype=np.int64)
+        out = torch.empty((len(starts), seq_len + 1), dtype=torch.int64)
+        mine = starts < len(self.train)
+        if mine.any():
+            out[torch.from_numpy(mine)] = super().blocks(starts[mine], seq_len)
+        if (~mine).any():
+            out[torch.from_numpy(~mine)] = self.other.blocks(starts[~mine] - len(self.train), seq_len)
+        return out
+
+
+def mix(data: TokenData, other: TokenData, share: float) -> MixedTokenData:
+    """``data`` with a share ``share`` in [0, 1) of its training blocks drawn from ``other``'s train split instead,
+    e.g. real text mixed into a corpus the parent sampled (:mod:`flextron.synth`). The two caches must hold the
+    same token ids (one tokenizer); validation stays ``data``'s."""
+    if not isinstance(data, TokenData) or not isinstance(other, TokenData):
+        raise TypeError(f"data and other must be TokenData, got {type(data).__name__} and {type(other).__name__}")
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+        raise ValueError(f"share must be a number in [0, 1), got {share!r}")
+    fp = [(d.meta.get("tokenizer") or {}).get("vocab_sha256") for d in (data, other)]
+    if fp[0] != fp[1]:
+        raise ValueError(f"other ({str(other.path)!r}) was tokenised with another tokenizer than data "
+                         f"({str(data.path)!r}): vocab sha256 {fp[1]} against {fp[0]}")
+    meta = dict(data.meta, mix={"other": str(other.path), "share": float(share), "other_tokens": other.meta["tokens"]})
+    return MixedTokenData(train=data.train, val=data.val, meta=meta, path=data.path, other=other, share=float(share))
+
+
 def default_cache_dir(paths: list[Path], fingerprint: dict, settings: dict) -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flextron" / "tokens"
     key = json.dumps({"files": [str(p.resolve()) for p in paths], "tok": fingerprint["vocab_sha256"], **settings})

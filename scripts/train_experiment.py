@@ -32,7 +32,7 @@ from flextron.data import perplexity
 from flextron.export import slim
 from flextron.model import FlextronModel
 from flextron.space import ElasticSpace
-from flextron.tokens import open_cache, tokenize_files
+from flextron.tokens import mix, open_cache, tokenize_files
 from flextron.train import TrainConfig, Trainer, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--plot", default=str(ROOT / "docs" / "training.png"))
     p.add_argument("--tokens-cache", default=None, help="a corpus folder from `flextron sample-corpus` (train on its "
                    "sampled text, validate on its real held-out split) instead of tokenising --text")
+    p.add_argument("--mix-text-share", type=float, default=0.0, help="with --tokens-cache: this share of every "
+                   "batch from the training split of --text (real text; its held-out split is never read)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows at each in-run evaluation")
     p.add_argument("--eval-every", type=int, default=100)
@@ -96,6 +98,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.tokens_cache:
         data = open_cache(args.tokens_cache)
+        if args.mix_text_share:  # real text (the training split of --text) as a share of every batch
+            data = mix(data, tokenize_files(args.text, tokenizer, out / "tokens", val_fraction=0.1),
+                       args.mix_text_share)
     else:
         data = tokenize_files(args.text, tokenizer, out / "tokens", val_fraction=0.1)
     val = data.val_windows(args.seq_len + 1)  # the whole held-out split

@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from flextron.data import STORIES260K_DIR
-from flextron.tokens import SEPARATOR, tokenize_files
+from flextron.tokens import SEPARATOR, mix, tokenize_files
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +74,32 @@ def test_empty_text_file(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="blank.txt.* holds no document"):
         tokenize_files([tmp_path / "blank.txt"], tokenizer, tmp_path / "cache", progress=False)
     assert (tmp_path / "cache" / "tokens.json").read_bytes() == before  # the existing cache is untouched
+
+
+def test_mix_of_two_caches(tmp_path, tokenizer):
+    """A share of each step's blocks from a second cache: the count, the blocks' contents from each source, a pure
+    function of (seed, step), validation from the first cache, and bad input."""
+    a = tokenize_files(_write_stories(tmp_path / "a.txt", n=40), tokenizer, tmp_path / "ca", progress=False)
+    text = "".join(f"Zebra {i} runs far in the tall green grass today.\n{SEPARATOR}\n" for i in range(40))
+    (tmp_path / "b.txt").write_text(text, encoding="utf-8")
+    b = tokenize_files(tmp_path / "b.txt", tokenizer, tmp_path / "cb", progress=False)
+    m = mix(a, b, 0.25)
+    m.check_seq_len(8)
+    starts = m.batch_starts(5, 16, 8, seed=3)
+    assert np.array_equal(starts, m.batch_starts(5, 16, 8, seed=3))
+    assert not np.array_equal(starts, m.batch_starts(6, 16, 8, seed=3))
+    from_b = starts >= len(a.train)
+    assert from_b.sum() == 4
+    blocks = m.blocks(starts, 8)
+    for s, row, other in zip(starts, blocks, from_b):
+        src, off = (b.train, s - len(a.train)) if other else (a.train, s)
+        assert 0 <= off <= len(src) - 9 and row.tolist() == src[off:off + 9].tolist()
+    assert torch.equal(m.val_windows(8), a.val_windows(8)) and m.meta["mix"]["share"] == 0.25
+    assert (mix(a, b, 0).batch_starts(5, 16, 8, seed=3) < len(a.train)).all()
+    with pytest.raises(ValueError, match="random blocks only"):
+        m.batch_starts(0, 4, 8, seed=0, mode="sequential")
+    with pytest.raises(ValueError, match="share must be a number in"):
+        mix(a, b, 1.0)
+    b.meta["tokenizer"] = dict(b.meta["tokenizer"], vocab_sha256="0" * 64)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        mix(a, b, 0.5)
