@@ -174,6 +174,24 @@ def test_train_writes_the_tokenizer_with_the_model(stories_vocab, stories_tok, t
     assert rc == 0, err
 
 
+def test_train_with_text_mixed_in(stories_vocab, tmp_path, capsys):
+    """``--mix-data`` with ``--mix-share``: the mixed-in text gets its own token cache (never --data's folder), and the
+    run trains; the two flags only together, the share in (0, 1)."""
+    args = _train_args(stories_vocab["hf"], tmp_path, "--tokenizer", STORIES260K_DIR)
+    rc, _, err = run_cli(args + ["--mix-data", TINYSTORIES_EXCERPT, "--mix-share", "0.5"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "tok" / "tokens.json").is_file() and (tmp_path / "tok" / "mix" / "tokens.json").is_file()
+    assert (tmp_path / "run" / "model").is_dir()
+    for extra, fragment in ((["--mix-share", "0.5"], "--mix-data and --mix-share go together"),
+                            (["--mix-data", TINYSTORIES_EXCERPT, "--mix-share", "1"], "--mix-share must be in (0, 1)"),
+                            (["--mix-data", TINYSTORIES_EXCERPT, "--mix-share", "0.5", "--data-mode", "sequential"],
+                             "needs --data-mode random")):
+        out = tmp_path / "bad"
+        rc, _, err = run_cli(_train_args(stories_vocab["hf"], out, "--tokenizer", STORIES260K_DIR, *extra), capsys)
+        assert_one_line_error(rc, err, "train", fragment)
+        assert not (out / "run").exists()
+
+
 # -- B: bad input in one line -------------------------------------------------------------------------------------
 def test_missing_paths(tmp_path, capsys):
     missing = tmp_path / "nope"

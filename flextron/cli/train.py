@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from pathlib import Path
 
 import torch.distributed as dist
 
 from .. import train as training
 from ..distributed import init_distributed
 from ..space import ElasticSpace
-from ..tokens import open_cache, tokenize_files, tokenizer_fingerprint
+from ..tokens import mix, open_cache, tokenize_files, tokenizer_fingerprint
 from ..train import TrainConfig, Trainer, load_model
 from . import args as c
 from .args import UsageError, check_device_available, check_vocab, config_vocab_size, load_tokenizer, user_input
@@ -31,6 +32,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     source.add_argument("--tokens-cache", default=None,
                         help="a prepared token cache folder instead of --data, e.g. a corpus written by `flextron "
                              "sample-corpus`; made with the model's tokenizer (checked)")
+    p.add_argument("--mix-data", nargs="+", type=c.existing_file, default=None,
+                   help="text files whose training split (the --val-fraction rule) makes up --mix-share of every "
+                        "batch, e.g. real text mixed into a --tokens-cache corpus the parent sampled; tokenised into "
+                        "--cache (their held-out split is never read)")
+    p.add_argument("--mix-share", type=c.unit_interval, default=None,
+                   help="share of every batch from --mix-data; in (0, 1) (required with --mix-data)")
     p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, model/")
     p.add_argument("--tokenizer", default=None, type=c.tokenizer_dir,
                    help="tokenizer folder (default: the tokenizer saved in --model; there is no other default)")
@@ -126,8 +133,15 @@ def run_train(args: argparse.Namespace) -> int:
                           bf16=not args.no_bf16, progress=not args.no_progress)
     if cfg.device == "cuda":
         check_device_available("cuda")
-    if args.tokens_cache is not None and args.cache is not None:
+    if args.tokens_cache is not None and args.cache is not None and args.mix_data is None:
         raise UsageError("--cache is where --data is tokenised; with --tokens-cache there is nothing to tokenise")
+    if (args.mix_data is None) != (args.mix_share is None):
+        raise UsageError("--mix-data and --mix-share go together: the text to mix in and its share of every batch")
+    if args.mix_share is not None and not 0 < args.mix_share < 1:
+        raise UsageError(f"--mix-share must be in (0, 1), got {args.mix_share}")
+    if args.mix_data is not None and cfg.data_mode != "random":
+        raise UsageError("--mix-data draws random blocks: it needs --data-mode random")
+    mix_cache = None if args.cache is None else str(Path(args.cache) / "mix")  # never --data's own cache folder
     tokenizer, tok_dir = load_tokenizer(args.model, args.tokenizer)
     vocab = config_vocab_size(args.model)  # cheap check before tokenising; the embedding is checked after loading
     if vocab is not None:
@@ -142,12 +156,20 @@ def run_train(args: argparse.Namespace) -> int:
         elif rank == 0:  # one rank tokenises; the others read the cache it wrote
             data = tokenize_files(args.data, tokenizer, args.cache, val_fraction=args.val_fraction,
                                   progress=not args.no_progress)
+        if rank == 0 and args.mix_data is not None:
+            tokenize_files(args.mix_data, tokenizer, mix_cache, val_fraction=args.val_fraction,
+                           progress=not args.no_progress)
     if args.tokens_cache is not None:
         check_cache_tokenizer(data, tokenizer, tok_dir)
     if dist.is_initialized():
         dist.barrier()
     if rank != 0 and args.tokens_cache is None:
         data = tokenize_files(args.data, tokenizer, args.cache, val_fraction=args.val_fraction, progress=False)
+    if args.mix_data is not None:  # rank 0 tokenised it before the barrier; the others find its cache
+        with user_input():
+            other = tokenize_files(args.mix_data, tokenizer, mix_cache, val_fraction=args.val_fraction,
+                                   progress=rank == 0 and not args.no_progress)
+            data = mix(data, other, args.mix_share)
     with user_input():
         fm = load_model(args.model, space=space, data=data, rank_windows=args.rank_windows, seq_len=cfg.seq_len)
     check_vocab(tokenizer, fm.model.get_input_embeddings().num_embeddings, tokenizer_source=tok_dir,
