@@ -83,6 +83,10 @@ def main() -> None:
                    "and exit with status 3; the same command continues")
     p.add_argument("--baseline-widths", type=lambda s: tuple(float(x) for x in s.split(",")), default=WIDTHS[:-1],
                    help="uniform widths trained alone (1.0: the full model trained alone, a dense control)")
+    p.add_argument("--pretrain-tokens", type=float, default=PRETRAIN_TOKENS,
+                   help="the parent's reported pretraining tokens (default: stories260K's); the run is reported as a "
+                        "share of it")
+    p.add_argument("--title", default="stories260K on held-out TinyStories", help="the plot's title")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -116,8 +120,8 @@ def main() -> None:
     results["setup"] = {
         "train_tokens_available": int(len(data.train)), "val_tokens": int(len(data.val)),
         "val_windows": list(val.shape), "documents": data.meta["documents"], "config": vars(args),
-        "tokens_per_run": tokens, "pretrain_tokens_upper_bound": PRETRAIN_TOKENS,
-        "fraction_of_pretraining": tokens / PRETRAIN_TOKENS,
+        "tokens_per_run": tokens, "pretrain_tokens_upper_bound": args.pretrain_tokens,
+        "fraction_of_pretraining": tokens / args.pretrain_tokens,
     }
     save()
     stages = args.stages.split(",")
@@ -164,7 +168,7 @@ def main() -> None:
                                          "history": [r for r in history if "losses" in r or "eval" in r]}
             save()
             print("baseline", key, results["baselines"][key]["ppl"], f"{secs:.0f} s")
-    plot(results, Path(args.plot))
+    plot(results, Path(args.plot), args.title)
 
 
 def fit_in_time(make_model, data, cfg: TrainConfig, run: Path, deadline: float | None, force: bool, teacher=None):
@@ -201,7 +205,7 @@ def fit_in_time(make_model, data, cfg: TrainConfig, run: Path, deadline: float |
         step_s = took / max(1, trainer.step - first)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,7 +224,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("uniform width (% of MLP neurons and heads)")
     ax.set_ylabel("validation perplexity (log scale)")
-    ax.set_title("stories260K on held-out TinyStories")
+    ax.set_title(title)
     ax.set_xticks(xs)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
