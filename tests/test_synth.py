@@ -177,6 +177,15 @@ def test_command_line_samples_resumes_and_trains(parent, tmp_path, capsys):
     assert rc == 0, err
     assert "continuing" in stdout and "tokens/s" in stdout and "val 5,757 tokens of real text" in stdout
     assert open_cache(out).meta["parent"]["sha256"] == synth.model_checksum(parent[0])
+    assert open_cache(out).meta["parent"]["dtype"] == "float32"
+
+    # --dtype bfloat16: the parent samples in bf16, and the corpus says so (dtype and the bf16 weights' checksum)
+    rc, stdout, err = run_cli(argv[:4] + [tmp_path / "bf16"] + argv[5:] + ["--dtype", "bfloat16"], capsys)
+    assert rc == 0, err
+    meta = open_cache(tmp_path / "bf16").meta
+    assert meta["parent"]["dtype"] == "bfloat16"
+    assert meta["parent"]["sha256"] == synth.model_checksum(copy.deepcopy(parent[0]).to(torch.bfloat16))
+    assert meta["tokens"]["train"] >= 300
 
     train = ["train", "--model", STORIES260K_DIR, "--tokens-cache", out, "--out", tmp_path / "run", "--mlp", "0.5,1",
              "--heads", "0.5,1", "--rank-windows", "2", "--steps", "1", "--batch-size", "1", "--seq-len", "16",
@@ -208,6 +217,7 @@ def test_command_line_bad_input(tmp_path, capsys):
         (["--seq-len", "4096"], "seq_len=4096 exceeds the model's 512 positions"),
         (["--seq-len", "8", "--prompts", str(TINYSTORIES_EXCERPT)], "leaves no room to sample"),
         (["--device", "gpu7"], "is not a device"),
+        (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     ]
     for extra, *fragments in cases:
         rc, _, err = run_cli(base + extra, capsys)

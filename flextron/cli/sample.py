@@ -18,6 +18,9 @@ def _prompts_arg(s: str) -> str:
     return s if s == "bos" else c.existing_file(s)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _device_arg(s: str) -> str:
     return s if s == "auto" else c.device(s)
 
@@ -53,6 +56,10 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed; int (default %(default)s)")
     p.add_argument("--temperature", type=c.positive_float, default=1.0,
                    help="sampling temperature (top_k 0, top_p 1); > 0 (default %(default)s)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="the parent's weights while sampling: float32 (as saved, exact) or bfloat16/float16 (about "
+                        "half the memory traffic on a GPU; the corpus records the dtype and the checksum of the "
+                        "weights that sampled) (default %(default)s)")
     p.add_argument("--device", type=_device_arg, default="auto",
                    help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--time-limit", type=c.nonnegative_float, default=None,
@@ -63,18 +70,19 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _load_model(path: str, device: str):
+def _load_model(path: str, device: str, dtype: str = "float32"):
     import torch
 
+    dt = getattr(torch, dtype)
     if (Path(path) / c.FLEXTRON_META).is_file():
         from ..model import FlextronModel
 
         fm = FlextronModel.from_pretrained(path)
-        fm.model.to(device)
+        fm.model.to(device=device, dtype=dt)
         return fm, fm.model.get_input_embeddings().num_embeddings
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(device).eval()
     return m, m.get_input_embeddings().num_embeddings
 
 
@@ -100,7 +108,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if vocab is not None:
         check_vocab(tokenizer, vocab, tokenizer_source=tok_dir, model_source=args.model)
     with user_input(f"cannot load the model in {args.model!r}"):
-        model, n_embed = _load_model(args.model, device)
+        model, n_embed = _load_model(args.model, device, args.dtype)
     check_vocab(tokenizer, n_embed, tokenizer_source=tok_dir, model_source=args.model)
     with user_input():
         job = synth.prepare_corpus(model, tokenizer, args.out, tokens=args.tokens, val_text_files=args.val_text,
