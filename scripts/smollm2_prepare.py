@@ -111,8 +111,15 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a model it read from GGUF ("quantized with gguf"): the same weights (already
+    # dequantised to fp32) go into a plain model of the same config, which saves as usual.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
     hf = out / "hf"
-    model.save_pretrained(hf)
+    plain.save_pretrained(hf)
     tok.save_pretrained(hf)
     info = {"gguf": gguf.name, "gguf_sha256": digest, "articles": len(docs), "test_articles": len(articles(test)),
             "prompt_paragraphs": len(prompts), "params": sum(t.numel() for t in model.parameters())}
