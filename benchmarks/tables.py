@@ -40,6 +40,7 @@ KINDS = [
     ("latency_table", "latency tables and budgets"),
     ("compile", "whole model, eager and torch.compile"),
     ("end_to_end_quick", "end-to-end prefill and generation, --quick"),
+    ("end_to_end_budgets", "end-to-end: per-request budgets in one batch (a run of its own)"),
     ("end_to_end", "end-to-end prefill and generation"),
     ("routing", "nested_mlp routing (rank count vs torch.sort)"),
     ("bf16_drift", "bf16 hidden-state drift"),
@@ -480,6 +481,7 @@ RENDER: dict[str, Callable[[Result], list[str]]] = {
     "compile": compile_table,
     "end_to_end": end_to_end,
     "end_to_end_quick": end_to_end,
+    "end_to_end_budgets": end_to_end,
     "routing": routing,
 }
 

@@ -129,9 +129,12 @@ def main() -> None:
     if "parent" in stages and ("parent" not in results or args.force):
         t0 = time.perf_counter()
         torch.manual_seed(0)
+        dev = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
         fm = load_model(args.model, space=space, data=data, rank_windows=64, seq_len=args.seq_len)
-        fm.save_pretrained(parent_dir)
+        fm.save_pretrained(parent_dir, overwrite=True)
+        fm.model.to(dev)
         unranked = load_model(args.model, space=space)  # same weights, not permuted: what ranking buys
+        unranked.model.to(dev)
         results["parent"] = {"ppl": evaluate(fm, val), "ppl_unranked": evaluate(unranked, val),
                              "params": {f"{w:g}": fm.num_parameters(fm.uniform_subnet(w, w)) for w in WIDTHS},
                              "subnets": {f"{w:g}": fm.uniform_subnet(w, w).to_dict() for w in WIDTHS},
