@@ -68,6 +68,7 @@ CHECKSUM_COVERS = ("sha256 over every tensor of the model's state_dict() (for a 
                    "model), in sorted name order: for each, its name, dtype and shape, then its raw bytes (native "
                    "little-endian), copied to the host in chunks of at most 64 MiB; tied tensors count once per name")
 _CHUNK = 64 << 20
+CACHES = ("dynamic", "static")
 
 
 def _hf(model):
@@ -156,6 +157,7 @@ class CorpusJob:
     progress: bool
     time_limit_s: float | None
     max_stalled_batches: int
+    cache: str = "dynamic"
     state: dict = field(default_factory=dict)
 
     # -- folder state ---------------------------------------------------------------------------------------------
@@ -200,6 +202,7 @@ class CorpusJob:
         eos = self.tokenizer.eos_token_id
         pad = eos if eos is not None else 0
         gc = GenerationConfig(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
+                              cache_implementation="static" if self.cache == "static" else None,
                               max_new_tokens=self.seq_len - inp.shape[1], eos_token_id=eos, pad_token_id=pad,
                               bos_token_id=self.tokenizer.bos_token_id)
         devices = [device.index if device.index is not None else torch.cuda.current_device()] \
@@ -327,7 +330,7 @@ def _prompt_ids(prompts, prompt_tokens: int, tokenizer, held_out: set[str]) -> t
 def prepare_corpus(model, tokenizer, out_dir, *, tokens: int, val_text_files, seq_len: int = 512,
                    batch_size: int = 64, seed: int = 0, temperature: float = 1.0, prompts="bos", prompt_tokens: int = 8,
                    progress: bool = True, time_limit_s: float | None = None,
-                   max_stalled_batches: int = 32) -> CorpusJob:
+                   max_stalled_batches: int = 32, cache: str = "dynamic") -> CorpusJob:
     """Every check of :func:`sample_corpus` (arguments, files, the folder), without sampling: ``ValueError`` or
     ``FileNotFoundError`` for bad input. Returns the job; ``job.run()`` samples."""
     for name, v, low in (("tokens", tokens, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
@@ -336,6 +339,8 @@ def prepare_corpus(model, tokenizer, out_dir, *, tokens: int, val_text_files, se
             raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
     if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     if time_limit_s is not None and not 0 <= time_limit_s < math.inf:
         raise ValueError(f"time_limit_s must be None or a number >= 0, got {time_limit_s!r}")
     out = Path(out_dir)
@@ -360,6 +365,8 @@ def prepare_corpus(model, tokenizer, out_dir, *, tokens: int, val_text_files, se
                "batch_seeds": f"torch.manual_seed(SeedSequence([seed, batch, {SEED_SALT:#x}]) state >> 1)",
                "document_rule": "prompt, then sampled ids up to EOS (not kept) or seq_len tokens with <s>; stored as "
                                 "<s> + ids"}
+    if cache != "dynamic":  # only then: corpora started before the option keep their settings
+        sampler["cache"] = cache
     # What the corpus is a function of (compared on resume): file contents by sha256, not paths or mtimes.
     sampler_id = {**sampler, "prompts": {k: v for k, v in prompt_info.items() if k != "files"}}
     if "files" in prompt_info:
@@ -391,13 +398,13 @@ def prepare_corpus(model, tokenizer, out_dir, *, tokens: int, val_text_files, se
     return CorpusJob(model=model, tokenizer=tokenizer, out=out, target=int(tokens), settings=settings,
                      provenance=provenance, prompts=rows, val=val, dtype=dtype, seq_len=seq_len,
                      batch_size=batch_size, seed=seed, temperature=float(temperature), progress=progress,
-                     time_limit_s=time_limit_s, max_stalled_batches=max_stalled_batches)
+                     time_limit_s=time_limit_s, max_stalled_batches=max_stalled_batches, cache=cache)
 
 
 def sample_corpus(model, tokenizer, out_dir, *, tokens: int, val_text_files, seq_len: int = 512,
                   batch_size: int = 64, seed: int = 0, temperature: float = 1.0, prompts="bos", prompt_tokens: int = 8,
                   progress: bool = True, time_limit_s: float | None = None,
-                  max_stalled_batches: int = 32) -> TokenData | None:
+                  max_stalled_batches: int = 32, cache: str = "dynamic") -> TokenData | None:
     """Sample a training corpus of at least ``tokens`` tokens from ``model`` into ``out_dir`` (see the module
     docstring for every rule) and return it as :class:`flextron.tokens.TokenData`.
 
@@ -412,10 +419,13 @@ def sample_corpus(model, tokenizer, out_dir, *, tokens: int, val_text_files, seq
         time_limit_s: stop after the batch in flight once this many seconds have passed; returns None then, and
             the folder continues on the next call.
         max_stalled_batches: raise :class:`SamplingStalled` after this many batches in a row without a new document.
+        cache: ``"dynamic"`` (transformers' default cache) or ``"static"`` (a fixed-size cache; on a GPU transformers
+            then compiles the decode step with CUDA graphs: one compile, then little host time per token). Part of
+            the settings: a corpus continues with the cache it was started with.
     Already complete with at least ``tokens`` tokens: returns the cache as it is.
     """
     job = prepare_corpus(model, tokenizer, out_dir, tokens=tokens, val_text_files=val_text_files, seq_len=seq_len,
                          batch_size=batch_size, seed=seed, temperature=temperature, prompts=prompts,
                          prompt_tokens=prompt_tokens, progress=progress, time_limit_s=time_limit_s,
-                         max_stalled_batches=max_stalled_batches)
+                         max_stalled_batches=max_stalled_batches, cache=cache)
     return job.run()

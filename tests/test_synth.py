@@ -218,6 +218,7 @@ def test_command_line_bad_input(tmp_path, capsys):
         (["--seq-len", "8", "--prompts", str(TINYSTORIES_EXCERPT)], "leaves no room to sample"),
         (["--device", "gpu7"], "is not a device"),
         (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+        (["--cache", "paged"], "argument --cache: invalid choice: 'paged'"),
     ]
     for extra, *fragments in cases:
         rc, _, err = run_cli(base + extra, capsys)
@@ -241,3 +242,25 @@ def test_command_line_bad_input(tmp_path, capsys):
                           tmp_path / "t", "--out", tmp_path / "r"], capsys)
     assert_one_line_error(rc, err, "train", "--cache is where --data is tokenised")
     assert not (tmp_path / "r").exists()
+
+
+def test_static_cache_samples_the_same_documents(parent, reference, tmp_path, monkeypatch):
+    """``cache="static"``: transformers' fixed-size cache (compiled decode steps on a GPU). In fp32 on the CPU it
+    samples what the dynamic cache samples under the same seeds; the corpus records the cache, and a folder started
+    with one cache is not continued with the other."""
+    model = parent[0]
+    asked, generate = [], model.generate
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["generation_config"].cache_implementation)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    static = sample(parent, tmp_path / "static", cache="static")
+    assert asked and set(asked) == {"static"}
+    assert _bytes(static.path) == _bytes(reference.path)
+    assert static.meta["sampler"]["cache"] == "static" and "cache" not in reference.meta["sampler"]
+    with pytest.raises(ValueError, match="differing: sampler"):
+        sample(parent, tmp_path / "static", cache="dynamic", tokens=SMALL["tokens"] * 2)
+    with pytest.raises(ValueError, match="cache must be one of"):
+        sample(parent, tmp_path / "bad", cache="paged")

@@ -60,6 +60,11 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
                    help="the parent's weights while sampling: float32 (as saved, exact) or bfloat16/float16 (about "
                         "half the memory traffic on a GPU; the corpus records the dtype and the checksum of the "
                         "weights that sampled) (default %(default)s)")
+    p.add_argument("--cache", choices=synth.CACHES, default="dynamic",
+                   help="the KV cache of generate: dynamic (transformers' default) or static (fixed size; on a GPU "
+                        "transformers then compiles the decode step with CUDA graphs: a one-time compile, then far "
+                        "less host time per token); a corpus continues with the cache it started with (default "
+                        "%(default)s)")
     p.add_argument("--device", type=_device_arg, default="auto",
                    help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--time-limit", type=c.nonnegative_float, default=None,
@@ -114,7 +119,8 @@ def run_sample(args: argparse.Namespace) -> int:
         job = synth.prepare_corpus(model, tokenizer, args.out, tokens=args.tokens, val_text_files=args.val_text,
                                    seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
                                    temperature=args.temperature, prompts=prompts, prompt_tokens=args.prompt_tokens,
-                                   progress=not args.no_progress, time_limit_s=args.time_limit)
+                                   progress=not args.no_progress, time_limit_s=args.time_limit,
+                                   cache=args.cache)
     before = synth.progress_state(args.out) or {}
     if before:
         print(f"continuing {args.out}: {before.get('train_tokens', 0):,} of {args.tokens:,} tokens "
