@@ -44,6 +44,7 @@ KINDS = [
     ("end_to_end", "end-to-end prefill and generation"),
     ("routing", "nested_mlp routing (rank count vs torch.sort)"),
     ("bf16_drift", "bf16 hidden-state drift"),
+    ("train", "training throughput (flextron train)"),
 ]
 MAIN = ["sliced_linear", "nested_mlp", "elastic_attention", "compile", "latency_table"]
 
@@ -474,7 +475,26 @@ def routing(r: Result) -> list[str]:
                   for x in r.data.get("rows", [])])
 
 
+def train(r: Result) -> list[str]:
+    rows = r.data.get("rows", [])
+    dense = {x["shape"]: x for x in rows if x.get("mode") == "dense"}
+    peak = (r.data.get("ceilings") or {}).get("bf16_flops_per_s")
+    out = ["Training steps of `flextron train` (bf16 autocast, fp32 master weights), random token ids; FLOPs counted "
+           "by torch's FlopCounterMode; utilisation against the bf16 matmul rate measured in the same run"
+           + (f" ({peak / 1e12:.0f} TFLOP/s)" if peak else "") + ". elastic: full + smallest + 2 random subnets "
+           "distilled from a frozen parent; dense: the full model alone, cross-entropy.", ""]
+    out += table(["shape", "mode", "batch x tokens", "ms / step", "data tokens/s", "GFLOP / token", "TFLOP/s",
+                  "utilisation", "vs dense tokens/s"],
+                 [[x["shape"], x["mode"], f"{x['batch']} x {x['seq_len']}", fmt(x.get("step_ms"), ".1f"),
+                   fmt(x.get("tokens_per_s"), ",.0f"), fmt(x["flops_per_token"] / 1e9, ".3f"),
+                   fmt(x.get("tflops_per_s"), ".1f"), fmt(x.get("utilisation_vs_measured_matmul"), ".1%"),
+                   fmt(ratio(x.get("tokens_per_s"), dense.get(x["shape"], {}).get("tokens_per_s")), ".2f", "x")
+                   if x.get("mode") != "dense" else "–"] for x in rows], right_from=3)
+    return out
+
+
 RENDER: dict[str, Callable[[Result], list[str]]] = {
+    "train": train,
     "sliced_linear": sliced_linear,
     "nested_mlp": nested_mlp,
     "elastic_attention": elastic_attention,

@@ -319,7 +319,10 @@ class Trainer:
         global_n = local * cfg.grad_accum * self.world
         starts = self.data.batch_starts(step, global_n, cfg.seq_len, seed=cfg.seed, mode=cfg.data_mode)
         subnets = sample_subnets(self.fm, step, cfg)
-        sums = {name: 0.0 for name, _ in subnets}
+        # Each subnet's loss summed on the device, in float64 (the same arithmetic as summing ``loss.item()``s) and
+        # read once per step: a ``.item()`` after every backward would make the host wait for the GPU before it
+        # could queue the next subnet's launches, leaving the GPU idle while it does.
+        sums = {name: torch.zeros((), dtype=torch.float64, device=self.device) for name, _ in subnets}
         for micro in range(cfg.grad_accum):
             lo = (micro * self.world + self.rank) * local
             block = self.data.blocks(starts[lo:lo + local], cfg.seq_len).to(self.device)
@@ -340,7 +343,7 @@ class Trainer:
                         loss = (1 - cfg.alpha) * loss + cfg.alpha * distill_loss(logits, teacher, cfg.temperature)
                     weight = cfg.full_weight if name == "full" else 1.0
                     (loss * (weight / cfg.grad_accum)).backward()
-                sums[name] += loss.item() / cfg.grad_accum
+                sums[name] += loss.detach().double() / cfg.grad_accum
                 if cfg.distill == "inplace" and name == "full":
                     teacher = logits.detach()
         self.fm.set_subnet(None)
@@ -353,7 +356,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         names = list(sums)
-        means = mean_across_ranks([sums[n] for n in names], self.device)
+        means = mean_across_ranks(torch.stack([sums[n] for n in names]).tolist(), self.device)
         losses = dict(zip(names, means))
         return {"step": self.step, "lr": lr, "loss": sum(means), "losses": losses, "grad_norm": float(grad_norm),
                 "tokens": self.step * global_n * cfg.seq_len}

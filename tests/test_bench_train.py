@@ -1,0 +1,73 @@
+"""bench_train at toy size on the CPU: the rows it writes, and its FLOP count against a count by hand (the GPU run
+is where device time is scarce; a broken benchmark must fail here)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_train  # noqa: E402
+
+import flextron_kernels  # noqa: E402
+
+TOY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           head_dim=8, vocab_size=128, rope_theta=10000.0, tie_word_embeddings=True)
+BATCH, SEQ = 2, 16
+
+
+@pytest.fixture()
+def toy(monkeypatch):
+    """The toy shape, run through the plain-torch references (as a GPU runs cuBLAS and SDPA: ops the FLOP counter
+    sees; the interpreter's Triton launches it would not)."""
+    monkeypatch.setitem(bench_train.SHAPES, "smollm2-135m", (TOY, BATCH, SEQ))
+    with flextron_kernels.cpu_reference():
+        yield bench_train.parse_args(["--shapes", "smollm2-135m", "--warmup", "1", "--steps", "2"])
+
+
+def test_dense_row_counts_six_flops_per_matmul_parameter(toy):
+    row = bench_train.measure("smollm2-135m", "dense", toy, torch.device("cpu"), peak=None)
+    assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["passes_per_step"] == 1 and not row["teacher"]
+    # By hand: forward + backward = 6 FLOPs per matmul parameter per token (the tied embedding is the output
+    # matmul, its lookup is free). The counter has no formula for the CPU's fused SDPA, so attention adds nothing
+    # here (on a GPU it counts cuDNN's and flash's, forward and backward).
+    h, L = TOY["num_attention_heads"] * TOY["head_dim"], TOY["num_hidden_layers"]
+    matmul = (L * (TOY["hidden_size"] * h * 2 + TOY["hidden_size"] * TOY["head_dim"] * TOY["num_key_value_heads"] * 2
+                   + 3 * TOY["hidden_size"] * TOY["intermediate_size"]) + TOY["vocab_size"] * TOY["hidden_size"])
+    assert row["flops_per_token"] == 6 * matmul
+
+
+def test_elastic_row_and_its_table(toy, tmp_path):
+    dense = bench_train.measure("smollm2-135m", "dense", toy, torch.device("cpu"), peak=None)
+    row = bench_train.measure("smollm2-135m", "elastic", toy, torch.device("cpu"), peak=1e12)
+    assert row["passes_per_step"] == 4 and row["teacher"]
+    # full + smallest + 2 random subnets (each at most the full model) + a teacher forward (a third of a pass)
+    assert dense["flops_per_token"] * 1.5 < row["flops_per_token"] < dense["flops_per_token"] * (4 + 1 / 3) * 1.01
+    assert row["utilisation_vs_measured_matmul"] == pytest.approx(row["tflops_per_s"] * 1e12 / 1e12)
+    assert "tok/s" in bench_train.line(row)
+
+    import json
+
+    import tables
+
+    payload = {"benchmark": "train", "info": {"gpu": "NVIDIA Toy", "commit": "0000000",
+                                              "date": "2026-01-01T00:00:00+00:00"},
+               "ceilings": {"bf16_flops_per_s": 1e12}, "rows": [dense, row]}
+    (tmp_path / "train_NVIDIA_Toy.json").write_text(json.dumps(payload))
+    text = tables.render(tmp_path)
+    assert "training throughput" in text and "data tokens/s" in text
+    ratio = row["tokens_per_s"] / dense["tokens_per_s"]
+    assert f"| {ratio:.2f}x |" in text and "| – |" in text  # elastic against dense; none for dense itself
+
+
+def test_arguments():
+    args = bench_train.parse_args(["--quick"])
+    assert args.shapes == ["smollm2-135m"] and args.steps == 4
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--shapes", "gpt5"])
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--steps", "0"])
