@@ -420,7 +420,7 @@ def sample_corpus(model, tokenizer, out_dir, *, tokens: int, val_text_files, seq
             the folder continues on the next call.
         max_stalled_batches: raise :class:`SamplingStalled` after this many batches in a row without a new document.
         cache: ``"dynamic"`` (transformers' default cache) or ``"static"`` (a fixed-size cache; on a GPU transformers
-            then compiles the decode step with CUDA graphs: one compile, then little host time per token). Part of
+            then compiles the decode step and replays it from CUDA graphs, after one compile). Part of
             the settings: a corpus continues with the cache it was started with.
     Already complete with at least ``tokens`` tokens: returns the cache as it is.
     """

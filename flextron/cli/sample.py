@@ -62,8 +62,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
                         "weights that sampled) (default %(default)s)")
     p.add_argument("--cache", choices=synth.CACHES, default="dynamic",
                    help="the KV cache of generate: dynamic (transformers' default) or static (fixed size; on a GPU "
-                        "transformers then compiles the decode step with CUDA graphs: a one-time compile, then far "
-                        "less host time per token); a corpus continues with the cache it started with (default "
+                        "transformers then compiles the decode step and replays it from CUDA graphs, after a "
+                        "one-time compile); a corpus continues with the cache it started with (default "
                         "%(default)s)")
     p.add_argument("--device", type=_device_arg, default="auto",
                    help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N (default %(default)s)")
