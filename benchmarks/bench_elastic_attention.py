@@ -6,13 +6,15 @@ Cases (bf16, head dim 128, 32 query heads, 32 or 8 KV heads):
 
 - ``prefill``: kept heads 8/16/24/32 of 32 at batch x tokens 1 x 8192, 8 x 2048, 32 x 512, causal. Providers:
   ``flextron`` (``elastic_attention`` on the head-prefix views ``q[:, :h]``, as the model calls it), ``budget``
-  (``num_heads=h`` on the full tensors: the output carries zero heads), ``triton`` (the Triton kernel forced) and
-  the baseline ``sdpa`` (default SDPA on the same heads).
+  (``num_heads=h`` on the full tensors: the output carries zero heads), ``triton`` (the Triton kernel forced),
+  ``triton_tma`` (the Triton kernel with its forward through TMA descriptors, ``attention_backend("triton_tma")``)
+  and the baseline ``sdpa`` (default SDPA on the same heads).
 - ``backward``: kept heads 16 and 32; eager times the backward alone, the graph a forward and backward.
 - ``mixed``: budgets 8/16/24/32 heads, a quarter of the batch each, at 8 x 2048 and 32 x 512. Providers: ``triton``
-  (one launch, a budget tensor: no host sync), ``grouped`` (a host list with the batch ordered by budget: SDPA per
-  group on views), ``grouped_scattered`` (a host list with budgets interleaved: each group gathers its sequences),
-  against the baseline ``sdpa_all`` (default SDPA on all heads: what a user runs without elastic heads).
+  (one launch, a budget tensor: no host sync), ``triton_tma`` (the same through TMA descriptors), ``grouped`` (a
+  host list with the batch ordered by budget: SDPA per group on views), ``grouped_scattered`` (a host list with
+  budgets interleaved: each group gathers its sequences), against the baseline ``sdpa_all`` (default SDPA on all
+  heads: what a user runs without elastic heads).
 - ``decode``: one query token per sequence against a cache of 1024 or 4096 tokens, batch 8 and 32: mixed budgets as
   above through ``elastic_attention_decode`` (``decode``) against ``sdpa_all``, and the uniform form at all heads
   (``decode_full``; the model runs SDPA there) against ``sdpa_all``.
@@ -26,6 +28,7 @@ Usage: ``python benchmarks/bench_elastic_attention.py [--out DIR] [--quick]``; w
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
@@ -105,15 +108,16 @@ def prefill_case(hkv, b, s):
         h = int(HQ * frac)
         qh, kh, vh = q[:, :h], k[:, : h // rep], v[:, : h // rep]
 
-        def forced_triton(qh=qh, kh=kh, vh=vh):
-            with attention_backend("triton"):
+        def forced(backend, qh=qh, kh=kh, vh=vh):
+            with attention_backend(backend):
                 return elastic_attention(qh, kh, vh)
 
         t = timed({
             "sdpa": lambda qh=qh, kh=kh, vh=vh: sdpa(qh, kh, vh),
             "flextron": lambda qh=qh, kh=kh, vh=vh: elastic_attention(qh, kh, vh),
             "budget": lambda h=h: elastic_attention(q, k, v, h),
-            "triton": forced_triton,
+            "triton": functools.partial(forced, "triton"),
+            "triton_tma": functools.partial(forced, "triton_tma"),
         })
         rows.append(dict(kind="prefill", hkv=hkv, B=b, S=s, heads=h, sdpa_backend=sdpa_backend(qh, kh, vh),
                          ms=t, speed_vs_sdpa=speeds(t, "sdpa")))
@@ -174,9 +178,14 @@ def mixed_case(hkv, b, s):
     q, k, v = qkv(b, hkv, s)
     adjacent, scattered = mixed_budgets(b)
     heads_t = torch.tensor(scattered, device=DEVICE, dtype=torch.int32)
+    def tma():
+        with attention_backend("triton_tma"):
+            return elastic_attention(q, k, v, heads_t, validate=False)
+
     t = timed({
         "sdpa_all": lambda: sdpa(q, k, v),
         "triton": lambda: elastic_attention(q, k, v, heads_t, validate=False),
+        "triton_tma": tma,
         "grouped": lambda: elastic_attention(q, k, v, adjacent),
         "grouped_scattered": lambda: elastic_attention(q, k, v, scattered),
     })
@@ -239,7 +248,7 @@ def targets(rows) -> dict:
             (f"prefill_min_speed_vs_sdpa_{mode}", worst("prefill", "flextron", "speed_vs_sdpa", mode), 0.95),
             (f"backward_min_speed_vs_sdpa_{mode}", worst("backward", "flextron", "speed_vs_sdpa", mode), 0.9),
             (f"mixed_prefill_min_best_speed_vs_sdpa_all_{mode}",
-             best_worst("mixed", "speed_vs_sdpa_all", mode, ("triton", "grouped")), 1.3),
+             best_worst("mixed", "speed_vs_sdpa_all", mode, ("triton", "triton_tma", "grouped")), 1.3),
             (f"mixed_decode_min_speed_vs_sdpa_all_{mode}", worst("decode", "decode", "speed_vs_sdpa_all", mode), 1.3),
         ):
             out[name] = [val, f">= {goal}", val is not None and val >= goal]

@@ -296,13 +296,16 @@ def elastic_attention_vs_default(r: Result) -> list[str]:
         if x.get("kind") in ("prefill", "backward"):
             pre.setdefault((x.get("hkv"), x.get("B"), x.get("S")), {}).setdefault(x.get("kind"), []).append(x)
     body = []
+    has_tma = any("triton_tma" in (x.get("speed_vs_sdpa") or x.get("speed_vs_sdpa_all") or {}) for x in rows)
     for (hkv, b, s), kinds in sorted(pre.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
         p, bw = kinds.get("prefill", []), kinds.get("backward", [])
+        tma = [x["speed_vs_sdpa"].get("triton_tma") for x in p]
         body.append([str(hkv), f"{b} x {s}", _eager_graph([x["speed_vs_sdpa"].get("flextron") for x in p]),
-                     _eager_graph([x["speed_vs_sdpa"].get("triton") for x in p]),
-                     _eager_graph([x["speed_vs_sdpa"].get("flextron") for x in bw])])
-    out += table(["KV heads", "batch x tokens", "prefill", "prefill, Triton kernel forced", "backward"], body,
-                 right_from=2)
+                     _eager_graph([x["speed_vs_sdpa"].get("triton") for x in p])]
+                    + ([_eager_graph(tma)] if has_tma else [])
+                    + [_eager_graph([x["speed_vs_sdpa"].get("flextron") for x in bw])])
+    out += table(["KV heads", "batch x tokens", "prefill", "prefill, Triton kernel forced"]
+                 + (["prefill, Triton TMA kernel forced"] if has_tma else []) + ["backward"], body, right_from=2)
     mixed = [x for x in rows if x.get("kind") in ("mixed", "decode")]
     if mixed:
         out += ["", "Mixed per-sequence budgets (8/16/24/32 of 32 heads, a quarter of the batch each) against SDPA on "
@@ -311,11 +314,12 @@ def elastic_attention_vs_default(r: Result) -> list[str]:
         for x in mixed:
             sp = x.get("speed_vs_sdpa_all", {})
             size = f"{x.get('B')} x {x.get('S')}" if x["kind"] == "mixed" else f"{x.get('B')}, {x.get('ctx')} cached"
+            provs = ("triton",) + (("triton_tma",) if has_tma else ()) + ("grouped", "grouped_scattered", "decode")
             body.append([x["kind"], str(x.get("hkv")), size] + [
-                _eager_graph([sp.get(p)]) if sp.get(p) else "–" for p in ("triton", "grouped", "grouped_scattered",
-                                                                          "decode")])
-        out += table(["pass", "KV heads", "batch", "Triton, one launch", "SDPA per group (adjacent)",
-                      "SDPA per group (scattered)", "decode kernel"], body, right_from=3)
+                _eager_graph([sp.get(p)]) if sp.get(p) else "–" for p in provs])
+        out += table(["pass", "KV heads", "batch", "Triton, one launch"]
+                     + (["Triton TMA, one launch"] if has_tma else [])
+                     + ["SDPA per group (adjacent)", "SDPA per group (scattered)", "decode kernel"], body, right_from=3)
     targets = r.data.get("targets", {})
     if targets:
         out += ["", "Targets recorded by the run:", ""]

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._hopper import TensorDescriptor, tma_sms
 from ._runtime import (
     INTERPRET,
     autocast_dtype,
@@ -164,6 +165,93 @@ def _attn_fwd_kernel(
     acc = acc / l_i[:, None]
     tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=rmask)
+
+
+# The forward through Hopper's TMA: 4-D descriptors ([B, H, S, D] with the tensors' own strides, boxes
+# [1, 1, BLOCK, D]) load the tiles asynchronously, zero-filled past the edges, in place of pointer loads with masks.
+# Not the default yet: ``attention_backend("triton_tma")`` selects it (its speed is measured before it replaces the
+# pointer kernel for budget tensors).
+_TMA_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 64, 8, 5), (64, 64, 4, 4)]
+_TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _tma_pre_hook(nargs):
+    bm, bn, d = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["HEAD_DIM"]
+    nargs["desc_q"].block_shape = [1, 1, bm, d]
+    nargs["desc_k"].block_shape = [1, 1, bn, d]
+    nargs["desc_v"].block_shape = [1, 1, bn, d]
+    nargs["desc_o"].block_shape = [1, 1, bm, d]
+
+
+def _tma_configs():
+    tiles = [_INTERPRET_TILE] if INTERPRET else _TMA_TILES
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st, pre_hook=_tma_pre_hook)
+            for m, n, w, st in tiles]
+
+
+@triton.jit
+def _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, lo, hi, Sk, OFF, qk_scale,
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = desc_k.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASK:
+            cols = start_n + tl.arange(0, BLOCK_N)
+            keep = cols[None, :] < Sk
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None] + OFF)
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_tma_configs(), key=["HEAD_DIM", "CAUSAL", "S_BUCKET"],
+                 do_bench=cpu_do_bench if INTERPRET else None)
+@triton.jit
+def _attn_fwd_tma_kernel(
+    desc_q, desc_k, desc_v, desc_o, lse_ptr, heads_ptr,
+    HQ, REP, Sq, Sk, OFF, S_BUCKET, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The pointer kernel's program order, masking and early exit (see _attn_fwd_kernel); only the loads and the
+    # output store differ.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    if h >= tl.load(heads_ptr + b):
+        desc_o.store([b, h, start_m, 0], tl.zeros((1, 1, BLOCK_M, HEAD_DIM), dtype=desc_o.dtype))
+        return
+    g = h // REP
+    q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    full, hi = _key_range(start_m, Sk, OFF, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, 0, full, Sk, OFF, qk_scale,
+                                   False, CAUSAL, UPCAST, HEAD_DIM, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, full, hi, Sk, OFF, qk_scale,
+                                   True, CAUSAL, UPCAST, HEAD_DIM, BLOCK_N)
+    acc = acc / l_i[:, None]
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
+    desc_o.store([b, h, start_m, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 
 
 @triton.jit
@@ -340,11 +428,34 @@ def _s_bucket(s: int) -> int:
     return next_pow2(max(s, 16))
 
 
+def _tma_serves(q, k, v) -> bool:
+    """Whether the TMA forward can read these operands: 16-bit, a Hopper GPU (or the interpreter), unit stride on D,
+    every other stride and every base 16-byte aligned (head-prefix views and ``[B, S, H, D]`` transposes are)."""
+    if q.dtype not in _TORCH_TO_TL or TensorDescriptor is None or not tma_sms(q.device):
+        return False
+    for t in (q, k, v):
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any((st * t.element_size()) % 16 for st in t.stride()[:3]):
+            return False
+    return True
+
+
+def _desc(t: torch.Tensor):
+    """A 4-D host descriptor over ``t`` (its shape and strides); the autotune pre-hook sets the box per config."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[3]])
+
+
 def forward(q, k, v, heads, causal, scale):
     B, HQ, Sq, D = q.shape
     HKV, Sk = k.shape[1], k.shape[2]
     o = torch.empty((B, HQ, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, Sq), dtype=torch.float32, device=q.device)
+    if _backend == "triton_tma" and _tma_serves(q, k, v):
+        _attn_fwd_tma_kernel[lambda meta: (cdiv(Sq, meta["BLOCK_M"]), B * HQ)](
+            _desc(q), _desc(k), _desc(v), _desc(o), lse, heads,
+            HQ, HQ // HKV, Sq, Sk, Sk - Sq, _s_bucket(Sq), scale * LOG2E,
+            HEAD_DIM=D, CAUSAL=causal, UPCAST=upcast_flag(q.dtype),
+        )
+        return o, lse
 
     def grid(meta):
         return (cdiv(Sq, meta["BLOCK_M"]), B * HQ)
@@ -398,7 +509,7 @@ class _ElasticAttention(torch.autograd.Function):
 
 # --------------------------------------------------------------------------------------------- dispatch
 
-BACKENDS = ("auto", "sdpa", "triton")
+BACKENDS = ("auto", "sdpa", "triton", "triton_tma")
 _backend = "auto"
 
 
@@ -413,6 +524,8 @@ def attention_backend(name: str) -> Iterator[None]:
       interpreter run the Triton kernel.
     - ``"sdpa"``: SDPA wherever it can serve (also on the CPU); the Triton kernel only where it cannot.
     - ``"triton"``: the Triton kernel always (a list of budgets becomes a tensor).
+    - ``"triton_tma"``: as ``"triton"``, with the forward through TMA descriptors where the operands allow it
+      (16-bit, 16-byte aligned strides, Hopper); the backward is the same kernel's.
     """
     global _backend
     if name not in BACKENDS:
@@ -427,7 +540,7 @@ def attention_backend(name: str) -> Iterator[None]:
 def sdpa_serves(q: torch.Tensor, k: torch.Tensor, causal: bool) -> bool:
     """SDPA's ``is_causal`` aligns queries to the first keys, ours to the last: the same where ``Sq == Sk``; one
     query sees every key either way."""
-    if _backend == "triton" or (_backend == "auto" and not (q.is_cuda and not INTERPRET)):
+    if _backend in ("triton", "triton_tma") or (_backend == "auto" and not (q.is_cuda and not INTERPRET)):
         return False
     sq, sk = q.shape[2], k.shape[2]
     return not causal or sq == sk or sq == 1

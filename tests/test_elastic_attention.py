@@ -1,10 +1,12 @@
 """elastic_attention and its decode form against the float64 reference: lengths off every block multiple,
 per-sequence head budgets, causal and not, GQA and MHA, every dtype, gradients, strided views, bad input."""
 
+import importlib
+
 import pytest
 import torch
 
-from flextron_kernels import elastic_attention, elastic_attention_decode
+from flextron_kernels import attention_backend, elastic_attention, elastic_attention_decode
 from flextron_kernels.reference import elastic_attention_decode_ref, elastic_attention_ref
 from tests.utils import DEVICE, DTYPES, ON_GPU, assert_close, poisoned_allocations, randn
 
@@ -103,6 +105,59 @@ def test_inactive_heads_skip_nan_inputs():
     o.backward(torch.ones_like(o))
     assert torch.isfinite(o).all() and torch.count_nonzero(o[1, 2:]) == 0
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+# ------------------------------------------------------------------------------ the TMA forward (opt-in)
+_EA = importlib.import_module("flextron_kernels.elastic_attention")
+
+
+class _Forbidden:
+    """Stands in for the pointer forward kernel: any launch of it fails the test."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the pointer forward kernel ran where the TMA forward should have")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["gqa-causal", "mha-full-keys", "chunk-after-cache", "views"])
+def test_tma_forward(dtype, case, monkeypatch):
+    """``attention_backend("triton_tma")``: the forward through 4-D TMA descriptors, with the pointer kernel's
+    backward reading its log-sum-exp: outputs and gradients against the float64 reference, budgets' zeros exact."""
+    if not _EA.tma_sms(torch.device(DEVICE)):
+        pytest.skip("no TMA on this device (Hopper or later, or the interpreter)")
+    monkeypatch.setattr(_EA, "_attn_fwd_kernel", _Forbidden())
+    heads = torch.tensor([4, 2], device=DEVICE)
+    with attention_backend("triton_tma"):
+        if case == "views":  # a head prefix of [B, S, H, D] projections, transposed: strided, 16-byte aligned
+            qbig = randn(2, 50, 6, 32, dtype=dtype)
+            kv = randn(2, 50, 2, 2, 32, dtype=dtype)
+            q = qbig.transpose(1, 2)[:, :4].requires_grad_()
+            k, v = (kv[:, :, :, i].transpose(1, 2).requires_grad_() for i in (0, 1))
+            q.retain_grad()
+            o = _check_fwd_bwd(q, k, v, heads, True, dtype)
+        else:
+            seq, hkv, d, causal, sk = {"gqa-causal": (67, 2, 32, True, None),
+                                       "mha-full-keys": (130, 4, 64, False, None),
+                                       "chunk-after-cache": (20, 2, 32, True, 90)}[case]
+            q, k, v = _qkv(2, 4, hkv, seq, d, dtype, sk=sk)
+            o = _check_fwd_bwd(q, k, v, heads, causal, dtype)
+    assert torch.count_nonzero(o[1, 2:]) == 0
+
+
+def test_tma_forward_falls_back_where_descriptors_cannot_read():
+    """Operands TMA cannot describe (fp32; a base off 16 bytes) run the pointer kernel, with the same results."""
+    if not _EA.tma_sms(torch.device(DEVICE)):
+        pytest.skip("no TMA on this device (Hopper or later, or the interpreter)")
+    q, k, v = _qkv(2, 4, 2, 33, 16, torch.float32)
+    assert not _EA._tma_serves(q, k, v)
+    with attention_backend("triton_tma"):
+        _check_fwd_bwd(q, k, v, torch.tensor([2, 4], device=DEVICE), True, torch.float32)
+    big = randn(2, 4, 33, 17, dtype=torch.float16)
+    q16 = big[..., 1:].requires_grad_()  # base 2 bytes past an aligned one
+    k16, v16 = (randn(2, 2, 33, 16, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    assert not _EA._tma_serves(q16, k16, v16)
+    with attention_backend("triton_tma"):
+        _check_fwd_bwd(q16, k16, v16, None, True, torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------- decode
