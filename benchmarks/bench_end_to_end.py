@@ -61,6 +61,11 @@ batch) instead of rewriting it, so a sweep can be split over several commands; `
 after that many seconds and prints the rows it skipped. Each row records the seconds it took (warm-up and compile
 included), and the run ends with that estimate per row.
 
+Rows of one provider are timed one after another, so a host or GPU that drifts over the run (clocks, other work)
+moves one side of a ratio and not the other. ``--paired`` adds, per eager decode batch, rows ``pair-full`` (fm-full
+against the plain HF model exported at full width) and ``pair-X`` (fm-X against ext-X) whose ``generate`` calls
+alternate A B A B... after one warm-up each; their ratio is a target of its own (``<= 1.05``, "interleaved").
+
 Every ``static-compile`` row compiles (tens of seconds for a 7B model; the ``fm-budgets`` row six times), so the
 whole default sweep takes over half an hour: split it by ``--modes`` and ``--providers`` into commands that each
 ``--merge`` into the same file.
@@ -76,6 +81,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import json
 import math
@@ -270,6 +276,22 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     return out
 
 
+def pair_specs(specs: list[RowSpec]) -> list[tuple[str, RowSpec]]:
+    """The interleaved comparisons ``--paired`` adds for one shape: ``("full", fm-full's spec)`` where ``hf`` is
+    asked too, ``("X", fm-X's spec)`` where ``ext-X`` is; eager decode only (where host time decides)."""
+    have = {(s.provider, s.phase, s.mode, s.batch) for s in specs}
+    out = []
+    for s in specs:
+        if s.phase != "decode" or s.mode != "eager":
+            continue
+        if s.provider == "fm-full" and ("hf", "decode", "eager", s.batch) in have:
+            out.append(("full", s))
+        elif s.provider[:3] == "fm-" and s.provider[3:].isdigit() and (
+                f"ext-{s.provider[3:]}", "decode", "eager", s.batch) in have:
+            out.append((s.provider[3:], s))
+    return out
+
+
 # -- ratios and targets ------------------------------------------------------------------------------
 DERIVED = ("ratios", "targets")
 
@@ -330,6 +352,10 @@ def evaluate(rows: list[dict], layers: dict[str, int] | None = None) -> tuple[li
                 full = other("fm-full")
                 if full:
                     ratios["speedup_vs_full"] = full / ms
+            elif p.startswith("pair-") and r.get("ratio"):
+                ratios["a_over_b"] = r["ratio"]
+                targets.append(_target(f"{r.get('a')} time / {r.get('b')}, interleaved", r["ratio"],
+                                       f"<= {TOLERANCE}", r["ratio"] <= TOLERANCE))
             elif p == "fm-budgets":
                 full, groups = r.get("full_ms_per_step"), r.get("groups_ms_per_step")
                 if full:
@@ -619,6 +645,8 @@ class Runner:
                     traceback.print_exc(limit=4)
                     self._failed(rows, e)
                 self._free()
+            if self.args.paired:
+                self.run_pairs(fm, pair_specs(specs))
         finally:
             del model, fm
             self._free()
@@ -651,6 +679,58 @@ class Runner:
             fm.set_subnet(None)
             del ext
             self._free()
+
+    def run_pairs(self, fm, pairs: list[tuple[str, RowSpec]]) -> None:
+        """Eager decode timed interleaved: the FlextronModel at a uniform sub-network (A) and the same sub-network as a
+        plain HF model (B: ``ext-X``; at full width the plain model exported at full width, the HF model's function
+        in HF's own modules), ``generate`` calls alternating A B A B... ``repeats`` times after one warm-up each."""
+        n = self.args.new_tokens
+        for name, spec in pairs:
+            key = (spec.shape, f"pair-{name}", "decode", "eager", spec.batch)
+            if self._out_of_time():
+                self.skipped.append(key_str(key))
+                continue
+            t = time.monotonic()
+            a_name, b_name = (("fm-full", "hf (exported at full width)") if name == "full"
+                              else (f"fm-{name}", f"ext-{name}"))
+            row = {"shape": spec.shape, "provider": f"pair-{name}", "phase": "decode", "mode": "eager",
+                   "batch": spec.batch, "prompt_len": spec.seq_len, "new_tokens": n, "a": a_name, "b": b_name}
+            ext = None
+            try:
+                frac = 1.0 if name == "full" else int(name) / 100
+                subnet = fm.uniform_subnet(frac, frac)
+                ext, how = plain_export(fm, subnet)
+                fm.set_subnet(None if name == "full" else subnet)
+                ids = self._ids(spec.batch, spec.seq_len, seed=spec.batch)
+                kw = self._gen_kwargs("eager", n, ids)
+                calls = [functools.partial(g, ids, **kw) for g in (fm.generate, ext.generate)]
+                sides = [(fm.model, calls[0], []), (ext, calls[1], [])]
+                with torch.no_grad():
+                    for _, call, _ in sides:
+                        call()
+                    self.clock.sync()
+                    for _ in range(self.args.repeats):
+                        for module, call, steps in sides:
+                            total, pre = time_generate(self.clock, module, call)
+                            steps.append((total - pre) / (n - 1))
+                a, b = statistics.median(sides[0][2]), statistics.median(sides[1][2])
+                row.update(ms=a, b_ms=b, ratio=a / b, tokens_per_s=spec.batch * 1e3 / a, a_steps_ms=sides[0][2],
+                           b_steps_ms=sides[1][2], export=how,
+                           how="generate (dynamic cache) of A and B alternating after one warm-up each; ms per "
+                               "decode step, medians")
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                traceback.print_exc(limit=4)
+            finally:
+                fm.set_subnet(None)
+                del ext
+                self._free()
+            row.update(elapsed_s=round(time.monotonic() - t, 1), commit=self.info.get("commit"),
+                       date=self.info.get("date"), gpu=self.info.get("gpu"))
+            self.done.append(row)
+            tail = f", {row['b']} {row['b_ms']:.3f}: {row['ratio']:.3f}x" if row.get("ratio") else ""
+            print(describe(row) + tail, flush=True)
+            self.write()
 
     def _failed(self, specs: list[RowSpec], error: Exception) -> None:
         """Record the rows of ``specs`` that have no result yet as failed with ``error``."""
@@ -910,6 +990,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="llama-1b, batches 1 and 16, prefill 2x512, 32 tokens after 128 (its own results file)")
     p.add_argument("--merge", action="store_true",
                    help="update the rows of an existing results file by (shape, provider, phase, mode, batch)")
+    p.add_argument("--paired", action="store_true",
+                   help="also time each eager decode comparison interleaved (fm-X against ext-X, fm-full against the "
+                        "plain HF model exported at full width): generate calls alternate A B A B..., so drift of "
+                        "the host or the GPU over the run falls on both sides alike; rows pair-X")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no row after this many seconds; the skipped rows are printed")
     args = p.parse_args(argv)

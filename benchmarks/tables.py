@@ -376,7 +376,8 @@ def end_to_end(r: Result) -> list[str]:
            "-token prompt (prefill excluded); prefill: ms per forward. Time ratios: at most 1.05x is the target; "
            "speed-ups: fm-50 >= 1.5x under static-compile and graph.", ""]
     keys = sorted({(x.get("shape"), x.get("phase"), x.get("batch"), x.get("mode"), x.get("seq_len"))
-                   for x in rows if x.get("provider") != "fm-budgets" and x.get("ms")},
+                   for x in rows if x.get("provider") != "fm-budgets" and not str(x.get("provider")).startswith(
+                       "pair-") and x.get("ms")},
                   key=lambda k: (list(shapes).index(k[0]) if k[0] in shapes else 99, k[1] != "prefill",
                                  k[2] or 0, -(k[4] or 0), E2E_MODES.get(k[3], 9)))
 
@@ -394,6 +395,13 @@ def end_to_end(r: Result) -> list[str]:
         body.append(row)
     out += table(["model", "phase", "batch", "mode", "hf ms", "fm-full ms", "fm-full / hf", "fm-75 / ext-75",
                   "fm-50 / ext-50", "fm-25 / ext-25", "fm-50 speed-up", "random widths speed-up"], body, right_from=4)
+    pairs = [x for x in rows if str(x.get("provider")).startswith("pair-") and x.get("ratio")]
+    if pairs:
+        out += ["", "Eager decode timed interleaved (`--paired`): `generate` of A and B alternating, medians, so drift "
+                "over the run falls on both (ms per decode step):", ""]
+        out += table(["model", "batch", "A", "B", "A ms", "B ms", "A / B"],
+                     [[x.get("shape"), str(x.get("batch")), str(x.get("a")), str(x.get("b")), fmt(x.get("ms"), ".2f"),
+                       fmt(x.get("b_ms"), ".2f"), fmt(x.get("ratio"), ".3f", "x")] for x in pairs], right_from=4)
     budgets = [x for x in rows if x.get("provider") == "fm-budgets" and x.get("ms")]
     if budgets:
         out += ["", "Per-request budgets: 16 sequences at 25/50/75/100% (four each) in one batch, against the same 16 "

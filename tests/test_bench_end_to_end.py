@@ -233,3 +233,29 @@ def test_table(tmp_path):
     assert "llama2-7b 12.5 µs" in out  # (10.4 - 10) ms over 32 layers
     assert "Targets met: 5 of 6; missed: llama2-7b fm-50 decode eager b1: fm-50 time / ext-50 = 1.25" in out
     assert "1 rows failed: llama2-7b fm-25 decode eager b1" in out
+
+
+def test_paired_eager_decode(tmp_path):
+    """``--paired``: fm-full against the plain model exported at full width and fm-50 against ext-50, generate calls
+    alternating; each pair row carries both sides' steps, its ratio, a target, and a line in the table."""
+    data = run_tiny(tmp_path, "--providers", "hf,fm-full,fm-50,ext-50", "--phases", "decode", "--paired",
+                    "--repeats", "2")
+    rows = {e2e.row_key(r): r for r in data["rows"]}
+    assert len(rows) == 6 and not [r for r in rows.values() if r.get("error")]
+    for name, a, b in (("full", "fm-full", "hf (exported at full width)"), ("50", "fm-50", "ext-50")):
+        r = rows[("tiny", f"pair-{name}", "decode", "eager", 1)]
+        assert (r["a"], r["b"]) == (a, b) and len(r["a_steps_ms"]) == len(r["b_steps_ms"]) == 2
+        assert r["ms"] == pytest.approx(statistics_median(r["a_steps_ms"]))
+        assert r["ratio"] == pytest.approx(r["ms"] / statistics_median(r["b_steps_ms"]))
+        assert r["ratios"]["a_over_b"] == r["ratio"]
+        assert [t["name"] for t in r["targets"]] == [f"{a} time / {b}, interleaved"]
+    # fm-full / hf and fm-50 / ext-50, each plain and interleaved, and the host overhead per layer at batch 1
+    assert data["summary"]["targets_total"] == 5
+    payload = dict(data, info=dict(data["info"], gpu="NVIDIA Toy"))
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "end_to_end_NVIDIA_Toy.json").write_text(json.dumps(payload))
+    out = load_tables().render(tmp_path / "toy", kinds=["end_to_end"])
+    assert "timed interleaved" in out and "| tiny | 1 | fm-50 | ext-50 |" in out
+    assert sum(line.startswith("| tiny | decode |") for line in out.splitlines()) == 1  # pairs not in the main table
+    assert e2e.pair_specs(e2e.resolve(e2e.parse_args(["--providers", "fm-50,ext-25", "--modes", "eager"]),
+                                      e2e.SHAPES)) == []
