@@ -39,7 +39,8 @@ META = "tokens.json"
 SEPARATOR = "<|endoftext|>"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -92,7 +93,7 @@ def file_sources(paths: list[Path]) -> list[dict]:
     out = []
     for p in paths:
         st = p.stat()
-        out.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(p)})
+        out.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(p)})
     return out
 
 

@@ -83,6 +83,42 @@ def _autotune(tiles, key):
 
 
 @triton.jit
+def _tile(HQ, BLOCK_M: tl.constexpr):
+    """A forward program's ``(pid_bh, b, h, start_m, rows)``. Last query blocks first: under causal masking they
+    are the longest, so the tail of the grid is short."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    start_m = pid_m * BLOCK_M
+    return pid_bh, pid_bh // HQ, pid_bh % HQ, start_m, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, qk, v, cols, rows, Sk, OFF, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """One key block of the online softmax: mask (ragged edge, causal diagonal) where ``MASK``, rescale, add
+    ``p @ v``."""
+    if MASK:
+        keep = cols[None, :] < Sk
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + OFF)
+        qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _finish(acc, l_i, m_i, lse_ptr, pid_bh, rows, Sq):
+    """Normalise the accumulator and store each row's log-sum-exp (base 2) for the backward."""
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
+    return acc / l_i[:, None]
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, rows, lo, hi, Sk, OFF, qk_scale,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -96,18 +132,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, rows, lo, h
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASK:
-            keep = cols[None, :] < Sk
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None] + OFF)
-            qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, cols, rows, Sk, OFF, MASK, CAUSAL, PRECISION)
     return acc, l_i, m_i
 
 
@@ -132,13 +157,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Last query blocks first: under causal masking they are the longest, so the tail of the grid is short.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    start_m = pid_m * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, start_m, rows = _tile(HQ, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
     rmask = rows[:, None] < Sq
     # int64: batch and row offsets times strides pass 2^31 on long prompts with many heads.
@@ -162,8 +181,7 @@ def _attn_fwd_kernel(
                                qk_scale, False, CAUSAL, UPCAST, PRECISION, HEAD_DIM, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, rows, full, hi, Sk, OFF,
                                qk_scale, True, CAUSAL, UPCAST, PRECISION, HEAD_DIM, BLOCK_N)
-    acc = acc / l_i[:, None]
-    tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
+    acc = _finish(acc, l_i, m_i, lse_ptr, pid_bh, rows, Sq)
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -191,8 +209,8 @@ def _tma_configs():
 
 @triton.jit
 def _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, lo, hi, Sk, OFF, qk_scale,
-                   MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = desc_k.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
@@ -200,20 +218,9 @@ def _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, lo, hi, Sk, OFF
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        if MASK:
-            cols = start_n + tl.arange(0, BLOCK_N)
-            keep = cols[None, :] < Sk
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None] + OFF)
-            qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, start_n + tl.arange(0, BLOCK_N), rows, Sk, OFF, MASK,
+                                      CAUSAL, PRECISION)
     return acc, l_i, m_i
 
 
@@ -223,17 +230,12 @@ def _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, lo, hi, Sk, OFF
 def _attn_fwd_tma_kernel(
     desc_q, desc_k, desc_v, desc_o, lse_ptr, heads_ptr,
     HQ, REP, Sq, Sk, OFF, S_BUCKET, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The pointer kernel's program order, masking and early exit (see _attn_fwd_kernel); only the loads and the
     # output store differ.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    start_m = pid_m * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, start_m, rows = _tile(HQ, BLOCK_M)
     if h >= tl.load(heads_ptr + b):
         desc_o.store([b, h, start_m, 0], tl.zeros((1, 1, BLOCK_M, HEAD_DIM), dtype=desc_o.dtype))
         return
@@ -246,11 +248,10 @@ def _attn_fwd_tma_kernel(
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     full, hi = _key_range(start_m, Sk, OFF, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, 0, full, Sk, OFF, qk_scale,
-                                   False, CAUSAL, UPCAST, HEAD_DIM, BLOCK_N)
+                                   False, CAUSAL, UPCAST, PRECISION, HEAD_DIM, BLOCK_N)
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, full, hi, Sk, OFF, qk_scale,
-                                   True, CAUSAL, UPCAST, HEAD_DIM, BLOCK_N)
-    acc = acc / l_i[:, None]
-    tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
+                                   True, CAUSAL, UPCAST, PRECISION, HEAD_DIM, BLOCK_N)
+    acc = _finish(acc, l_i, m_i, lse_ptr, pid_bh, rows, Sq)
     desc_o.store([b, h, start_m, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 
 
@@ -453,7 +454,7 @@ def forward(q, k, v, heads, causal, scale):
         _attn_fwd_tma_kernel[lambda meta: (cdiv(Sq, meta["BLOCK_M"]), B * HQ)](
             _desc(q), _desc(k), _desc(v), _desc(o), lse, heads,
             HQ, HQ // HKV, Sq, Sk, Sk - Sq, _s_bucket(Sq), scale * LOG2E,
-            HEAD_DIM=D, CAUSAL=causal, UPCAST=upcast_flag(q.dtype),
+            HEAD_DIM=D, CAUSAL=causal, UPCAST=upcast_flag(q.dtype), PRECISION=dot_precision(q.dtype),
         )
         return o, lse
 

@@ -26,17 +26,17 @@ Then (the commands docs/training.md reports)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import re
 from pathlib import Path
 
+from flextron.tokens import SEPARATOR, sha256_file
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-SEPARATOR = "<|endoftext|>"
 ARTICLE = re.compile(r"^ = [^=].* = $")  # a top-level heading line of WikiText: " = Title = "
 
 
@@ -70,14 +70,6 @@ def join_docs(docs: list[str]) -> str:
     return "".join(f"{d}\n{SEPARATOR}\n" for d in docs)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder of hf/ and text/")
@@ -93,7 +85,7 @@ def main() -> None:
         if not (wiki / name).is_file():
             raise SystemExit(f"--wikitext: {wiki / name} does not exist")
     out = Path(args.out)
-    digest = sha256(gguf)
+    digest = sha256_file(gguf)
     if gguf.name == GGUF_NAME and digest != GGUF_SHA256:
         raise SystemExit(f"--gguf: {gguf} has sha256 {digest}, not the packaged file's {GGUF_SHA256}")
 
