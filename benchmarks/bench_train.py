@@ -28,6 +28,7 @@ writes ``train_<GPU>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -134,6 +135,32 @@ def top_kernels(trainer, steps: int = 2, top: int = 12) -> list[dict]:
     return rows[:top]
 
 
+@contextlib.contextmanager
+def gqa_flop_counts():
+    """FlopCounterMode's SDPA formulas with fewer KV heads than query heads. torch 2.13 counts GQA itself; older
+    releases (2.11) raise on it for the fused CUDA kernels (the CPU's math path is counted through its matmuls):
+    there the KV shapes are broadcast to the query heads, as the kernels do."""
+    import torch.utils.flop_counter as fc
+
+    try:
+        fc.sdpa_flop_count((1, 2, 1, 16), (1, 1, 1, 16), (1, 1, 1, 16))
+        yield
+        return
+    except AssertionError:
+        pass
+    fwd, bwd = fc.sdpa_flop_count, fc.sdpa_backward_flop_count
+
+    def wide(q, kv):
+        return tuple(kv) if kv[1] == q[1] else (kv[0], q[1], *kv[2:])
+
+    fc.sdpa_flop_count = lambda q, k, v: fwd(q, wide(q, k), wide(q, v))
+    fc.sdpa_backward_flop_count = lambda g, q, k, v: bwd(g, q, wide(q, k), wide(q, v))
+    try:
+        yield
+    finally:
+        fc.sdpa_flop_count, fc.sdpa_backward_flop_count = fwd, bwd
+
+
 def measure(shape: str, mode: str, args, device: torch.device, peak: float | None) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -159,7 +186,7 @@ def measure(shape: str, mode: str, args, device: torch.device, peak: float | Non
         _sync(device)
         secs = time.perf_counter() - t0
         counter = FlopCounterMode(display=False)
-        with counter:
+        with gqa_flop_counts(), counter:
             for _ in range(args.steps):
                 trainer.train_step()
         flops = counter.get_total_flops() / (args.steps * per_step)

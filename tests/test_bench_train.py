@@ -71,3 +71,29 @@ def test_arguments():
         bench_train.parse_args(["--shapes", "gpt5"])
     with pytest.raises(SystemExit):
         bench_train.parse_args(["--steps", "0"])
+
+
+def test_gqa_flop_counts_on_a_torch_that_rejects_gqa(monkeypatch):
+    """Where FlopCounterMode's SDPA formulas reject fewer KV heads than query heads (torch 2.11 on a GPU), the
+    counts inside ``gqa_flop_counts`` are those of the KV heads broadcast to the query heads; outside, unchanged."""
+    import torch.utils.flop_counter as fc
+
+    def strict(fn, kv_at):
+        def f(*shapes):
+            if shapes[kv_at][1] != shapes[kv_at - 1][1]:
+                raise AssertionError("sdpa_flop_count: query/key/value shapes are incompatible")
+            return fn(*shapes)
+        return f
+
+    full_f, full_b = fc.sdpa_flop_count, fc.sdpa_backward_flop_count
+    q, kv, wide = (2, 8, 16, 32), (2, 2, 16, 32), (2, 8, 16, 32)
+    monkeypatch.setattr(fc, "sdpa_flop_count", strict(full_f, 1))
+    monkeypatch.setattr(fc, "sdpa_backward_flop_count", strict(full_b, 2))
+    old_f, old_b = fc.sdpa_flop_count, fc.sdpa_backward_flop_count
+    with bench_train.gqa_flop_counts():
+        assert fc.sdpa_flop_count(q, kv, kv) == full_f(q, wide, wide) > 0
+        assert fc.sdpa_backward_flop_count(q, q, kv, kv) == full_b(q, q, wide, wide) > 0
+        assert fc.sdpa_flop_count(q, wide, wide) == full_f(q, wide, wide)
+    assert (fc.sdpa_flop_count, fc.sdpa_backward_flop_count) == (old_f, old_b)
+    with pytest.raises(AssertionError):
+        fc.sdpa_flop_count(q, kv, kv)
