@@ -144,6 +144,37 @@ def test_tma_forward(dtype, case, monkeypatch):
     assert torch.count_nonzero(o[1, 2:]) == 0
 
 
+class _Launches:
+    """Stands in for a forward kernel: records its launches, computes nothing."""
+
+    def __init__(self, name, seen):
+        self.name, self.seen = name, seen
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.seen.append(self.name)
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["gpu", "interpreter"])
+def test_forward_dispatch_between_tma_and_pointer_kernels(interpret, monkeypatch):
+    """The default on a GPU is the TMA forward wherever its descriptors can read the operands, the pointer kernel
+    elsewhere; under the interpreter the default is the pointer kernel; each backend name forces its forward."""
+    seen = []
+    monkeypatch.setattr(_EA, "_attn_fwd_kernel", _Launches("pointer", seen))
+    monkeypatch.setattr(_EA, "_attn_fwd_tma_kernel", _Launches("tma", seen))
+    monkeypatch.setattr(_EA, "INTERPRET", interpret)
+    monkeypatch.setattr(_EA, "_tma_serves", lambda q, k, v: q.dtype != torch.float32)
+    heads = torch.tensor([2, 4])
+    q16, k16 = torch.zeros(2, 4, 8, 16, dtype=torch.float16), torch.zeros(2, 2, 8, 16, dtype=torch.float16)
+    q32, k32 = q16.float(), k16.float()
+    for backend, want16, want32 in [("auto", "pointer" if interpret else "tma", "pointer"),
+                                    ("triton", "pointer", "pointer"), ("triton_tma", "tma", "pointer")]:
+        seen.clear()
+        with attention_backend(backend):
+            _EA.forward(q16, k16, k16, heads, True, 0.25)
+            _EA.forward(q32, k32, k32, heads, True, 0.25)
+        assert seen == [want16, want32], backend
+
+
 def test_tma_forward_falls_back_where_descriptors_cannot_read():
     """Operands TMA cannot describe (fp32; a base off 16 bytes) run the pointer kernel, with the same results."""
     if not _EA.tma_sms(torch.device(DEVICE)):
