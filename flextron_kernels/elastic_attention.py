@@ -188,7 +188,7 @@ def _attn_fwd_kernel(
 # The forward through Hopper's TMA: 4-D descriptors ([B, H, S, D] with the tensors' own strides, boxes
 # [1, 1, BLOCK, D]) load the tiles asynchronously, zero-filled past the edges, in place of pointer loads with masks.
 # On a GPU it is the default forward wherever the operands allow it (16-bit, aligned strides, Hopper): measured on an
-# H100 at 1.1-1.3x the pointer kernel's speed in every case of bench_elastic_attention. ``attention_backend("triton")``
+# H100 at 1.1-1.25x the pointer kernel's speed in every case of bench_elastic_attention. ``attention_backend("triton")``
 # keeps the pointer kernel; under the interpreter ``"auto"`` runs the pointer kernel and ``"triton_tma"`` this one.
 _TMA_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 64, 8, 5), (64, 64, 4, 4)]
 _TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

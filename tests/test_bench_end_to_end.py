@@ -227,8 +227,9 @@ def test_table(tmp_path):
     out = tables.render(tmp_path, kinds=["end_to_end"])
     assert "### end-to-end prefill and generation (NVIDIA H100 80GB HBM3)" in out
     assert "llama2-7b (6.7B)" in out and "128 tokens after a 512-token prompt" in out
-    assert "| llama2-7b | prefill | 4 x 1024 | eager | 50.00 | 52.00 | 1.04x |" in out
-    assert "| llama2-7b | decode | 1 | eager | 10.00 | 10.40 | 1.04x | – | 1.25x | – | 2.08x | – |" in out
+    assert "| llama2-7b | prefill | 4 x 1024 | eager | 50.00 | 52.00 | 1.04x | – | – | – | – | – | – |" in out
+    assert "end_to_end_b16" == tables.kind_of("end_to_end_b16_NVIDIA_H100_80GB_HBM3.json")
+    assert "| llama2-7b | decode | 1 | eager | 10.00 | 10.40 | 1.04x | – | 1.25x | – | 2.08x | 2.50x | – |" in out
     assert "| llama2-7b | static-compile | 2.00 | 3.00 | 4.00 | 1.50x | 2.00x |" in out
     assert "llama2-7b 12.5 µs" in out  # (10.4 - 10) ms over 32 layers
     assert "Targets met: 5 of 6; missed: llama2-7b fm-50 decode eager b1: fm-50 time / ext-50 = 1.25" in out
