@@ -48,6 +48,7 @@ SHAPES = {
                           tie_word_embeddings=True), 32, 512),
     "llama-1b": ("llama-1b", 8, 1024),
 }
+LOSSES = ("fused", "torch")
 MODES = ("elastic", "dense")
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 
@@ -62,13 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (and as many counted steps)")
     p.add_argument("--batch", type=int, default=None, help="blocks per step (default: per shape)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per block (default: per shape)")
+    p.add_argument("--losses", default="fused", help="comma list of fused (the distill_cross_entropy kernel, "
+                   "the trainer's default on CUDA), torch (the same loss in torch ops): one row per mode and loss")
     p.add_argument("--profile", action="store_true", help="add the top CUDA kernels of two steps per row")
     p.add_argument("--quick", action="store_true", help="smollm2-135m only, 2 + 4 steps")
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.warmup, args.steps = "smollm2-135m", 2, 4
-    for name in ("shapes", "modes"):
-        allowed = SHAPES if name == "shapes" else MODES
+    for name in ("shapes", "modes", "losses"):
+        allowed = {"shapes": SHAPES, "modes": MODES, "losses": LOSSES}[name]
         vals = [v for v in getattr(args, name).split(",") if v]
         bad = [v for v in vals if v not in allowed]
         if bad or not vals:
@@ -136,6 +139,18 @@ def top_kernels(trainer, steps: int = 2, top: int = 12) -> list[dict]:
 
 
 @contextlib.contextmanager
+def loss_kernel(enabled: bool):
+    """The trainer's loss through the ``distill_cross_entropy`` kernel (``True``) or its torch-op reference."""
+    from flextron_kernels import distill_loss
+
+    previous, distill_loss._ENABLED = distill_loss._ENABLED, enabled
+    try:
+        yield
+    finally:
+        distill_loss._ENABLED = previous
+
+
+@contextlib.contextmanager
 def gqa_flop_counts():
     """FlopCounterMode's SDPA formulas with fewer KV heads than query heads. torch 2.13 counts GQA itself; older
     releases (2.11) raise on it for the fused CUDA kernels (the CPU's math path is counted through its matmuls):
@@ -167,6 +182,7 @@ def measure(shape: str, mode: str, args, device: torch.device, peak: float | Non
     from flextron.model import FlextronModel
     from flextron.space import ElasticSpace
     from flextron.train import Trainer
+    from flextron_kernels import distill_loss
 
     _, batch, seq_len = SHAPES[shape]
     batch, seq_len = args.batch or batch, args.seq_len or seq_len
@@ -198,6 +214,7 @@ def measure(shape: str, mode: str, args, device: torch.device, peak: float | Non
            "tflops_per_s": flops * tokens_per_s / 1e12, "last_loss": rec["loss"], "steps_total": n_steps,
            "passes_per_step": (2 + trainer.cfg.k_random) if mode == "elastic" else 1,
            "teacher": trainer.teacher is not None, "peak_mem_gib": peak_mem,
+           "loss": "fused" if distill_loss._ENABLED and device.type == "cuda" else "torch",
            "six_n_flops_per_token": 6 * fm.num_parameters(),
            "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode: aten matmuls and SDPA (every key, "
                                "causal masking not discounted), forward and backward; a Triton launch would not be "
@@ -231,8 +248,9 @@ def main() -> None:
                "settings": {"warmup": args.warmup, "steps": args.steps, "bf16_autocast": True,
                             "master_weights": "float32", "widths": list(WIDTHS)}, "rows": []}
     for shape in args.shapes:
-        for mode in args.modes:
-            row = measure(shape, mode, args, device, ceilings["bf16_flops_per_s"])
+        for mode, loss in ((m, x) for m in args.modes for x in args.losses):
+            with loss_kernel(loss == "fused"):
+                row = measure(shape, mode, args, device, ceilings["bf16_flops_per_s"])
             payload["rows"].append(row)
             print(line(row), flush=True)
             for k in row.get("top_kernels", [])[:6]:

@@ -501,7 +501,8 @@ def train(r: Result) -> list[str]:
            "distilled from a frozen parent; dense: the full model alone, cross-entropy.", ""]
     out += table(["shape", "mode", "batch x tokens", "ms / step", "data tokens/s", "GFLOP / token", "TFLOP/s",
                   "utilisation", "vs dense tokens/s"],
-                 [[x["shape"], x["mode"], f"{x['batch']} x {x['seq_len']}", fmt(x.get("step_ms"), ".1f"),
+                 [[x["shape"], x["mode"] + (f" ({x['loss']} loss)" if x.get("loss") else ""),
+                   f"{x['batch']} x {x['seq_len']}", fmt(x.get("step_ms"), ".1f"),
                    fmt(x.get("tokens_per_s"), ",.0f"), fmt(x["flops_per_token"] / 1e9, ".3f"),
                    fmt(x.get("tflops_per_s"), ".1f"), fmt(x.get("utilisation_vs_measured_matmul"), ".1%"),
                    fmt(ratio(x.get("tokens_per_s"), dense.get(x["shape"], {}).get("tokens_per_s")), ".2f", "x")

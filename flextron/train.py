@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from flextron_kernels import distill_cross_entropy
 
 from . import checkpoint as ckpt
 from .data import perplexity
@@ -156,31 +157,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def teacher_logprobs(teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``log_softmax(teacher / T)`` in float32, ``[tokens, vocab]``: computed once per batch and shared by every
-    subnet's :func:`subnet_loss`."""
-    v = teacher.shape[-1]
-    z = teacher.float().reshape(-1, v)
-    return F.log_softmax(z if temperature == 1 else z / temperature, -1)
-
-
-def subnet_loss(logits: torch.Tensor, target: torch.Tensor | None, teacher_lp: torch.Tensor | None, alpha: float,
-                temperature: float) -> torch.Tensor:
-    """``(1 - alpha) * CE(logits, target) + alpha * T^2 * KL(teacher || student at T)``; CE alone without a teacher
-    (or at ``alpha == 0``). The student's float32 log-probabilities are computed once and serve both terms at
-    ``T == 1`` (the same values as ``F.cross_entropy`` and a separate ``log_softmax``, one vocab-wide pass fewer)."""
-    v = logits.shape[-1]
-    z = logits.float().reshape(-1, v)
-    if teacher_lp is None or alpha == 0:
-        return F.cross_entropy(z, target.reshape(-1))
-    s = F.log_softmax(z, -1)
-    s_t = s if temperature == 1 else F.log_softmax(z / temperature, -1)
-    kd = F.kl_div(s_t, teacher_lp, log_target=True, reduction="batchmean") * temperature**2
-    if alpha == 1:
-        return kd
-    return (1 - alpha) * F.nll_loss(s, target.reshape(-1)) + alpha * kd
 
 
 def max_positions(config) -> int | None:
@@ -344,24 +320,26 @@ class Trainer:
             lo = (micro * self.world + self.rank) * local
             block = self.data.blocks(starts[lo:lo + local], cfg.seq_len).to(self.device)
             inp, tgt = block[:, :-1], block[:, 1:]
-            teacher = None  # the teacher's log-probabilities at the temperature, shared by every subnet
+            teacher = None  # the teacher's logits, read by every subnet's loss
             if self.teacher is not None and cfg.alpha > 0:
                 with torch.no_grad():
                     if isinstance(self.teacher, FlextronModel):
                         self.teacher.set_subnet(None)
-                    teacher = teacher_logprobs(self._logits(self.teacher, inp), cfg.temperature)
+                    teacher = self._logits(self.teacher, inp)
             for j, (name, subnet) in enumerate(subnets):
                 last = micro == cfg.grad_accum - 1 and j == len(subnets) - 1
                 self.fm.set_subnet(subnet)
                 with self._sync(last):
                     logits = self._logits(self.engine, inp)
-                    loss = subnet_loss(logits, tgt, teacher, cfg.alpha, cfg.temperature)
+                    # CE blended with distillation, loss and gradient in one pass over the logits (no float32 copies
+                    # of them); without a teacher, or at alpha 0, cross-entropy alone.
+                    loss = distill_cross_entropy(logits, tgt, teacher, cfg.alpha, cfg.temperature)
                     weight = cfg.full_weight if name == "full" else 1.0
                     (loss * (weight / cfg.grad_accum)).backward()
                 sums[name] += loss.detach().double() / cfg.grad_accum
                 if cfg.distill == "inplace" and name == "full" and cfg.alpha > 0:
-                    with torch.no_grad():
-                        teacher = teacher_logprobs(logits.detach(), cfg.temperature)
+                    teacher = logits.detach()
+                del logits, loss
         self.fm.set_subnet(None)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.fm.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):

@@ -8,13 +8,14 @@ tensors run the reference even under the interpreter.
 
 from . import _ops  # noqa: F401  (registers the ops' custom ops for torch.compile)
 from ._runtime import cpu_reference
+from .distill_loss import distill_cross_entropy
 from .elastic_attention import attention_backend, elastic_attention
 from .elastic_attention_decode import elastic_attention_decode
 from .nested_mlp import nested_mlp
 from .sliced_linear import sliced_linear
 
 __all__ = [
-    "attention_backend", "cpu_reference", "elastic_attention", "elastic_attention_decode", "nested_mlp",
-    "sliced_linear",
+    "attention_backend", "cpu_reference", "distill_cross_entropy", "elastic_attention", "elastic_attention_decode",
+    "nested_mlp", "sliced_linear",
 ]
 __version__ = "0.1.0"

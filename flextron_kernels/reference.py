@@ -127,3 +127,22 @@ def elastic_attention_decode_ref(
         )
         outs.append(o[:, :, 0, :])
     return torch.cat(outs, dim=0)
+
+
+def distill_cross_entropy_ref(logits: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor | None = None,
+                              alpha: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """``(1 - alpha) * CE(logits, target) + alpha * T^2 * KL(softmax(teacher / T) || softmax(logits / T))``, mean
+    over tokens; ``CE`` alone without a teacher or at ``alpha == 0``. float32 arithmetic (float64 for float64)."""
+    v = logits.shape[-1]
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.reshape(-1, v).to(dt)
+    tgt = target.reshape(-1)
+    if teacher is None or alpha == 0:
+        return F.cross_entropy(z, tgt)
+    s = F.log_softmax(z, -1)
+    s_t = s if temperature == 1 else F.log_softmax(z / temperature, -1)
+    t = F.log_softmax(teacher.detach().reshape(-1, v).to(dt) / temperature, -1)
+    kd = F.kl_div(s_t, t, log_target=True, reduction="batchmean") * temperature**2
+    if alpha == 1:
+        return kd
+    return (1 - alpha) * F.nll_loss(s, tgt) + alpha * kd

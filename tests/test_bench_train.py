@@ -97,3 +97,15 @@ def test_gqa_flop_counts_on_a_torch_that_rejects_gqa(monkeypatch):
     assert (fc.sdpa_flop_count, fc.sdpa_backward_flop_count) == (old_f, old_b)
     with pytest.raises(AssertionError):
         fc.sdpa_flop_count(q, kv, kv)
+
+
+def test_losses_argument():
+    assert bench_train.parse_args(["--losses", "fused,torch"]).losses == ["fused", "torch"]
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--losses", "liger"])
+    from flextron_kernels import distill_loss
+
+    before = distill_loss._ENABLED
+    with bench_train.loss_kernel(not before):
+        assert distill_loss._ENABLED is (not before)
+    assert distill_loss._ENABLED is before

@@ -1,0 +1,90 @@
+"""``distill_cross_entropy`` against the float64 definition: loss and gradient, with and without a teacher, at
+several temperatures and weights, vocabularies spanning several blocks, strided logits; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flextron_kernels import distill_cross_entropy
+from flextron_kernels.reference import distill_cross_entropy_ref
+from tests.utils import DEVICE, DTYPES
+
+TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-4), torch.bfloat16: (1e-2, 1e-3)}
+
+
+def _by_hand(z, target, teacher, alpha, temperature):
+    """float64, written out: -log p(target) and sum_v p_t (log p_t - log q), p = softmax(z), q = softmax(z / T)."""
+    z, v = z.double(), z.shape[-1]
+    z2 = z.reshape(-1, v)
+    ce = (torch.logsumexp(z2, -1) - z2.gather(1, target.reshape(-1, 1)).squeeze(1)).mean()
+    if teacher is None or alpha == 0:
+        return ce
+    lq = z2 / temperature - torch.logsumexp(z2 / temperature, -1, keepdim=True)
+    t2 = teacher.double().reshape(-1, v) / temperature
+    lpt = t2 - torch.logsumexp(t2, -1, keepdim=True)
+    kl = (lpt.exp() * (lpt - lq)).sum(-1).mean()
+    return (1 - alpha) * ce + alpha * temperature**2 * kl
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha,temperature,with_teacher", [
+    (0.5, 1.0, True), (0.3, 2.0, True), (1.0, 1.0, True), (0.0, 1.0, True), (0.5, 1.0, False), (0.7, 0.5, True)])
+def test_against_float64(dtype, alpha, temperature, with_teacher):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    vocab = 203  # several of the interpreter's blocks, a ragged last one
+    z = (4 * torch.randn(3, 7, vocab, generator=g)).to(DEVICE, dtype).requires_grad_(True)
+    teacher = (4 * torch.randn(3, 7, vocab, generator=g)).to(DEVICE, dtype) if with_teacher else None
+    target = torch.randint(0, vocab, (3, 7), generator=g).to(DEVICE)
+    loss = distill_cross_entropy(z, target, teacher, alpha, temperature)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    zd = z.detach().double().requires_grad_(True)
+    ref = _by_hand(zd, target, teacher, alpha, temperature)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
+    (2.5 * loss).backward()  # an upstream gradient other than 1
+    (gref,) = torch.autograd.grad(2.5 * ref, zd)
+    assert z.grad.dtype == dtype
+    torch.testing.assert_close(z.grad.double(), gref, rtol=rtol, atol=atol * 0.1 + 2 * rtol * gref.abs().max())
+    # the plain-torch reference (the CPU path) agrees with the hand-written definition
+    torch.testing.assert_close(distill_cross_entropy_ref(zd.detach(), target, teacher, alpha, temperature),
+                               ref.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_strided_logits_and_no_grad():
+    """Logits of all but the last position (a strided view, as a language model's shifted outputs are), and a call
+    under ``no_grad`` (the loss alone)."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    full = (3 * torch.randn(2, 9, 130, generator=g)).to(DEVICE).requires_grad_(True)
+    teacher = (3 * torch.randn(2, 9, 130, generator=g)).to(DEVICE)
+    z, t = full[:, :-1], teacher[:, :-1]
+    target = torch.randint(0, 130, (2, 8), generator=g).to(DEVICE)
+    loss = distill_cross_entropy(z, target, t, 0.5, 1.0)
+    loss.backward()
+    zd = z.detach().double().requires_grad_(True)
+    ref = _by_hand(zd, target, t, 0.5, 1.0)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    (gref,) = torch.autograd.grad(ref, zd)
+    torch.testing.assert_close(full.grad[:, :-1].double(), gref, rtol=1e-4, atol=1e-7)
+    assert torch.count_nonzero(full.grad[:, -1]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(distill_cross_entropy(z, target, t).double(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input():
+    z = torch.zeros(2, 5, 11, device=DEVICE)
+    tgt = torch.zeros(2, 5, dtype=torch.long, device=DEVICE)
+    with pytest.raises(TypeError, match="target must have an integer dtype"):
+        distill_cross_entropy(z, tgt.float())
+    with pytest.raises(ValueError, match=r"target must have shape logits.shape\[:-1\]"):
+        distill_cross_entropy(z, tgt[:, :4])
+    with pytest.raises(ValueError, match="teacher must have logits' shape"):
+        distill_cross_entropy(z, tgt, z[:, :4])
+    with pytest.raises(ValueError, match="alpha must be in"):
+        distill_cross_entropy(z, tgt, z, alpha=1.5)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        distill_cross_entropy(z, tgt, z, temperature=0.0)
+    with pytest.raises(TypeError, match="logits must be float32, float16 or bfloat16"):
+        distill_cross_entropy(tgt, tgt[:, 0])
+    with pytest.raises(TypeError, match="target must be an integer torch.Tensor"):
+        distill_cross_entropy(z, [0, 1])
