@@ -67,7 +67,8 @@ def _distill_ce_kernel(z_ptr, t_ptr, tgt_ptr, grad_ptr, loss_ptr, V, stride_z, s
         if not T_IS_ONE:
             lse_q = m_q + tl.log(s_q)
     target = tl.load(tgt_ptr + row)
-    ce = lse - tl.load(z_row + target).to(tl.float32)
+    valid = (target >= 0) & (target < V)  # an id outside the vocabulary makes the loss NaN, never a stray read
+    ce = lse - tl.load(z_row + target, mask=valid, other=float("nan")).to(tl.float32)
     # pass 2: the KL terms and the gradient d loss_row / d z, scaled by grad_scale (1 / tokens)
     kl = 0.0
     for off in range(0, V, BLOCK):
@@ -125,7 +126,8 @@ def distill_cross_entropy(logits: torch.Tensor, target: torch.Tensor, teacher: t
 
     Args:
         logits: ``[..., V]`` student logits, float32, float16 or bfloat16 (read as they are: under autocast, bf16).
-        target: integer tensor of shape ``logits.shape[:-1]``, each in ``[0, V)`` (not checked: a device sync).
+        target: integer tensor of shape ``logits.shape[:-1]``, each in ``[0, V)`` (not checked, which would cost a
+            device sync: on the kernel's path an id outside that range makes the loss NaN).
         teacher: ``None`` or the teacher's logits, ``logits``' shape (no gradient flows into them).
         alpha: weight of the distillation term in ``[0, 1]``; ignored without a teacher.
         temperature: ``T > 0`` of both softmaxes in the distillation term (scaled by ``T^2``).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import flextron_kernels._runtime
 from flextron_kernels import distill_cross_entropy
 from flextron_kernels.reference import distill_cross_entropy_ref
 from tests.utils import DEVICE, DTYPES
@@ -69,6 +70,18 @@ def test_strided_logits_and_no_grad():
     assert torch.count_nonzero(full.grad[:, -1]) == 0
     with torch.no_grad():
         torch.testing.assert_close(distill_cross_entropy(z, target, t).double(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_target_outside_the_vocabulary_gives_nan():
+    """Targets are not checked (a device sync); on the kernel's path an out-of-range id makes the loss NaN instead of
+    reading another row's logits."""
+    if DEVICE == "cpu" and not flextron_kernels._runtime.INTERPRET:
+        pytest.skip("the reference raises on the CPU")
+    z = torch.zeros(2, 3, 11, device=DEVICE)
+    for bad in (11, -1):
+        tgt = torch.zeros(2, 3, dtype=torch.long, device=DEVICE)
+        tgt[1, 2] = bad
+        assert torch.isnan(distill_cross_entropy(z, tgt))
 
 
 def test_bad_input():
