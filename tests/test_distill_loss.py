@@ -9,7 +9,7 @@ import torch
 import flextron_kernels._runtime
 from flextron_kernels import distill_cross_entropy
 from flextron_kernels.reference import distill_cross_entropy_ref
-from tests.utils import DEVICE, DTYPES
+from tests.utils import DEVICE, DTYPES, poisoned_allocations
 
 TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-4), torch.bfloat16: (1e-2, 1e-3)}
 
@@ -29,21 +29,25 @@ def _by_hand(z, target, teacher, alpha, temperature):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("alpha,temperature,with_teacher", [
-    (0.5, 1.0, True), (0.3, 2.0, True), (1.0, 1.0, True), (0.0, 1.0, True), (0.5, 1.0, False), (0.7, 0.5, True)])
-def test_against_float64(dtype, alpha, temperature, with_teacher):
+@pytest.mark.parametrize("alpha,temperature,with_teacher,vocab", [
+    (0.5, 1.0, True, 203), (0.3, 2.0, True, 203), (1.0, 1.0, True, 127), (0.0, 1.0, True, 203),
+    (0.5, 1.0, False, 1000), (0.7, 0.5, True, 1000), (0.5, 1.0, True, 1)])
+def test_against_float64(dtype, alpha, temperature, with_teacher, vocab):
+    """Vocabularies of one entry, under one block, and of several blocks with a ragged last one; every gradient
+    element written (allocations poisoned with NaN)."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    vocab = 203  # several of the interpreter's blocks, a ragged last one
     z = (4 * torch.randn(3, 7, vocab, generator=g)).to(DEVICE, dtype).requires_grad_(True)
     teacher = (4 * torch.randn(3, 7, vocab, generator=g)).to(DEVICE, dtype) if with_teacher else None
     target = torch.randint(0, vocab, (3, 7), generator=g).to(DEVICE)
-    loss = distill_cross_entropy(z, target, teacher, alpha, temperature)
+    with poisoned_allocations():
+        loss = distill_cross_entropy(z, target, teacher, alpha, temperature)
     assert loss.dtype == torch.float32 and loss.shape == ()
     zd = z.detach().double().requires_grad_(True)
     ref = _by_hand(zd, target, teacher, alpha, temperature)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
     (2.5 * loss).backward()  # an upstream gradient other than 1
+    assert torch.isfinite(z.grad).all()
     (gref,) = torch.autograd.grad(2.5 * ref, zd)
     assert z.grad.dtype == dtype
     torch.testing.assert_close(z.grad.double(), gref, rtol=rtol, atol=atol * 0.1 + 2 * rtol * gref.abs().max())
