@@ -46,6 +46,7 @@ KINDS = [
     ("routing", "nested_mlp routing (rank count vs torch.sort)"),
     ("bf16_drift", "bf16 hidden-state drift"),
     ("train", "training throughput (flextron train)"),
+    ("distill_loss", "distill_cross_entropy (the training loss)"),
 ]
 MAIN = ["sliced_linear", "nested_mlp", "elastic_attention", "compile", "latency_table"]
 
@@ -510,8 +511,32 @@ def train(r: Result) -> list[str]:
     return out
 
 
+def distill_loss(r: Result) -> list[str]:
+    rows = r.data.get("rows", [])
+
+    def ms(x, key, p):
+        return "out of memory" if p in x.get("errors", {}) else fmt(x.get(key, {}).get(p), ".3f")
+
+    out = ["Forward+backward of the training loss alone on bf16 logits (alpha 0.5, T 1 with a teacher; "
+           "cross-entropy alone without): `distill_cross_entropy` against the same loss in torch ops; ms eager / "
+           "from a CUDA graph; floor: student and teacher logits read once, the gradient written once, at the "
+           "measured copy bandwidth; peak memory beyond the inputs.", ""]
+    out += table(["vocabulary", "tokens", "teacher", "flextron ms", "torch ms", "speed-up eager / graph",
+                  "flextron / floor (graph)", "peak GiB flextron / torch"],
+                 [[f"{x['vocab_of']} ({x['vocab']:,})", str(x["tokens"]), "yes" if x.get("teacher") else "no",
+                   f"{ms(x, 'ms', 'flextron')} / {ms(x, 'graph_ms', 'flextron')}",
+                   f"{ms(x, 'ms', 'torch')} / {ms(x, 'graph_ms', 'torch')}",
+                   " / ".join(fmt(x.get(k), ".2f", "x") for k in ("speed_vs_torch_ms", "speed_vs_torch_graph_ms")),
+                   fmt(x.get("flextron_graph_vs_floor"), ".2f", "x"),
+                   " / ".join(fmt((x.get("peak_extra_bytes") or {}).get(p, 0) / 2**30, ".1f")
+                              if p in (x.get("peak_extra_bytes") or {}) else "–" for p in ("flextron", "torch"))]
+                  for x in rows], right_from=3)
+    return out
+
+
 RENDER: dict[str, Callable[[Result], list[str]]] = {
     "train": train,
+    "distill_loss": distill_loss,
     "sliced_linear": sliced_linear,
     "nested_mlp": nested_mlp,
     "elastic_attention": elastic_attention,

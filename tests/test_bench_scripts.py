@@ -57,3 +57,29 @@ def test_attention_cases_and_tables_run_on_cpu(tmp_path, monkeypatch):
     text = tables.render(tmp_path)
     assert "Triton, one launch" in text and "SDPA per group (scattered)" in text and "decode kernel" in text
     assert "speed vs cuBLAS on the slice, eager" in text and "0.96x" in text and "not met" in text
+
+
+def test_distill_loss_cases_and_table_run_on_cpu(tmp_path, monkeypatch):
+    """bench_distill_loss's case at toy size on the CPU (timing and memory stubbed), then its table."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import json
+
+    import bench_distill_loss as bench
+    import tables
+    import torch
+
+    monkeypatch.setattr(bench, "bench_ms", lambda fn, grad_to_none=None, rep=0: (fn(), 2.0)[1])
+    monkeypatch.setattr(bench, "bench_graph_ms", lambda fn, rep=0: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "peak_extra_bytes", lambda fn: (fn(), 2**30)[1])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    ceil = {"copy_bytes_per_s": 1e9}
+    rows = [bench.case("toy", 70, 6, teacher, ceil, device="cpu") for teacher in (True, False)]
+    for r in rows:
+        assert set(r["ms"]) == set(r["graph_ms"]) == {"flextron", "torch"} and not r["errors"]
+        assert r["speed_vs_torch_ms"] == 1.0 and r["flextron_graph_vs_floor"] > 0
+    assert rows[0]["floor_ms"] == pytest.approx(6 * 70 * 2 * 3 / 1e9 * 1e3)
+    payload = dict(info=dict(gpu="NVIDIA Toy", commit="0000000", date="2026-01-01T00:00:00+00:00"), rows=rows)
+    (tmp_path / "distill_loss_NVIDIA_Toy.json").write_text(json.dumps(payload))
+    text = tables.render(tmp_path)
+    assert "### distill_cross_entropy (the training loss) (NVIDIA Toy)" in text
+    assert "| toy (70) | 6 | yes | 2.000 / 1.000 | 2.000 / 1.000 | 1.00x / 1.00x |" in text
