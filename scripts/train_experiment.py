@@ -70,7 +70,7 @@ def main() -> None:
     p.add_argument("--stages", default="parent,elastic,baselines")
     p.add_argument("--force", action="store_true")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--plot", default=str(ROOT / "docs" / "training.png"))
+    p.add_argument("--plot", default=None, help="where the perplexity-vs-tokens plot goes (default: OUT/training.png)")
     p.add_argument("--tokens-cache", default=None, help="a corpus folder from `flextron sample-corpus` (train on its "
                    "sampled text, validate on its real held-out split) instead of tokenising --text")
     p.add_argument("--mix-text-share", type=float, default=0.0, help="with --tokens-cache: this share of every "
@@ -171,7 +171,7 @@ def main() -> None:
                                          "history": [r for r in history if "losses" in r or "eval" in r]}
             save()
             print("baseline", key, results["baselines"][key]["ppl"], f"{secs:.0f} s")
-    plot(results, Path(args.plot), args.title)
+    plot(results, Path(args.plot) if args.plot else out / "training.png", args.title)
 
 
 def fit_in_time(make_model, data, cfg: TrainConfig, run: Path, deadline: float | None, force: bool, teacher=None):
