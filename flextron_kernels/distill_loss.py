@@ -168,4 +168,4 @@ def distill_cross_entropy(logits: torch.Tensor, target: torch.Tensor, teacher: t
         t = teacher.detach().reshape(-1, v)
         if t.stride(-1) != 1:
             t = t.contiguous()
-    return _DistillCE.apply(z, target.reshape(-1), t, float(alpha), float(temperature))
+    return _DistillCE.apply(z, target.reshape(-1).contiguous(), t, float(alpha), float(temperature))

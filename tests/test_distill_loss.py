@@ -57,13 +57,13 @@ def test_against_float64(dtype, alpha, temperature, with_teacher, vocab):
 
 
 def test_strided_logits_and_no_grad():
-    """Logits of all but the last position (a strided view, as a language model's shifted outputs are), and a call
-    under ``no_grad`` (the loss alone)."""
+    """Logits of all but the last position (a strided view, as a language model's shifted outputs are), strided
+    targets, and a call under ``no_grad`` (the loss alone)."""
     g = torch.Generator(device="cpu").manual_seed(1)
     full = (3 * torch.randn(2, 9, 130, generator=g)).to(DEVICE).requires_grad_(True)
     teacher = (3 * torch.randn(2, 9, 130, generator=g)).to(DEVICE)
     z, t = full[:, :-1], teacher[:, :-1]
-    target = torch.randint(0, 130, (2, 8), generator=g).to(DEVICE)
+    target = torch.randint(0, 130, (2, 16), generator=g).to(DEVICE)[:, ::2]  # strided targets too
     loss = distill_cross_entropy(z, target, t, 0.5, 1.0)
     loss.backward()
     zd = z.detach().double().requires_grad_(True)
@@ -74,6 +74,11 @@ def test_strided_logits_and_no_grad():
     assert torch.count_nonzero(full.grad[:, -1]) == 0
     with torch.no_grad():
         torch.testing.assert_close(distill_cross_entropy(z, target, t).double(), ref.detach(), rtol=1e-5, atol=1e-6)
+        # 1-D logits rows with a strided 1-D target (reshape keeps the view)
+        z1, t1 = full.detach()[0], teacher[0]
+        tgt1 = torch.randint(0, 130, (18,), generator=g).to(DEVICE)[::2]
+        torch.testing.assert_close(distill_cross_entropy(z1, tgt1, t1).double(), _by_hand(z1, tgt1, t1, 0.5, 1.0),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_target_outside_the_vocabulary_gives_nan():
