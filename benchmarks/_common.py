@@ -56,6 +56,16 @@ def bench_graph_ms(fn, rep: int = 60) -> float:
     return bench_ms(g.replay, rep=rep)
 
 
+def peak_extra_bytes(fn) -> int:
+    """Peak CUDA memory allocated while ``fn`` runs, beyond what was allocated before it (its outputs included)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def measure_ceilings() -> dict:
     """The two roofline ceilings, measured here: device copy bandwidth and bf16 matmul rate on random data."""
     n = 1 << 30  # 2 GiB of bf16 read + 2 GiB written

@@ -16,7 +16,16 @@ per provider; a provider that runs out of memory is recorded as such.
 from __future__ import annotations
 
 import torch
-from _common import bench_graph_ms, bench_ms, geomean, measure_ceilings, parse_args, run_info, write_result
+from _common import (
+    bench_graph_ms,
+    bench_ms,
+    geomean,
+    measure_ceilings,
+    parse_args,
+    peak_extra_bytes,
+    run_info,
+    write_result,
+)
 
 from flextron_kernels import distill_cross_entropy
 from flextron_kernels.reference import distill_cross_entropy_ref
@@ -25,15 +34,6 @@ VOCABS = [("gpt2", 50257), ("llama2-7b", 32000), ("smollm2-135m", 49152), ("llam
 TOKENS = [4096, 16384]
 DT = torch.bfloat16
 PROVIDERS = {"flextron": distill_cross_entropy, "torch": distill_cross_entropy_ref}
-
-
-def peak_extra_bytes(fn) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def case(name: str, vocab: int, tokens: int, teacher: bool, ceil: dict, device: str = "cuda") -> dict:

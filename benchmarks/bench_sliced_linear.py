@@ -18,7 +18,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from _common import bench_graph_ms, bench_ms, geomean, measure_ceilings, parse_args, run_info, write_result
+from _common import (
+    bench_graph_ms,
+    bench_ms,
+    geomean,
+    measure_ceilings,
+    parse_args,
+    peak_extra_bytes,
+    run_info,
+    write_result,
+)
 
 from flextron_kernels import sliced_linear
 
@@ -33,15 +42,6 @@ TOKENS = [1, 16, 256, 1024, 4096]
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 BWD_TOKENS = [256, 4096]
 DT = torch.bfloat16
-
-
-def peak_extra_bytes(fn) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def rounds(fns: dict, grads: dict | None = None) -> tuple[dict, dict]:
