@@ -531,7 +531,8 @@ def distill_loss(r: Result) -> list[str]:
                    " / ".join(fmt((x.get("peak_extra_bytes") or {}).get(p, 0) / 2**30, ".1f")
                               if p in (x.get("peak_extra_bytes") or {}) else "–" for p in ("flextron", "torch"))]
                   for x in rows], right_from=3)
-    return out
+    note = r.data.get("note")
+    return out + (["", note] if note else [])
 
 
 RENDER: dict[str, Callable[[Result], list[str]]] = {

@@ -38,7 +38,9 @@ def test_dense_row_counts_six_flops_per_matmul_parameter(toy):
     h, L = TOY["num_attention_heads"] * TOY["head_dim"], TOY["num_hidden_layers"]
     matmul = (L * (TOY["hidden_size"] * h * 2 + TOY["hidden_size"] * TOY["head_dim"] * TOY["num_key_value_heads"] * 2
                    + 3 * TOY["hidden_size"] * TOY["intermediate_size"]) + TOY["vocab_size"] * TOY["hidden_size"])
-    assert row["flops_per_token"] == 6 * matmul
+    # Older transformers releases (5.17) compute the rotary angles as a matmul (inv_freq @ positions, once per
+    # forward, no backward): at most 2 * head_dim/2 FLOPs per token more, which the counter sees there.
+    assert 6 * matmul <= row["flops_per_token"] <= 6 * matmul + TOY["head_dim"]
 
 
 def test_elastic_row_and_its_table(toy, tmp_path):
