@@ -56,6 +56,27 @@ def test_against_float64(dtype, alpha, temperature, with_teacher, vocab):
                                ref.detach(), rtol=1e-10, atol=1e-12)
 
 
+def test_backward_scales_the_stored_gradient_once():
+    """The backward hands on its stored gradient scaled in place (no second logits-sized buffer): the upstream
+    scale reaches the logits once, and a second backward through the same graph is refused by name instead of
+    returning a gradient scaled twice."""
+    g = torch.Generator(device="cpu").manual_seed(2)
+    z = (3 * torch.randn(5, 97, generator=g)).to(DEVICE).requires_grad_(True)
+    teacher = (3 * torch.randn(5, 97, generator=g)).to(DEVICE)
+    target = torch.randint(0, 97, (5,), generator=g).to(DEVICE)
+    loss = distill_cross_entropy(z, target, teacher, 0.5, 2.0)
+    (3.0 * loss).backward(retain_graph=True)
+    zd = z.detach().double().requires_grad_(True)
+    (gref,) = torch.autograd.grad(3.0 * _by_hand(zd, target, teacher, 0.5, 2.0), zd)
+    torch.testing.assert_close(z.grad.double(), gref, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="distill_cross_entropy: a second backward"):
+        loss.backward()
+    # a fresh loss on the same logits is independent of the spent one
+    z.grad = None
+    distill_cross_entropy(z, target, teacher, 0.5, 2.0).backward()
+    torch.testing.assert_close(z.grad.double(), gref / 3.0, rtol=1e-5, atol=1e-7)
+
+
 def test_strided_logits_and_no_grad():
     """Logits of all but the last position (a strided view, as a language model's shifted outputs are), strided
     targets, and a call under ``no_grad`` (the loss alone)."""
