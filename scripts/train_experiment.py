@@ -70,7 +70,8 @@ def main() -> None:
     p.add_argument("--stages", default="parent,elastic,baselines")
     p.add_argument("--force", action="store_true")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--plot", default=None, help="where the perplexity-vs-tokens plot goes (default: OUT/training.png)")
+    p.add_argument("--plot", default=None, help="where the plot goes (perplexity by width and against tokens, "
+                   "training losses; default: OUT/training.png)")
     p.add_argument("--tokens-cache", default=None, help="a corpus folder from `flextron sample-corpus` (train on its "
                    "sampled text, validate on its real held-out split) instead of tokenising --text")
     p.add_argument("--mix-text-share", type=float, default=0.0, help="with --tokens-cache: this share of every "
@@ -208,13 +209,24 @@ def fit_in_time(make_model, data, cfg: TrainConfig, run: Path, deadline: float |
         step_s = took / max(1, trainer.step - first)
 
 
+def _evals_by_tokens(history: list[dict]) -> tuple[list[float], list[dict]]:
+    """The in-run evaluations of a run's history and the training tokens (millions) at each."""
+    per_step = next((r["tokens"] / r["step"] for r in history if r.get("tokens") and r.get("step")), None)
+    evals = [r for r in history if "eval" in r]
+    if per_step is None or not evals:
+        return [], []
+    return [r["step"] * per_step / 1e6 for r in evals], [r["eval"] for r in evals]
+
+
 def plot(results: dict, path: Path, title: str) -> None:
+    """Three panels: perplexity by width (ranked parent, the elastic run, dedicated models), the in-run evaluations
+    against training tokens, and the training losses per sampled subnet."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4.2))
     xs = [int(w * 100) for w in WIDTHS]
     if "parent" in results:
         ax.plot(xs, [results["parent"]["ppl"][f"{w:g}"] for w in WIDTHS], "o-", label="(a) parent, ranked, not trained")
@@ -232,6 +244,22 @@ def plot(results: dict, path: Path, title: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     if "elastic" in results:
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        tok, evals = _evals_by_tokens(results["elastic"]["history"])
+        for i, w in enumerate(WIDTHS):
+            if tok:
+                ax3.plot(tok, [e[f"{w:g}"] for e in evals], "o-", ms=3, color=colors[i], label=f"elastic {w:.0%}")
+            if f"{w:g}" in base:
+                btok, bev = _evals_by_tokens(base[f"{w:g}"]["history"])
+                if btok:
+                    ax3.plot(btok, [e[f"{w:g}"] if f"{w:g}" in e else e.get("1", float("nan")) for e in bev],
+                             "^--", ms=3, color=colors[i], label=f"dedicated {w:.0%}")
+        ax3.set_yscale("log")
+        ax3.set_xlabel("training tokens (millions)")
+        ax3.set_ylabel("validation perplexity (log scale)")
+        ax3.set_title("in-run evaluations against tokens")
+        ax3.grid(alpha=0.3, which="both")
+        ax3.legend(fontsize=7)
         hist = [r for r in results["elastic"]["history"] if "losses" in r]
         steps = [r["step"] for r in hist]
         for name in hist[0]["losses"]:
@@ -244,6 +272,9 @@ def plot(results: dict, path: Path, title: str) -> None:
         ax2.set_title("training loss per sampled subnet")
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=7)
+    else:
+        ax3.set_visible(False)
+        ax2.set_visible(False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
