@@ -100,10 +100,6 @@ def attention_core(
             return o.unsqueeze(1)
         o = elastic_attention(q, k, v, head_budgets, causal=True, scale=scaling, validate=False)
         return o.transpose(1, 2)
-    rep = h // k.shape[1]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
     is_causal = False
     if attention_mask is None and sq > 1:
         if sq == sk:
@@ -113,8 +109,15 @@ def attention_core(
             attention_mask = torch.arange(sk, device=q.device)[None, :] <= i
     elif attention_mask is not None and attention_mask.shape[-1] != sk:
         attention_mask = attention_mask[..., :sk]
+    # GQA as transformers' SDPA integration does it (``use_gqa_in_sdpa``): SDPA's own without a mask (no copy of the
+    # cache per layer and step); K/V expanded to the query heads with one, where CUDA's fused kernels refuse GQA.
+    rep = h // k.shape[1]
+    gqa = rep > 1 and attention_mask is None
+    if rep > 1 and not gqa:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-                                       is_causal=is_causal)
+                                       is_causal=is_causal, enable_gqa=gqa)
     if head_budgets is not None:
         keep = torch.arange(h, device=q.device)[None, :] < head_budgets[:, None]
         o = o.masked_fill(~keep[:, :, None, None], 0.0)
