@@ -1,7 +1,9 @@
-"""Two gloo processes (DDP, then FSDP2) train exactly what one process trains with the same global batch."""
+"""Two gloo processes (DDP, then FSDP2) train exactly what one process trains with the same global batch, and a
+two-process run killed after a checkpoint resumes on two processes bit for bit."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -18,10 +20,11 @@ from .train_utils import tiny_fm, token_data
 STEPS = 2
 
 
-def _cfg(parallel: str, batch_size: int) -> TrainConfig:
-    return TrainConfig(steps=STEPS, batch_size=batch_size, seq_len=16, warmup=1, k_random=0, distill="parent",
-                       log_every=1, eval_every=0, eval_widths=(1.0,), eval_windows=1, parallel=parallel,
-                       progress=False, device="cpu")  # gloo on the CPU, also on a machine with one GPU
+def _cfg(parallel: str, batch_size: int, **kw) -> TrainConfig:
+    return TrainConfig(**{**dict(steps=STEPS, batch_size=batch_size, seq_len=16, warmup=1, k_random=0,
+                                 distill="parent", log_every=1, eval_every=0, eval_widths=(1.0,), eval_windows=1,
+                                 parallel=parallel, progress=False, device="cpu"), **kw})
+    # gloo on the CPU, also on a machine with one GPU
 
 
 def _worker(rank: int, world: int, port: int, parallel: str, out: str) -> None:
@@ -70,3 +73,61 @@ def test_two_processes_equal_one(parallel, single, tmp_path):
     for k, ref in ref_state.items():
         assert torch.allclose(state[k], ref, rtol=1e-4, atol=1e-6), k
     assert any(not torch.equal(ref_state[k], v) for k, v in tiny_fm().model.state_dict().items())  # it trained
+
+
+RESUME_STEPS = 3
+
+
+def _resume_worker(rank: int, world: int, port: int, parallel: str, out: str, phase: str) -> None:
+    """``full``: three steps straight through. ``kill``: the same run, every process gone without any clean-up
+    (``os._exit``: no export, no process-group teardown) right after the step-1 checkpoint. ``resume``: fresh
+    processes continue from the latest checkpoint to the end, given the parent again (as ``flextron train
+    --resume`` is: the frozen teacher is a copy of the model it is given; the trained weights come from the
+    checkpoint)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = _cfg(parallel, batch_size=1, steps=RESUME_STEPS, save_every=1, k_random=1)
+    if phase == "kill":
+        real_save = Trainer.save
+
+        def save_then_die(self):
+            real_save(self)
+            dist.barrier()  # every rank is past the checkpoint (rank 0 wrote it)
+            os._exit(0)
+
+        Trainer.save = save_then_die
+    trainer = Trainer(tiny_fm(), token_data(), cfg, out, resume="latest" if phase == "resume" else None)
+    history = trainer.fit()
+    if rank == 0:
+        torch.save(history, os.path.join(out, f"history_{phase}.pt"))
+    dist.destroy_process_group()
+
+
+def _spawn(parallel: str, out, phase: str) -> None:
+    mp.start_processes(_resume_worker, args=(2, _free_port(), parallel, str(out), phase), nprocs=2, join=True,
+                       start_method="spawn")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_killed_run_resumes_bit_for_bit(parallel, tmp_path):
+    _spawn(parallel, tmp_path / "full", "full")
+    _spawn(parallel, tmp_path / "cut", "kill")
+    assert not (tmp_path / "cut" / "model").exists()  # killed before the end: no export
+    assert not (tmp_path / "cut" / "history_kill.pt").exists()
+    _spawn(parallel, tmp_path / "cut", "resume")
+
+    def losses(history):
+        return {r["step"]: r["losses"] for r in history if "losses" in r}
+
+    full = losses(torch.load(tmp_path / "full" / "history_full.pt", weights_only=True))
+    resumed = losses(torch.load(tmp_path / "cut" / "history_resume.pt", weights_only=True))
+    assert sorted(full) == [1, 2, 3] and sorted(resumed) == [2, 3]
+    assert {s: full[s] for s in resumed} == resumed  # every subnet's loss of the resumed steps, bit for bit
+    a = FlextronModel.from_pretrained(tmp_path / "full" / "model").model.state_dict()
+    b = FlextronModel.from_pretrained(tmp_path / "cut" / "model").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the metrics file holds each step once: the killed run's records past its checkpoint were dropped
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if '"losses"' in ln]
+    assert steps == [1, 2, 3]
