@@ -1,5 +1,7 @@
-"""Two gloo processes (DDP, then FSDP2) train exactly what one process trains with the same global batch, and a
-two-process run killed after a checkpoint resumes on two processes bit for bit."""
+"""Two processes (DDP, then FSDP2) train exactly what one process trains with the same global batch, and a
+two-process run killed after a checkpoint resumes on two processes bit for bit: gloo on the CPU everywhere, NCCL
+with one GPU per process where a machine has two (float32 there, as on the CPU: the comparison is of arithmetic,
+not of bf16 rounding)."""
 
 from __future__ import annotations
 
@@ -18,21 +20,24 @@ from flextron.train import TrainConfig, Trainer
 from .train_utils import tiny_fm, token_data
 
 STEPS = 2
+DEVICES = [pytest.param("cpu", id="gloo"),
+           pytest.param("cuda", id="nccl", marks=pytest.mark.skipif(
+               not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="NCCL needs two GPUs"))]
 
 
-def _cfg(parallel: str, batch_size: int, **kw) -> TrainConfig:
+def _cfg(parallel: str, batch_size: int, device: str = "cpu", **kw) -> TrainConfig:
+    # device "cpu": gloo on the CPU, also on a machine with GPUs
     return TrainConfig(**{**dict(steps=STEPS, batch_size=batch_size, seq_len=16, warmup=1, k_random=0,
                                  distill="parent", log_every=1, eval_every=0, eval_widths=(1.0,), eval_windows=1,
-                                 parallel=parallel, progress=False, device="cpu"), **kw})
-    # gloo on the CPU, also on a machine with one GPU
+                                 parallel=parallel, progress=False, device=device, bf16=False), **kw})
 
 
-def _worker(rank: int, world: int, port: int, parallel: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, parallel: str, out: str, device: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        history = Trainer(tiny_fm(), token_data(), _cfg(parallel, batch_size=1), out).fit()
+        history = Trainer(tiny_fm(), token_data(), _cfg(parallel, batch_size=1, device=device), out).fit()
         if rank == 0:
             torch.save(history, os.path.join(out, "history.pt"))
     finally:
@@ -46,17 +51,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """One process, the whole global batch of 2 blocks per step."""
-    out = tmp_path_factory.mktemp("single")
-    history = Trainer(tiny_fm(), token_data(), _cfg("none", batch_size=2), out).fit()
-    return history, FlextronModel.from_pretrained(out / "model").model.state_dict()
+_SINGLE: dict = {}
 
 
+def _single(device: str, tmp_path_factory):
+    """One process, the whole global batch of 2 blocks per step (made once per device)."""
+    if device not in _SINGLE:
+        out = tmp_path_factory.mktemp(f"single_{device}")
+        history = Trainer(tiny_fm(), token_data(), _cfg("none", batch_size=2, device=device), out).fit()
+        _SINGLE[device] = history, FlextronModel.from_pretrained(out / "model").model.state_dict()
+    return _SINGLE[device]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_equal_one(parallel, single, tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), parallel, str(tmp_path)), nprocs=2, join=True,
+def test_two_processes_equal_one(parallel, device, tmp_path_factory, tmp_path):
+    single = _single(device, tmp_path_factory)
+    mp.start_processes(_worker, args=(2, _free_port(), parallel, str(tmp_path), device), nprocs=2, join=True,
                        start_method="spawn")
     history = torch.load(tmp_path / "history.pt", weights_only=True)
     ref_history, ref_state = single
@@ -78,7 +89,7 @@ def test_two_processes_equal_one(parallel, single, tmp_path):
 RESUME_STEPS = 3
 
 
-def _resume_worker(rank: int, world: int, port: int, parallel: str, out: str, phase: str) -> None:
+def _resume_worker(rank: int, world: int, port: int, parallel: str, out: str, phase: str, device: str) -> None:
     """``full``: three steps straight through. ``kill``: the same run, every process gone without any clean-up
     (``os._exit``: no export, no process-group teardown) right after the step-1 checkpoint. ``resume``: fresh
     processes continue from the latest checkpoint to the end, given the parent again (as ``flextron train
@@ -87,7 +98,7 @@ def _resume_worker(rank: int, world: int, port: int, parallel: str, out: str, ph
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    cfg = _cfg(parallel, batch_size=1, steps=RESUME_STEPS, save_every=1, k_random=1)
+    cfg = _cfg(parallel, batch_size=1, device=device, steps=RESUME_STEPS, save_every=1, k_random=1)
     if phase == "kill":
         real_save = Trainer.save
 
@@ -104,18 +115,19 @@ def _resume_worker(rank: int, world: int, port: int, parallel: str, out: str, ph
     dist.destroy_process_group()
 
 
-def _spawn(parallel: str, out, phase: str) -> None:
-    mp.start_processes(_resume_worker, args=(2, _free_port(), parallel, str(out), phase), nprocs=2, join=True,
-                       start_method="spawn")
+def _spawn(parallel: str, out, phase: str, device: str) -> None:
+    mp.start_processes(_resume_worker, args=(2, _free_port(), parallel, str(out), phase, device), nprocs=2,
+                       join=True, start_method="spawn")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_killed_run_resumes_bit_for_bit(parallel, tmp_path):
-    _spawn(parallel, tmp_path / "full", "full")
-    _spawn(parallel, tmp_path / "cut", "kill")
+def test_killed_run_resumes_bit_for_bit(parallel, device, tmp_path):
+    _spawn(parallel, tmp_path / "full", "full", device)
+    _spawn(parallel, tmp_path / "cut", "kill", device)
     assert not (tmp_path / "cut" / "model").exists()  # killed before the end: no export
     assert not (tmp_path / "cut" / "history_kill.pt").exists()
-    _spawn(parallel, tmp_path / "cut", "resume")
+    _spawn(parallel, tmp_path / "cut", "resume", device)
 
     def losses(history):
         return {r["step"]: r["losses"] for r in history if "losses" in r}
