@@ -21,6 +21,12 @@ token. Utilisation is the achieved FLOP rate over the bf16 matmul rate measured 
 this GPU in the same run (8192^3, ``_common.measure_ceilings``). ``--profile`` adds the top CUDA kernels of two
 steps by total time (``torch.profiler``).
 
+Several GPUs: ``torchrun --nproc_per_node N benchmarks/bench_train.py --parallel ddp|fsdp``. Every rank trains
+``batch`` blocks per step (the global batch is ``N x batch``), tokens/s counts the global batch, FLOPs per token
+are each rank's own count over its own tokens (the same work per token as on one GPU), and utilisation is against
+``N`` times the matmul rate measured on rank 0's GPU. Rank 0 writes ``train_multi_<GPU>.json``; set the rows
+against the one-GPU file's, run at the same per-GPU batch.
+
 Usage: ``python benchmarks/bench_train.py [--out DIR] [--shapes a,b] [--modes elastic,dense] [--profile]``;
 writes ``train_<GPU>.json``.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -67,7 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the trainer's default on CUDA), torch (the same loss in torch ops): one row per mode and loss")
     p.add_argument("--profile", action="store_true", help="add the top CUDA kernels of two steps per row")
     p.add_argument("--quick", action="store_true", help="smollm2-135m only, 2 + 4 steps")
+    p.add_argument("--parallel", default="none", choices=("none", "ddp", "fsdp"),
+                   help="under torchrun: DistributedDataParallel or FSDP2 across the ranks (one GPU each)")
     args = p.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.parallel == "none":
+        p.error(f"--parallel: none under torchrun (WORLD_SIZE={world}): pass ddp or fsdp")
+    if world == 1 and args.parallel != "none":
+        p.error(f"--parallel {args.parallel} needs several processes: run under torchrun --nproc_per_node N")
     if args.quick:
         args.shapes, args.warmup, args.steps = "smollm2-135m", 2, 4
     for name in ("shapes", "modes", "losses"):
@@ -106,11 +120,11 @@ def random_tokens(vocab: int, n: int, seed: int = 0):
                      meta={"documents": {"train": 1, "val": 1}}, path=Path("<random ids>"))
 
 
-def config(mode: str, batch: int, seq_len: int, device: str):
+def config(mode: str, batch: int, seq_len: int, device: str, parallel: str = "none"):
     from flextron.train import TrainConfig
 
     common = dict(steps=1_000_000, batch_size=batch, seq_len=seq_len, lr=1e-4, warmup=0, eval_every=0,
-                  save_every=0, log_every=1_000_000, progress=False, device=device)
+                  save_every=0, log_every=1_000_000, progress=False, device=device, parallel=parallel)
     if mode == "elastic":
         return TrainConfig(**common, sampling="sandwich", k_random=2, random_kind="layerwise", distill="parent",
                            alpha=0.5, full_weight=4.0)
@@ -188,11 +202,14 @@ def measure(shape: str, mode: str, args, device: torch.device, peak: float | Non
     batch, seq_len = args.batch or batch, args.seq_len or seq_len
     hf = build(shape, device)
     fm = FlextronModel.from_hf(hf, space=ElasticSpace(mlp=WIDTHS, heads=WIDTHS))
-    per_step = batch * seq_len
+    params = fm.num_parameters()  # before FSDP2 shards them
+    per_step = batch * seq_len  # this rank's tokens per step
     n_steps = args.warmup + 2 * args.steps + (2 if args.profile else 0)
-    data = random_tokens(fm.config.vocab_size, max(per_step * 4, 1 << 20) + seq_len + 1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    data = random_tokens(fm.config.vocab_size, max(per_step * world * 4, 1 << 20) + seq_len + 1)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(fm, data, config(mode, batch, seq_len, device.type), tmp)
+        trainer = Trainer(fm, data, config(mode, batch, seq_len, device.type, getattr(args, "parallel", "none")), tmp)
+        world = trainer.world
         for _ in range(args.warmup):
             trainer.train_step()
         _sync(device)
@@ -208,19 +225,19 @@ def measure(shape: str, mode: str, args, device: torch.device, peak: float | Non
         flops = counter.get_total_flops() / (args.steps * per_step)
         kernels = top_kernels(trainer) if args.profile and device.type == "cuda" else None
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    tokens_per_s = args.steps * per_step / secs
-    row = {"shape": shape, "mode": mode, "batch": batch, "seq_len": seq_len, "params": fm.num_parameters(),
+    tokens_per_s = args.steps * per_step * world / secs
+    row = {"shape": shape, "mode": mode, "batch": batch, "seq_len": seq_len, "params": params,
            "step_ms": secs * 1e3 / args.steps, "tokens_per_s": tokens_per_s, "flops_per_token": flops,
            "tflops_per_s": flops * tokens_per_s / 1e12, "last_loss": rec["loss"], "steps_total": n_steps,
            "passes_per_step": (2 + trainer.cfg.k_random) if mode == "elastic" else 1,
            "teacher": trainer.teacher is not None, "peak_mem_gib": peak_mem,
            "loss": "fused" if distill_loss._ENABLED and device.type == "cuda" else "torch",
-           "six_n_flops_per_token": 6 * fm.num_parameters(),
+           "six_n_flops_per_token": 6 * params, "world": world, "parallel": trainer.cfg.parallel,
            "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode: aten matmuls and SDPA (every key, "
                                "causal masking not discounted), forward and backward; a Triton launch would not be "
                                "seen (a training step of uniform-width layers makes none)"}
     if peak:
-        row["utilisation_vs_measured_matmul"] = flops * tokens_per_s / peak
+        row["utilisation_vs_measured_matmul"] = flops * tokens_per_s / (peak * world)
     if kernels is not None:
         row["top_kernels"] = kernels
     del trainer, fm, hf
@@ -232,7 +249,8 @@ def measure(shape: str, mode: str, args, device: torch.device, peak: float | Non
 
 def line(r: dict) -> str:
     util = r.get("utilisation_vs_measured_matmul")
-    return (f"{r['shape']:13} {r['mode']:8} {r['batch']:4} x {r['seq_len']:5}: {r['step_ms']:9.1f} ms/step "
+    gpus = f" {r['parallel']} x{r['world']}" if r.get("world", 1) > 1 else ""
+    return (f"{r['shape']:13} {r['mode']:8}{gpus} {r['batch']:4} x {r['seq_len']:5}: {r['step_ms']:9.1f} ms/step "
             f"{r['tokens_per_s']:12,.0f} tok/s  {r['flops_per_token'] / 1e9:6.2f} GFLOP/token  "
             f"{r['tflops_per_s']:7.1f} TFLOP/s" + (f"  {util:.1%} of the measured matmul rate" if util else ""))
 
@@ -242,20 +260,30 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import measure_ceilings, run_info, write_result
 
-    device = torch.device("cuda")
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    torch.cuda.set_device(device)
     ceilings = measure_ceilings()
-    payload = {"benchmark": "train", "info": run_info(), "ceilings": ceilings,
+    name = "train_multi" if world > 1 else "train"
+    payload = {"benchmark": name, "info": run_info(), "ceilings": ceilings,
                "settings": {"warmup": args.warmup, "steps": args.steps, "bf16_autocast": True,
-                            "master_weights": "float32", "widths": list(WIDTHS)}, "rows": []}
+                            "master_weights": "float32", "widths": list(WIDTHS), "world": world,
+                            "parallel": args.parallel}, "rows": []}
     for shape in args.shapes:
         for mode, loss in ((m, x) for m in args.modes for x in args.losses):
             with loss_kernel(loss == "fused"):
                 row = measure(shape, mode, args, device, ceilings["bf16_flops_per_s"])
+            if rank:
+                continue
             payload["rows"].append(row)
             print(line(row), flush=True)
             for k in row.get("top_kernels", [])[:6]:
                 print(f"    {k['ms_per_step']:8.2f} ms/step  {k['calls_per_step']:7.0f} calls  {k['kernel'][:80]}")
-            write_result(args.out, "train", payload)  # after each row: a run cut short keeps its figures
+            write_result(args.out, name, payload)  # after each row: a run cut short keeps its figures
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ KINDS = [
     ("end_to_end", "end-to-end prefill and generation"),
     ("routing", "nested_mlp routing (rank count vs torch.sort)"),
     ("bf16_drift", "bf16 hidden-state drift"),
+    ("train_multi", "training throughput on several GPUs (flextron train under torchrun)"),
     ("train", "training throughput (flextron train)"),
     ("distill_loss", "distill_cross_entropy (the training loss)"),
 ]
@@ -502,7 +503,8 @@ def train(r: Result) -> list[str]:
            "distilled from a frozen parent; dense: the full model alone, cross-entropy.", ""]
     out += table(["shape", "mode", "batch x tokens", "ms / step", "data tokens/s", "GFLOP / token", "TFLOP/s",
                   "utilisation", "vs dense tokens/s"],
-                 [[x["shape"], x["mode"] + (f" ({x['loss']} loss)" if x.get("loss") else ""),
+                 [[x["shape"], x["mode"] + (f" ({x['loss']} loss)" if x.get("loss") else "")
+                   + (f", {x['parallel']} on {x['world']} GPUs" if x.get("world", 1) > 1 else ""),
                    f"{x['batch']} x {x['seq_len']}", fmt(x.get("step_ms"), ".1f"),
                    fmt(x.get("tokens_per_s"), ",.0f"), fmt(x["flops_per_token"] / 1e9, ".3f"),
                    fmt(x.get("tflops_per_s"), ".1f"), fmt(x.get("utilisation_vs_measured_matmul"), ".1%"),
@@ -537,6 +539,7 @@ def distill_loss(r: Result) -> list[str]:
 
 RENDER: dict[str, Callable[[Result], list[str]]] = {
     "train": train,
+    "train_multi": train,
     "distill_loss": distill_loss,
     "sliced_linear": sliced_linear,
     "nested_mlp": nested_mlp,

@@ -111,3 +111,67 @@ def test_losses_argument():
     with bench_train.loss_kernel(not before):
         assert distill_loss._ENABLED is (not before)
     assert distill_loss._ENABLED is before
+
+
+def _ranks_worker(rank: int, port: int, parallel: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    bench_train.SHAPES["smollm2-135m"] = (TOY, BATCH, SEQ)
+    try:
+        args = bench_train.parse_args(["--shapes", "smollm2-135m", "--warmup", "1", "--steps", "2",
+                                       "--parallel", parallel])
+        with flextron_kernels.cpu_reference():
+            row = bench_train.measure("smollm2-135m", "dense", args, torch.device("cpu"), peak=1e12)
+        if rank == 0:
+            torch.save(row, os.path.join(out, "row.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_rows_under_two_processes(toy, parallel, tmp_path):
+    """Two gloo processes (as torchrun starts them): each trains its own blocks, tokens/s counts the global batch,
+    and the FLOPs per token are the one-process count (the same work per token, wherever it runs)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one = bench_train.measure("smollm2-135m", "dense", toy, torch.device("cpu"), peak=1e12)
+    mp.start_processes(_ranks_worker, args=(port, parallel, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    row = torch.load(tmp_path / "row.pt", weights_only=False)
+    assert row["world"] == 2 and row["parallel"] == parallel and one["world"] == 1
+    assert row["flops_per_token"] == one["flops_per_token"] and row["params"] == one["params"]
+    assert row["tokens_per_s"] * row["step_ms"] / 1e3 == pytest.approx(2 * BATCH * SEQ)
+    assert row["utilisation_vs_measured_matmul"] == pytest.approx(row["tflops_per_s"] * 1e12 / 2e12)
+    assert f"{parallel} x2" in bench_train.line(row)
+
+    import json
+
+    import tables
+
+    payload = {"benchmark": "train_multi", "info": {"gpu": "NVIDIA Toy", "commit": "0000000",
+                                                    "date": "2026-01-01T00:00:00+00:00"},
+               "ceilings": {"bf16_flops_per_s": 1e12}, "rows": [row]}
+    (tmp_path / "train_multi_NVIDIA_Toy.json").write_text(json.dumps(payload))
+    text = tables.render(tmp_path)
+    assert "several GPUs" in text and f"dense ({row['loss']} loss), {parallel} on 2 GPUs" in text
+
+
+def test_parallel_argument(monkeypatch):
+    with pytest.raises(SystemExit):  # several ranks need ddp or fsdp
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        bench_train.parse_args(["--quick"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit):  # and ddp or fsdp needs several ranks
+        bench_train.parse_args(["--quick", "--parallel", "ddp"])
+    assert bench_train.parse_args(["--quick"]).parallel == "none"
