@@ -21,9 +21,11 @@ Providers:
 - ``fm-adaptive``, recorded as ``fm-random-widths``: a router needs training on real text, which random weights do
   not have, so every token of every call gets a random MLP width drawn uniformly from its layer's choices
   (through ``ElasticMLP``'s per-token ``widths``, the grouped ``nested_mlp`` kernel), full heads;
-- ``fm-budgets``: ``fm.generate(ids, budgets=[0.25] * 4 + [0.5] * 4 + [0.75] * 4 + [1.0] * 4)`` (16 sequences,
-  decode only), against the same 16 sequences at full width and the four groups of 4 run one after another, each at
-  its uniform subnet.
+- ``fm-budgets``: 16 sequences with ``budgets=[0.25] * 4 + [0.5] * 4 + [0.75] * 4 + [1.0] * 4``, against the same
+  16 sequences at full width and the four groups of 4 run one after another, each at its uniform subnet. Decode:
+  ``fm.generate(ids, budgets=...)`` (eager and static-compile); prefill: one forward of the 16 prompts
+  (``--prompt-len`` tokens each), ``fm(ids, budgets=...)`` eager, and in graph mode the forward captured inside
+  the budgets (the per-sequence head and width tensors are made once, outside the capture).
 
 Phases and modes:
 
@@ -118,7 +120,7 @@ ALIASES = {"fm-adaptive": "fm-random-widths"}
 PHASES = ("prefill", "decode")
 MODES = ("eager", "static-compile", "graph")
 PHASE_MODES = {"prefill": ("eager", "graph"), "decode": MODES}
-BUDGET_MODES = ("eager", "static-compile")
+BUDGET_MODES = {"decode": ("eager", "static-compile"), "prefill": ("eager", "graph")}
 DEFAULTS = dict(shapes="llama2-7b", batches="1,16,64", prefill="4x1024,1x4096", prompt_len=512, new_tokens=128)
 QUICK = dict(shapes="llama-1b", batches="1,16", prefill="2x512", prompt_len=128, new_tokens=32)
 
@@ -244,15 +246,15 @@ def parse_prefill(text: str) -> list[tuple[int, int]]:
 def plan(shapes: list[str], providers: list[str], phases: list[str], modes: list[str], batches: list[int],
          prefill: list[tuple[int, int]], prompt_len: int) -> list[RowSpec]:
     """Every row to run, in execution order: per shape, provider by provider (``PROVIDERS`` order), prefill then
-    decode, mode by mode. Prefill has no ``static-compile``; ``fm-budgets`` is decode at 16 sequences, eager and
-    ``static-compile`` only."""
+    decode, mode by mode. Prefill has no ``static-compile``; ``fm-budgets`` runs 16 sequences of ``prompt_len``
+    tokens: prefill eager and graph, decode eager and ``static-compile``."""
     rows = []
     for shape in shapes:
         for p in (p for p in PROVIDERS if p in providers):
             for phase in (ph for ph in PHASES if ph in phases):
                 for mode in (m for m in MODES if m in modes):
                     if p == "fm-budgets":
-                        if phase == "decode" and mode in BUDGET_MODES:
+                        if mode in BUDGET_MODES[phase]:
                             rows.append(RowSpec(shape, p, phase, mode, len(BUDGETS), prompt_len))
                         continue
                     if mode not in PHASE_MODES[phase]:
@@ -357,7 +359,8 @@ def evaluate(rows: list[dict], layers: dict[str, int] | None = None) -> tuple[li
                 targets.append(_target(f"{r.get('a')} time / {r.get('b')}, interleaved", r["ratio"],
                                        f"<= {TOLERANCE}", r["ratio"] <= TOLERANCE))
             elif p == "fm-budgets":
-                full, groups = r.get("full_ms_per_step"), r.get("groups_ms_per_step")
+                full = r.get("full_ms_per_step", r.get("full_ms"))
+                groups = r.get("groups_ms_per_step", r.get("groups_ms"))
                 if full:
                     ratios["speedup_vs_full"] = full / ms
                     targets.append(_target("budgets speed-up vs full width", full / ms, f">= {BUDGETS_VS_FULL}",
@@ -908,6 +911,8 @@ class Runner:
 
     # -- per-request budgets
     def budgets_row(self, target: Target, spec: RowSpec) -> dict:
+        if spec.phase == "prefill":
+            return self.budgets_prefill_row(target, spec)
         fm = target.forward
         ids = self._ids(spec.batch, spec.seq_len, seed=4242)
         res = {"budgets": list(BUDGETS)}
@@ -941,6 +946,53 @@ class Runner:
         return res
 
 
+    def budgets_prefill_row(self, target: Target, spec: RowSpec) -> dict:
+        """One forward of the 16 prompts with per-request budgets, against the same forward at full width and the
+        four groups' forwards (each at its uniform subnet) one after another; eager, or each captured in a graph."""
+        fm = target.forward
+        ids = self._ids(spec.batch, spec.seq_len, seed=4242)
+        kw = dict(use_cache=False, logits_to_keep=1)
+        graph = spec.mode == "graph"
+
+        def timed(call) -> float:
+            times = []
+            fn = self._capture(call, fm.model) if graph else call
+            fn()  # warm-up
+            self.clock.sync()
+            for _ in range(self.args.repeats):
+                a = self.clock.mark()
+                fn()
+                b = self.clock.mark()
+                times.append(self.clock.ms(a, b))
+            del fn
+            return statistics.median(times)
+
+        with torch.no_grad():
+            if graph:  # the budgets' tensors live on the modules while the graph is captured and replayed
+                with fm._budgets(None, list(BUDGETS), spec.batch):
+                    ms = timed(lambda: fm.model(input_ids=ids, **kw))
+            else:
+                ms = timed(lambda: fm(input_ids=ids, budgets=list(BUDGETS), **kw))
+            full = timed(lambda: fm(input_ids=ids, **kw))
+            groups, group_ms = {}, 0.0
+            for f in dict.fromkeys(BUDGETS):
+                rows = [i for i, b in enumerate(BUDGETS) if b == f]
+                part = ids[rows[0]:rows[-1] + 1]
+                fm.set_subnet(None if f == 1.0 else fm.uniform_subnet(f, f))
+                try:
+                    g = timed(lambda part=part: fm(input_ids=part, **kw))
+                finally:
+                    fm.set_subnet(None)
+                groups[str(f)] = g
+                group_ms += g
+        return {"budgets": list(BUDGETS), "seq_len": spec.seq_len, "ms": ms, "ms_per_forward": ms,
+                "tokens_per_s": spec.batch * spec.seq_len * 1e3 / ms, "full_ms": full, "groups_ms": group_ms,
+                "groups": groups,
+                "how": "one forward of the 16 prompts (use_cache=False, logits_to_keep=1) with budgets=..., against "
+                       "the 16 at full width and the 4 groups of 4 in sequence (each at its uniform subnet); "
+                       "groups_ms is their sum"}
+
+
 def _compile_config(module) -> dict | None:
     cfg = getattr(module.generation_config, "compile_config", None)
     if cfg is None:
@@ -964,7 +1016,9 @@ def describe(row: dict) -> str:
     if row.get("graphs_compiled_in_timed_calls"):
         extra += f" (recompiled {row['graphs_compiled_in_timed_calls']}x while timed)"
     if row["provider"] == "fm-budgets":
-        extra += f", full {row['full_ms_per_step']:.3f}, groups {row['groups_ms_per_step']:.3f}"
+        full = row.get("full_ms_per_step", row.get("full_ms"))
+        groups = row.get("groups_ms_per_step", row.get("groups_ms"))
+        extra += f", full {full:.3f}, groups {groups:.3f}"
     mem = f", peak {row['peak_mem_gib']:.1f} GiB" if row.get("peak_mem_gib") else ""
     return (f"{head} {row['ms']:9.3f} {unit}, {row['tokens_per_s']:10.0f} tok/s{mem}{extra} "
             f"({row['elapsed_s']:.0f} s)")

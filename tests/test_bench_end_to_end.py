@@ -66,12 +66,15 @@ def args(*argv):
 def test_plan_default_and_options():
     specs = e2e.resolve(args(), e2e.SHAPES)
     keys = [s.key for s in specs]
-    assert len(keys) == len(set(keys)) == 119  # 9 providers x (2 prefill x 2 modes + 3 batches x 3 modes) + 2 budgets
+    assert len(keys) == len(set(keys)) == 121  # 9 providers x (2 prefill x 2 modes + 3 batches x 3 modes) + 4 budgets
     assert {s.shape for s in specs} == {"llama2-7b"}
     assert specs[0].provider == "hf" and specs[-1].provider == "fm-budgets"
     assert not [s for s in specs if s.phase == "prefill" and s.mode == "static-compile"]
-    assert {(s.batch, s.seq_len) for s in specs if s.phase == "prefill"} == {(4, 1024), (1, 4096)}
-    assert {(s.mode, s.batch) for s in specs if s.provider == "fm-budgets"} == {("eager", 16), ("static-compile", 16)}
+    assert {(s.batch, s.seq_len) for s in specs if s.phase == "prefill" and s.provider != "fm-budgets"} == {
+        (4, 1024), (1, 4096)}
+    assert {(s.phase, s.mode, s.batch, s.seq_len) for s in specs if s.provider == "fm-budgets"} == {
+        ("decode", "eager", 16, 512), ("decode", "static-compile", 16, 512), ("prefill", "eager", 16, 512),
+        ("prefill", "graph", 16, 512)}
     order = list(dict.fromkeys(s.provider for s in specs))
     assert order.index("fm-75") + 1 == order.index("ext-75")  # each sub-network beside its export
     quick = e2e.resolve(args("--quick"), e2e.SHAPES)
@@ -80,7 +83,7 @@ def test_plan_default_and_options():
     chunk = e2e.resolve(args("--providers", "fm-adaptive,hf", "--modes", "graph", "--phases", "decode",
                              "--batches", "64"), e2e.SHAPES)
     assert [(s.provider, s.mode, s.batch) for s in chunk] == [("hf", "graph", 64), ("fm-random-widths", "graph", 64)]
-    assert e2e.resolve(args("--providers", "fm-budgets", "--modes", "graph"), e2e.SHAPES) == []
+    assert e2e.resolve(args("--providers", "fm-budgets", "--modes", "graph", "--phases", "decode"), e2e.SHAPES) == []
     for bad, name in (("--providers=fm-40", "providers"), ("--modes=compile", "modes"), ("--shapes=gpt2", "shapes"),
                       ("--prefill=4by1024", "prefill")):
         with pytest.raises(ValueError, match=f"--{name}"):
@@ -193,6 +196,22 @@ def test_tiny_sweep_runs_and_merges(tmp_path):
     assert run_tiny(tmp_path, "--providers", "hf", "--phases", "prefill", "--time-limit", "0")["rows"] == []
 
 
+def test_tiny_budgets_rows(tmp_path):
+    """Per-request budgets through the real code: prefill (one forward of the 16 prompts) and decode, each against
+    the 16 at full width and the four groups in sequence."""
+    data = run_tiny(tmp_path, "--providers", "fm-budgets")
+    rows = {e2e.row_key(r): r for r in data["rows"]}
+    assert set(rows) == {("tiny", "fm-budgets", "prefill", "eager", 16), ("tiny", "fm-budgets", "decode", "eager", 16)}
+    assert not [r for r in rows.values() if r.get("error")]
+    pre = rows[("tiny", "fm-budgets", "prefill", "eager", 16)]
+    assert pre["seq_len"] == 4 and pre["budgets"] == list(e2e.BUDGETS) and set(pre["groups"]) == {"0.25", "0.5",
+                                                                                                  "0.75", "1.0"}
+    assert pre["groups_ms"] == pytest.approx(sum(pre["groups"].values()))
+    assert pre["ratios"]["speedup_vs_full"] == pytest.approx(pre["full_ms"] / pre["ms"])
+    dec = rows[("tiny", "fm-budgets", "decode", "eager", 16)]
+    assert dec["ratios"]["speedup_vs_groups"] == pytest.approx(dec["groups_ms_per_step"] / dec["ms"])
+
+
 def statistics_median(xs):
     import statistics
 
@@ -214,6 +233,8 @@ def test_table(tmp_path):
             row("fm-full", 52.0, phase="prefill", batch=4, seq_len=1024, shape="llama2-7b"),
             row("fm-budgets", 2.0, mode="static-compile", batch=16, shape="llama2-7b", full_ms_per_step=3.0,
                 groups_ms_per_step=4.0),
+            row("fm-budgets", 40.0, phase="prefill", batch=16, seq_len=512, shape="llama2-7b", full_ms=60.0,
+                groups_ms=100.0),
             {**row("fm-25", None, shape="llama2-7b"), "error": "OutOfMemoryError"}]
     rows, summary = e2e.evaluate(rows, {"llama2-7b": 32})
     payload = {"bench": "end_to_end", "info": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6.0",
@@ -230,9 +251,10 @@ def test_table(tmp_path):
     assert "| llama2-7b | prefill | 4 x 1024 | eager | 50.00 | 52.00 | 1.04x | – | – | – | – | – | – |" in out
     assert "end_to_end_b16" == tables.kind_of("end_to_end_b16_NVIDIA_H100_80GB_HBM3.json")
     assert "| llama2-7b | decode | 1 | eager | 10.00 | 10.40 | 1.04x | – | 1.25x | – | 2.08x | 2.50x | – |" in out
-    assert "| llama2-7b | static-compile | 2.00 | 3.00 | 4.00 | 1.50x | 2.00x |" in out
+    assert "| llama2-7b | decode | static-compile | 2.00 | 3.00 | 4.00 | 1.50x | 2.00x |" in out
+    assert "| llama2-7b | prefill | eager | 40.00 | 60.00 | 100.00 | 1.50x | 2.50x |" in out
     assert "llama2-7b 12.5 µs" in out  # (10.4 - 10) ms over 32 layers
-    assert "Targets met: 5 of 6; missed: llama2-7b fm-50 decode eager b1: fm-50 time / ext-50 = 1.25" in out
+    assert "Targets met: 7 of 8; missed: llama2-7b fm-50 decode eager b1: fm-50 time / ext-50 = 1.25" in out
     assert "1 rows failed: llama2-7b fm-25 decode eager b1" in out
 
 
