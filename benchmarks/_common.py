@@ -41,9 +41,8 @@ def bench_ms(fn, grad_to_none=None, rep: int = 60) -> float:
     return float(do_bench(fn, warmup=15, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
-def bench_graph_ms(fn, rep: int = 60) -> float:
-    """Median ms of ``fn`` captured once in a CUDA graph and replayed: the device time without Python's launch
-    cost, as a served decode step (captured in a graph) sees it. L2 is still flushed between replays."""
+def graph_replay(fn):
+    """``fn`` captured once in a CUDA graph (after two warm-up runs on a side stream); returns the replay."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -53,7 +52,13 @@ def bench_graph_ms(fn, rep: int = 60) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return bench_ms(g.replay, rep=rep)
+    return g.replay
+
+
+def bench_graph_ms(fn, rep: int = 60) -> float:
+    """Median ms of ``fn`` captured once in a CUDA graph and replayed: the device time without Python's launch
+    cost, as a served decode step (captured in a graph) sees it. L2 is still flushed between replays."""
+    return bench_ms(graph_replay(fn), rep=rep)
 
 
 def peak_extra_bytes(fn) -> int:

@@ -37,7 +37,7 @@ def test_attention_cases_and_tables_run_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "HQ", 4)
     monkeypatch.setattr(bench, "DTYPE", torch.float32)
     monkeypatch.setattr(bench, "bench_ms", lambda fn, grad_to_none=None, rep=0: (fn(), 1.0)[1])
-    monkeypatch.setattr(bench, "bench_graph_ms", lambda fn, rep=0: (fn(), 0.5)[1])
+    monkeypatch.setattr(bench, "graph_replay", lambda fn: (fn(), fn)[1])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     rows = bench.prefill_case(4, 1, 16) + [bench.mixed_case(4, 4, 16), bench.decode_case(4, 4, 16)]
     assert {r["kind"] for r in rows} == {"prefill", "backward", "mixed", "decode"}
@@ -45,7 +45,8 @@ def test_attention_cases_and_tables_run_on_cpu(tmp_path, monkeypatch):
         speeds = r.get("speed_vs_sdpa", r.get("speed_vs_sdpa_all"))
         assert speeds and all(v["eager"] and v["graph"] for v in speeds.values())
     targets = bench.targets(rows)
-    assert len(targets) == 8 and all(len(v) == 3 for v in targets.values())
+    assert len(targets) == 10 and all(len(v) == 3 for v in targets.values())
+    assert targets["noise_floor_sdpa_vs_itself_eager"] == [[1.0, 1.0], "range", None]
     payload = dict(benchmark="elastic_attention", gpu="NVIDIA Toy", torch="t", triton="t", commit="0000000",
                    date="2026-01-01T00:00:00+00:00", head_dim=16, hq=4, rows=rows, targets=targets)
     (tmp_path / "elastic_attention_NVIDIA_Toy.json").write_text(json.dumps(payload))
@@ -56,6 +57,7 @@ def test_attention_cases_and_tables_run_on_cpu(tmp_path, monkeypatch):
         summary=dict(max_peak_extra_bytes_flextron=0, target_min_speed_vs_cublas=[0.97, False]))))
     text = tables.render(tmp_path)
     assert "Triton, one launch" in text and "SDPA per group (scattered)" in text and "decode kernel" in text
+    assert "speed against itself over the prefill cases: eager 1.00x, graph 1.00x." in text
     assert "speed vs cuBLAS on the slice, eager" in text and "0.96x" in text and "not met" in text
 
 
