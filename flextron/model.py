@@ -166,11 +166,16 @@ class FlextronModel(nn.Module):
 
     def mlp_choices(self, layer: int) -> list[int]:
         """The MLP widths layer ``layer`` may take (sorted neuron counts)."""
-        return self.space.mlp_choices(self.mlp_blocks[layer].full_width)
+        return self._mlp_choices(self.mlp_blocks[layer])
 
     def head_choices(self, layer: int) -> list[int]:
         """The query-head counts layer ``layer`` may take (whole KV groups)."""
-        a = self.attention_blocks[layer]
+        return self._head_choices(self.attention_blocks[layer])
+
+    def _mlp_choices(self, m: ElasticMLP) -> list[int]:
+        return self.space.mlp_choices(m.full_width)
+
+    def _head_choices(self, a: ElasticAttention) -> list[int]:
         return self.space.head_choices(a.num_heads, a.group_size)
 
     def full_subnet(self) -> Subnet:
@@ -193,20 +198,21 @@ class FlextronModel(nn.Module):
             got = len(getattr(subnet, name))
             if got != n:
                 raise ValueError(f"subnet.{name} must have {n} entries (one per layer), got {got}")
+        mlps, attns = self.mlp_blocks, self.attention_blocks  # built once: each is a walk over the layers
         for i, w in enumerate(subnet.mlp):
-            choices = self.mlp_choices(i)
+            choices = self._mlp_choices(mlps[i])
             if w not in choices:
                 raise ValueError(
                     f"subnet.mlp[{i}] = {w} is not an MLP width of the space for layer {i}: {_abbrev(choices)}"
                 )
         for i, h in enumerate(subnet.heads):
-            a = self.attention_blocks[i]
+            a = attns[i]
             if h % a.group_size:
                 raise ValueError(
                     f"subnet.heads[{i}] = {h} splits a KV group: layer {i} has {a.num_kv_heads} KV heads of "
                     f"{a.group_size} query heads each, so heads must be a multiple of {a.group_size}"
                 )
-            choices = self.head_choices(i)
+            choices = self._head_choices(a)
             if h not in choices:
                 raise ValueError(
                     f"subnet.heads[{i}] = {h} is not a head count of the space for layer {i}: {_abbrev(choices)}"
@@ -218,10 +224,12 @@ class FlextronModel(nn.Module):
         full = subnet is None
         if not full:
             self.check_subnet(subnet)
-        for i, (m, a) in enumerate(zip(self.mlp_blocks, self.attention_blocks)):
+        mlps, attns = self.mlp_blocks, self.attention_blocks
+        for i, (m, a) in enumerate(zip(mlps, attns)):
             m.width = m.full_width if full else subnet.mlp[i]
             a.heads = a.num_heads if full else subnet.heads[i]
-        self.subnet = None if full or subnet == self.full_subnet() else subnet.with_full(*self._full_sizes())
+        sizes = ([m.full_width for m in mlps], [a.num_heads for a in attns])
+        self.subnet = None if full or subnet == Subnet(*sizes, *sizes) else subnet.with_full(*sizes)
 
     def uniform_subnet(self, mlp: float = 1.0, heads: float = 1.0) -> Subnet:
         """The subnet keeping fraction ``mlp`` of every layer's neurons and ``heads`` of its heads.
@@ -233,10 +241,11 @@ class FlextronModel(nn.Module):
         for name, f in (("mlp", mlp), ("heads", heads)):
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
                 raise ValueError(f"{name} must be a fraction in (0, 1], got {f!r}")
+        mlps, attns = self.mlp_blocks, self.attention_blocks
         return Subnet(
-            mlp=[nearest(self.mlp_choices(i), mlp * m.full_width) for i, m in enumerate(self.mlp_blocks)],
-            heads=[nearest(self.head_choices(i), heads * a.num_heads) for i, a in enumerate(self.attention_blocks)],
-        ).with_full(*self._full_sizes())
+            mlp=[nearest(self._mlp_choices(m), mlp * m.full_width) for m in mlps],
+            heads=[nearest(self._head_choices(a), heads * a.num_heads) for a in attns],
+        ).with_full([m.full_width for m in mlps], [a.num_heads for a in attns])
 
     def num_parameters(self, subnet: Subnet | None = None) -> int:
         """Parameters a sub-network uses (tied embeddings counted once); ``None``: the active one."""
@@ -285,7 +294,7 @@ class FlextronModel(nn.Module):
                             f"{type(budgets).__name__}")
         if not budgets:
             raise ValueError("budgets must hold one entry per sequence, got an empty list")
-        out = []
+        out, by_fraction = [], {}  # one subnet per distinct fraction: a batch repeats a handful of budgets
         for i, b in enumerate(budgets):
             if isinstance(b, Subnet):
                 try:
@@ -295,7 +304,10 @@ class FlextronModel(nn.Module):
             elif isinstance(b, (int, float)) and not isinstance(b, bool):
                 if not 0 < b <= 1:
                     raise ValueError(f"budgets[{i}] must be a latency fraction in (0, 1] or a Subnet, got {b!r}")
-                out.append(_implementation("subnet_for_budget")(self, float(b)))
+                f = float(b)
+                if f not in by_fraction:
+                    by_fraction[f] = _implementation("subnet_for_budget")(self, f)
+                out.append(by_fraction[f])
             else:
                 raise TypeError(f"budgets[{i}] must be a Subnet or a latency fraction, got {type(b).__name__}")
         return out
@@ -323,12 +335,14 @@ class FlextronModel(nn.Module):
         self.set_subnet(cap)
         mlps, attns = self.mlp_blocks, self.attention_blocks
         try:
+            # every layer's per-sequence widths and heads in one copy to the device ([2, layers, B]; rows are views)
+            widths = [[s.mlp[i] for s in subnets] for i in range(len(mlps))]
+            heads = [[s.heads[i] for s in subnets] for i in range(len(attns))]
+            rows = torch.tensor([widths, heads]).to(device)
             for i, (m, a) in enumerate(zip(mlps, attns)):
-                widths = [s.mlp[i] for s in subnets]
-                heads = [s.heads[i] for s in subnets]
                 # a layer where every sequence agrees runs the shared prefix, as a plain subnet would
-                m.sequence_widths = None if len(set(widths)) == 1 else torch.tensor(widths, device=device)
-                a.head_budgets = None if len(set(heads)) == 1 else torch.tensor(heads, device=device)
+                m.sequence_widths = None if len(set(widths[i])) == 1 else rows[0, i]
+                a.head_budgets = None if len(set(heads[i])) == 1 else rows[1, i]
             yield
         finally:
             for m, a in zip(mlps, attns):

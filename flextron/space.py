@@ -10,6 +10,7 @@ Head counts are whole KV groups under grouped-query attention: the KV heads of a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,18 @@ def _resolve_axis(name: str, values, full: int, step: int) -> list[int]:
     return sorted(out)
 
 
+def _typed(values: tuple | None) -> tuple | None:
+    """``values`` as a cache key that tells a count from a fraction (``1 == 1.0`` as tuple elements)."""
+    return None if values is None else tuple((type(v).__name__, v) for v in values)
+
+
+@functools.lru_cache(maxsize=1024)
+def _choices(name: str, typed: tuple | None, full: int, step: int) -> tuple[int, ...]:
+    """:func:`_resolve_axis`, remembered: subnets are checked and built on every ``set_subnet`` and every request's
+    budget, layer by layer, and the answer depends only on these arguments (``typed``: see :func:`_typed`)."""
+    return tuple(_resolve_axis(name, None if typed is None else [v for _, v in typed], full, step))
+
+
 @dataclass(frozen=True)
 class ElasticSpace:
     """The widths every layer may choose.
@@ -99,10 +112,10 @@ class ElasticSpace:
         return self.mlp_granularity or mlp_granularity(intermediate_size)
 
     def mlp_choices(self, intermediate_size: int) -> list[int]:
-        return _resolve_axis("mlp", self.mlp, intermediate_size, self.mlp_step(intermediate_size))
+        return list(_choices("mlp", _typed(self.mlp), intermediate_size, self.mlp_step(intermediate_size)))
 
     def head_choices(self, num_heads: int, group_size: int) -> list[int]:
-        return _resolve_axis("heads", self.heads, num_heads, group_size)
+        return list(_choices("heads", _typed(self.heads), num_heads, group_size))
 
     def to_dict(self) -> dict:
         return {"mlp": None if self.mlp is None else list(self.mlp),

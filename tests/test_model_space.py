@@ -56,3 +56,15 @@ def test_nearest_choice_is_visible_in_the_repr():
     assert repr(fm.subnet) == "Subnet(mlp=[48/96 (50%), 96/96 (100%)], heads=[3/9 (33%), 9/9 (100%)])"
     assert repr(hetero) == "Subnet(mlp=[48, 96], heads=[3, 9])"  # without a model: counts only
     assert hetero == fm.subnet  # the full sizes never take part in equality
+
+
+def test_choices_tell_a_count_from_a_fraction():
+    """The choices are remembered per space; ``1`` (one head or neuron) and ``1.0`` (all of them) are equal as
+    numbers and must still resolve apart, in either order."""
+    assert ElasticSpace(heads=(1,)).head_choices(8, 1) == [1, 8]
+    assert ElasticSpace(heads=(1.0,)).head_choices(8, 1) == [8]
+    assert ElasticSpace(heads=(1,)).head_choices(8, 1) == [1, 8]
+    assert ElasticSpace(mlp=(0.5, 64), mlp_granularity=32).mlp_choices(256) == [64, 128, 256]
+    choices = ElasticSpace(mlp=(0.5,), mlp_granularity=32).mlp_choices(256)
+    choices.append(7)  # a caller's list is its own
+    assert ElasticSpace(mlp=(0.5,), mlp_granularity=32).mlp_choices(256) == [128, 256]
