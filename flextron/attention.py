@@ -36,6 +36,10 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 
 _NO_PADDING = False
+# Per-request budgets on a prompt run per run of adjacent sequences with one budget (ElasticAttention._runs) when
+# every run has at least this many tokens and there are at most MAX_RUNS runs.
+RUN_MIN_TOKENS = 1024
+MAX_RUNS = 8
 
 
 @contextmanager
@@ -167,6 +171,9 @@ class ElasticAttention(nn.Module):
         # FlextronModel forward/generate that was given ``head_budgets`` (HF's generate drops unknown kwargs).
         self.head_budgets: torch.Tensor | None = None
         self._budget_memo: tuple | None = None
+        # The same budgets on the host as runs of adjacent sequences, ``[(first, end, heads), ...]``, set with
+        # ``head_budgets`` by per-request budgets: a long prompt runs each run's projections at its own heads.
+        self.head_runs: list[tuple[int, int, int]] | None = None
         self.stats: dict | None = None  # set by ranking: accumulates per-head output norms
 
     @property
@@ -203,6 +210,9 @@ class ElasticAttention(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         # transformers <= 5.2x passes the cache as ``past_key_values``, later ones as ``cache``.
         cache = cache if cache is not None else past_key_values
+        runs = self._runs(hidden_states, attention_mask)
+        if runs is not None:
+            return self._forward_runs(hidden_states, position_embeddings, attention_mask, cache, runs), None
         h, d = self.heads, self.head_dim
         kv = h // self.group_size
         (wq, bq), (wk, bk), (wv, bv) = self.qkv_weights()
@@ -227,6 +237,61 @@ class ElasticAttention(nn.Module):
         if self.fused:
             y = self.resid_dropout(y)
         return y, None
+
+    def _runs(self, x: torch.Tensor, attention_mask) -> list[tuple[int, int, int]] | None:
+        """The runs of :attr:`head_runs` to serve this call one by one, or None. Only a prompt long enough that
+        every run's projections are large products (:data:`RUN_MIN_TOKENS` tokens a run, at most :data:`MAX_RUNS`
+        runs): there the batch's projections at the widest budget would spend the FLOPs of heads the narrower
+        sequences drop. One token per sequence (decode) reads the weights once per run instead, so it keeps the
+        one batch."""
+        runs = self.head_runs
+        if (runs is None or self.head_budgets is None or self.fused or self.stats is not None or x.dim() != 3
+                or len(runs) > MAX_RUNS or runs[-1][1] != x.shape[0]):
+            return None
+        if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[0] != x.shape[0]):
+            return None
+        if min(end - first for first, end, _ in runs) * x.shape[1] < RUN_MIN_TOKENS:
+            return None
+        g = self.group_size
+        return [(first, end, max(g, min(h, self.heads) // g * g)) for first, end, h in runs]
+
+    def _forward_runs(self, x, position_embeddings, attention_mask, cache, runs) -> torch.Tensor:
+        """Per-request budgets on a long prompt: each run of adjacent sequences with one head budget projects,
+        attends and projects back at its own heads (views of the weights, no copies); the cache gets every
+        sequence's kept K/V heads and zeros for the rest, which its decode steps never read."""
+        b, s, d = x.shape[0], x.shape[1], self.head_dim
+        g, kv = self.group_size, self.heads // self.group_size
+        (wq, bq), (wk, bk), (wv, bv) = self.qkv_weights()
+        parts = []
+        for first, end, h in runs:
+            xs = x[first:end]
+            n = end - first
+            q = prefix_linear(xs, wq, bq, h * d).view(n, s, h, d).transpose(1, 2)
+            k = prefix_linear(xs, wk, bk, h // g * d).view(n, s, h // g, d).transpose(1, 2)
+            v = prefix_linear(xs, wv, bv, h // g * d).view(n, s, h // g, d).transpose(1, 2)
+            if position_embeddings is not None:
+                cos, sin = (t[first:end] if t.shape[0] == b else t for t in position_embeddings)
+                q, k = apply_rotary(q, k, cos, sin)
+            parts.append((first, end, h, q, k, v))
+        fixed = False
+        if cache is not None:
+            keys = x.new_zeros((b, kv, s, d))
+            values = x.new_zeros((b, kv, s, d))
+            for first, end, h, _, k, v in parts:
+                keys[first:end, : h // g] = k
+                values[first:end, : h // g] = v
+            keys, values = cache.update(keys, values, self.layer_idx)
+            fixed = _fixed_size(cache, self.layer_idx)
+        proj, wo = self.out_proj(), self.out_weight()
+        out = []
+        for first, end, h, q, k, v in parts:
+            if cache is not None:
+                k, v = keys[first:end, : h // g], values[first:end, : h // g]
+            mask = None if attention_mask is None else attention_mask[first:end]
+            o = attention_core(q, k, v, mask, scaling=self.scaling, dropout=self.dropout_p if self.training else 0.0,
+                               fixed_cache=fixed)
+            out.append(prefix_linear(o.reshape(end - first, s, h * d), wo, proj.bias, wo.shape[0]))
+        return torch.cat(out, 0)
 
     def _budgets(self, batch: int) -> torch.Tensor | None:
         """This layer's per-sequence head counts: the requested budget capped at the active heads, rounded down

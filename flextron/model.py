@@ -59,6 +59,17 @@ def _implementation(method: str) -> Callable:
     return fn
 
 
+def _runs(values: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal adjacent values: ``[5, 5, 2, 5]`` -> ``[(0, 2, 5), (2, 3, 2), (3, 4, 5)]``."""
+    out: list[tuple[int, int, int]] = []
+    for i, v in enumerate(values):
+        if out and out[-1][2] == v:
+            out[-1] = (out[-1][0], i + 1, v)
+        else:
+            out.append((i, i + 1, v))
+    return out
+
+
 def _batch_size(args, kwargs) -> int | None:
     """The batch size of a forward/generate call, when its inputs tell (``input_ids`` or ``inputs_embeds``)."""
     x = kwargs.get("input_ids", args[0] if args else None)
@@ -343,11 +354,12 @@ class FlextronModel(nn.Module):
                 # a layer where every sequence agrees runs the shared prefix, as a plain subnet would
                 m.sequence_widths = None if len(set(widths[i])) == 1 else rows[0, i]
                 a.head_budgets = None if len(set(heads[i])) == 1 else rows[1, i]
+                a.head_runs = None if a.head_budgets is None else _runs(heads[i])
             yield
         finally:
             for m, a in zip(mlps, attns):
                 m.sequence_widths = None
-                a.head_budgets = None
+                a.head_budgets = a.head_runs = None
             self.set_subnet(active)
 
     @contextlib.contextmanager

@@ -180,3 +180,57 @@ def test_budgets_made_once_per_call_and_follow_changes():
     assert m._sequence_token_widths(w, shape)[1].tolist() == [1] * 5
     m.width = 10
     assert m._sequence_token_widths(w, shape)[0].tolist() == [10] * 5
+
+
+@pytest.mark.parametrize("cache", [None, "dynamic", "static"])
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen2"])
+def test_long_prompts_project_each_run_at_its_own_heads(family, cache, monkeypatch):
+    """Prompts long enough (here: any, the threshold lowered) run each run of adjacent sequences with one head
+    budget through its own projections, attention and output projection; the tokens and logits are each
+    sequence's alone, with and without a cache, and decode steps go on from the zero-padded cache."""
+    monkeypatch.setattr(flextron.attention, "RUN_MIN_TOKENS", 1)
+    calls = {"runs": 0}
+    monkeypatch.setattr(flextron.attention.ElasticAttention, "_forward_runs",
+                        _counter(calls, "runs", flextron.attention.ElasticAttention._forward_runs))
+    fm = FlextronModel.from_hf(tiny_model(family))
+    half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
+    subnets = [half, half, full, half]  # three runs: (0, 2), (2, 3), (3, 4)
+    x = tokens(batch=len(subnets), seq=7, seed=5)
+    with cpu_reference(), torch.no_grad():
+        logits = fm(input_ids=x, budgets=subnets).logits
+        assert calls["runs"] == fm.num_layers
+        for b, s in enumerate(subnets):
+            fm.set_subnet(s)
+            want = fm(input_ids=x[b:b + 1]).logits
+            assert ((logits[b:b + 1] - want).norm() / want.norm()).item() < 1e-5
+        fm.set_subnet(None)
+        if cache is not None:
+            got = _generate(fm, x, cache, budgets=subnets)
+            assert torch.equal(got, _alone(fm, x, subnets, cache))
+    assert all(a.head_runs is None and a.head_budgets is None for a in fm.attention_blocks)
+
+
+def test_prompts_with_short_runs_keep_one_batch(monkeypatch):
+    """Below the tokens a run needs, or past MAX_RUNS runs, a prompt runs as one batch."""
+    calls = {"runs": 0}
+    monkeypatch.setattr(flextron.attention.ElasticAttention, "_forward_runs",
+                        _counter(calls, "runs", flextron.attention.ElasticAttention._forward_runs))
+    fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
+    half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
+    x = tokens(batch=2, seq=7, seed=5)
+    with cpu_reference(), torch.no_grad():
+        fm(input_ids=x, budgets=[half, full])  # 7 tokens a run, under RUN_MIN_TOKENS
+        monkeypatch.setattr(flextron.attention, "RUN_MIN_TOKENS", 1)
+        monkeypatch.setattr(flextron.attention, "MAX_RUNS", 1)
+        fm(input_ids=x, budgets=[half, full])  # two runs, over MAX_RUNS
+        assert calls["runs"] == 0
+        monkeypatch.setattr(flextron.attention, "MAX_RUNS", 2)
+        fm(input_ids=x, budgets=[half, full])
+        assert calls["runs"] == fm.num_layers
+
+
+def test_runs_of_adjacent_values():
+    from flextron.model import _runs
+
+    assert _runs([5, 5, 2, 5]) == [(0, 2, 5), (2, 3, 2), (3, 4, 5)]
+    assert _runs([1]) == [(0, 1, 1)]
