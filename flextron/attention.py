@@ -10,6 +10,7 @@ KV heads reach the cache: HF's caches store whatever k/v they are given.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -37,7 +38,9 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 _NO_PADDING = False
 # Per-request budgets on a prompt run per run of adjacent sequences with one budget (ElasticAttention._runs) when
-# every run has at least this many tokens and there are at most MAX_RUNS runs.
+# every run has at least this many tokens and there are at most MAX_RUNS runs; FLEXTRON_BUDGET_RUNS=0 in the
+# environment keeps every prompt in one batch.
+RUNS_ENABLED = os.environ.get("FLEXTRON_BUDGET_RUNS", "1") != "0"
 RUN_MIN_TOKENS = 1024
 MAX_RUNS = 8
 
@@ -245,8 +248,8 @@ class ElasticAttention(nn.Module):
         sequences drop. One token per sequence (decode) reads the weights once per run instead, so it keeps the
         one batch."""
         runs = self.head_runs
-        if (runs is None or self.head_budgets is None or self.fused or self.stats is not None or x.dim() != 3
-                or len(runs) > MAX_RUNS or runs[-1][1] != x.shape[0]):
+        if (not RUNS_ENABLED or runs is None or self.head_budgets is None or self.fused or self.stats is not None
+                or x.dim() != 3 or len(runs) > MAX_RUNS or runs[-1][1] != x.shape[0]):
             return None
         if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[0] != x.shape[0]):
             return None

@@ -225,6 +225,10 @@ def test_prompts_with_short_runs_keep_one_batch(monkeypatch):
         fm(input_ids=x, budgets=[half, full])  # two runs, over MAX_RUNS
         assert calls["runs"] == 0
         monkeypatch.setattr(flextron.attention, "MAX_RUNS", 2)
+        monkeypatch.setattr(flextron.attention, "RUNS_ENABLED", False)  # FLEXTRON_BUDGET_RUNS=0
+        fm(input_ids=x, budgets=[half, full])
+        assert calls["runs"] == 0
+        monkeypatch.setattr(flextron.attention, "RUNS_ENABLED", True)
         fm(input_ids=x, budgets=[half, full])
         assert calls["runs"] == fm.num_layers
 
