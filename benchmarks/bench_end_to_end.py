@@ -23,9 +23,10 @@ Providers:
   (through ``ElasticMLP``'s per-token ``widths``, the grouped ``nested_mlp`` kernel), full heads;
 - ``fm-budgets``: 16 sequences with ``budgets=[0.25] * 4 + [0.5] * 4 + [0.75] * 4 + [1.0] * 4``, against the same
   16 sequences at full width and the four groups of 4 run one after another, each at its uniform subnet. Decode:
-  ``fm.generate(ids, budgets=...)`` (eager and static-compile); prefill: one forward of the 16 prompts
-  (``--prompt-len`` tokens each), ``fm(ids, budgets=...)`` eager, and in graph mode the forward captured inside
-  the budgets (the per-sequence head and width tensors are made once, outside the capture).
+  ``fm.generate(ids, budgets=...)`` (eager and static-compile), and in graph mode one decode step captured inside
+  the budgets (the per-sequence head and width tensors are made once, outside the capture); prefill: one forward
+  of the 16 prompts (``--prompt-len`` tokens each), ``fm(ids, budgets=...)`` eager, and in graph mode the forward
+  captured inside the budgets.
 
 Phases and modes:
 
@@ -120,7 +121,7 @@ ALIASES = {"fm-adaptive": "fm-random-widths"}
 PHASES = ("prefill", "decode")
 MODES = ("eager", "static-compile", "graph")
 PHASE_MODES = {"prefill": ("eager", "graph"), "decode": MODES}
-BUDGET_MODES = {"decode": ("eager", "static-compile"), "prefill": ("eager", "graph")}
+BUDGET_MODES = {"decode": ("eager", "static-compile", "graph"), "prefill": ("eager", "graph")}
 DEFAULTS = dict(shapes="llama2-7b", batches="1,16,64", prefill="4x1024,1x4096", prompt_len=512, new_tokens=128)
 QUICK = dict(shapes="llama-1b", batches="1,16", prefill="2x512", prompt_len=128, new_tokens=32)
 
@@ -247,7 +248,7 @@ def plan(shapes: list[str], providers: list[str], phases: list[str], modes: list
          prefill: list[tuple[int, int]], prompt_len: int) -> list[RowSpec]:
     """Every row to run, in execution order: per shape, provider by provider (``PROVIDERS`` order), prefill then
     decode, mode by mode. Prefill has no ``static-compile``; ``fm-budgets`` runs 16 sequences of ``prompt_len``
-    tokens: prefill eager and graph, decode eager and ``static-compile``."""
+    tokens in every mode of each phase."""
     rows = []
     for shape in shapes:
         for p in (p for p in PROVIDERS if p in providers):
@@ -917,10 +918,21 @@ class Runner:
         ids = self._ids(spec.batch, spec.seq_len, seed=4242)
         res = {"budgets": list(BUDGETS)}
         static = spec.mode == "static-compile"
-        mixed = self._timed_generate(target, ids, spec.mode, budgets=list(BUDGETS))
+
+        def timed(part: torch.Tensor, budgets: list | None = None) -> dict:
+            if spec.mode != "graph":
+                return self._timed_generate(target, part, spec.mode,
+                                            **({} if budgets is None else {"budgets": budgets}))
+            if budgets is None:
+                return self.graph_decode(target, part)
+            # the budgets' tensors live on the modules while the step is captured and replayed
+            with fm._budgets(None, budgets, part.shape[0]):
+                return self.graph_decode(Target(fm.model, fm.model, fm.model.generate, {}), part)
+
+        mixed = timed(ids, list(BUDGETS))
         if static:
             _reset_compiled()
-        full = self._timed_generate(target, ids, spec.mode)
+        full = timed(ids)
         groups, group_ms, group_generate_ms = {}, 0.0, 0.0
         for f in dict.fromkeys(BUDGETS):
             rows = [i for i, b in enumerate(BUDGETS) if b == f]
@@ -928,19 +940,21 @@ class Runner:
             if static:
                 _reset_compiled()
             try:
-                g = self._timed_generate(target, ids[rows[0]:rows[-1] + 1], spec.mode)
+                g = timed(ids[rows[0]:rows[-1] + 1])
             finally:
                 fm.set_subnet(None)
-            groups[str(f)] = {"ms_per_step": g["ms_per_step"], "generate_ms": g["generate_ms"]}
+            groups[str(f)] = {"ms_per_step": g["ms_per_step"], "generate_ms": g.get("generate_ms")}
             group_ms += g["ms_per_step"]
-            group_generate_ms += g["generate_ms"]
+            group_generate_ms += g.get("generate_ms") or 0.0
         ms = mixed["ms_per_step"]
         res.update(mixed)
         res.update(ms=ms, tokens_per_s=spec.batch * 1e3 / ms, full_ms_per_step=full["ms_per_step"],
-                   full_generate_ms=full["generate_ms"], groups_ms_per_step=group_ms,
-                   groups_generate_ms=group_generate_ms, groups=groups,
-                   how="fm.generate(ids, budgets=...) against the 16 at full width and the 4 groups of 4 in "
-                       "sequence (each at its uniform subnet); groups_ms_per_step is their sum")
+                   full_generate_ms=full.get("generate_ms"), groups_ms_per_step=group_ms,
+                   groups_generate_ms=group_generate_ms or None, groups=groups,
+                   how=("one greedy decode step with budgets=... captured in a CUDA graph (StaticCache prefilled)"
+                        if spec.mode == "graph" else "fm.generate(ids, budgets=...)")
+                   + " against the 16 at full width and the 4 groups of 4 in sequence (each at its uniform "
+                     "subnet); groups_ms_per_step is their sum")
         if static:
             res["full_compiled"] = full.get("compiled")
         return res

@@ -66,15 +66,15 @@ def args(*argv):
 def test_plan_default_and_options():
     specs = e2e.resolve(args(), e2e.SHAPES)
     keys = [s.key for s in specs]
-    assert len(keys) == len(set(keys)) == 121  # 9 providers x (2 prefill x 2 modes + 3 batches x 3 modes) + 4 budgets
+    assert len(keys) == len(set(keys)) == 122  # 9 providers x (2 prefill x 2 modes + 3 batches x 3 modes) + 5 budgets
     assert {s.shape for s in specs} == {"llama2-7b"}
     assert specs[0].provider == "hf" and specs[-1].provider == "fm-budgets"
     assert not [s for s in specs if s.phase == "prefill" and s.mode == "static-compile"]
     assert {(s.batch, s.seq_len) for s in specs if s.phase == "prefill" and s.provider != "fm-budgets"} == {
         (4, 1024), (1, 4096)}
     assert {(s.phase, s.mode, s.batch, s.seq_len) for s in specs if s.provider == "fm-budgets"} == {
-        ("decode", "eager", 16, 512), ("decode", "static-compile", 16, 512), ("prefill", "eager", 16, 512),
-        ("prefill", "graph", 16, 512)}
+        ("decode", "eager", 16, 512), ("decode", "static-compile", 16, 512), ("decode", "graph", 16, 512),
+        ("prefill", "eager", 16, 512), ("prefill", "graph", 16, 512)}
     order = list(dict.fromkeys(s.provider for s in specs))
     assert order.index("fm-75") + 1 == order.index("ext-75")  # each sub-network beside its export
     quick = e2e.resolve(args("--quick"), e2e.SHAPES)
@@ -83,7 +83,8 @@ def test_plan_default_and_options():
     chunk = e2e.resolve(args("--providers", "fm-adaptive,hf", "--modes", "graph", "--phases", "decode",
                              "--batches", "64"), e2e.SHAPES)
     assert [(s.provider, s.mode, s.batch) for s in chunk] == [("hf", "graph", 64), ("fm-random-widths", "graph", 64)]
-    assert e2e.resolve(args("--providers", "fm-budgets", "--modes", "graph", "--phases", "decode"), e2e.SHAPES) == []
+    assert e2e.resolve(args("--providers", "fm-budgets", "--modes", "static-compile", "--phases", "prefill"),
+                       e2e.SHAPES) == []
     for bad, name in (("--providers=fm-40", "providers"), ("--modes=compile", "modes"), ("--shapes=gpt2", "shapes"),
                       ("--prefill=4by1024", "prefill")):
         with pytest.raises(ValueError, match=f"--{name}"):
@@ -198,8 +199,11 @@ def test_tiny_sweep_runs_and_merges(tmp_path):
 
 def test_tiny_budgets_rows(tmp_path):
     """Per-request budgets through the real code: prefill (one forward of the 16 prompts) and decode, each against
-    the 16 at full width and the four groups in sequence."""
-    data = run_tiny(tmp_path, "--providers", "fm-budgets")
+    the 16 at full width and the four groups in sequence (plain-torch paths: this test is about the rows)."""
+    from flextron_kernels import cpu_reference
+
+    with cpu_reference():
+        data = run_tiny(tmp_path, "--providers", "fm-budgets")
     rows = {e2e.row_key(r): r for r in data["rows"]}
     assert set(rows) == {("tiny", "fm-budgets", "prefill", "eager", 16), ("tiny", "fm-budgets", "decode", "eager", 16)}
     assert not [r for r in rows.values() if r.get("error")]
@@ -210,6 +214,39 @@ def test_tiny_budgets_rows(tmp_path):
     assert pre["ratios"]["speedup_vs_full"] == pytest.approx(pre["full_ms"] / pre["ms"])
     dec = rows[("tiny", "fm-budgets", "decode", "eager", 16)]
     assert dec["ratios"]["speedup_vs_groups"] == pytest.approx(dec["groups_ms_per_step"] / dec["ms"])
+
+
+def test_budgets_graph_rows_run_their_captured_calls(tmp_path, monkeypatch):
+    """The graph-mode budgets rows (decode: one step, prefill: one forward) on the CPU with the capture replaced by
+    the call itself: the budgets stay on the modules while the step runs, and the row's figures come back."""
+    from flextron import FlextronModel
+    from flextron_kernels import cpu_reference
+
+    runner = e2e.Runner(args("--out", str(tmp_path), "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1"),
+                        torch.device("cpu"), {"tiny": TINY})
+    runner.vocab = TINY["vocab_size"]
+    seen = []
+
+    def capture(fn, module=None):
+        def run():
+            seen.append([a.head_budgets is not None for a in fm.attention_blocks])
+            return fn()
+        return run
+
+    monkeypatch.setattr(runner, "_capture", capture)
+    fm = FlextronModel.from_hf(e2e.build_model(TINY, "cpu", dtype=torch.float32), e2e.make_space())
+    target = e2e.Target(fm.model, fm, fm.generate, {})
+    for phase in ("decode", "prefill"):
+        seen.clear()
+        with cpu_reference():  # the plain-torch paths: this test is about the row's bookkeeping
+            row = runner.budgets_row(target, e2e.RowSpec("tiny", "fm-budgets", phase, "graph", 16, 4))
+        assert row["ms"] > 0 and row["budgets"] == list(e2e.BUDGETS) and set(row["groups"]) == {
+            "0.25", "0.5", "0.75", "1.0"}
+        # the budgets' calls first (every layer with its per-sequence heads), then full width and the groups (none)
+        flags = ["budgets" if all(x) else "none" if not any(x) else "mixed" for x in seen]
+        n = flags.count("budgets")
+        assert n > 0 and flags == ["budgets"] * n + ["none"] * (len(flags) - n) and len(flags) > n
+        assert all(a.head_budgets is None for a in fm.attention_blocks) and fm.subnet is None
 
 
 def statistics_median(xs):
