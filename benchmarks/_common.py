@@ -61,6 +61,31 @@ def bench_graph_ms(fn, rep: int = 60) -> float:
     return bench_ms(graph_replay(fn), rep=rep)
 
 
+def interleaved_ms(fns: dict, rounds: int = 6, graph: bool = True, graph_fns: dict | None = None,
+                   grads: dict | None = None, rep: int = 8) -> dict:
+    """``{provider: {"eager": ms, "graph": ms or None}}``: each function is called once first (compile, autotune)
+    and captured once (``graph_fns[p]`` where what to capture differs from the eager call); then ``rounds`` rounds,
+    alternately in forward and reverse order, time every provider in turn (``do_bench`` median of the call, and of
+    its replays), and each figure is the median over the rounds. Interleaving puts the GPU's clock and power drift
+    on every provider alike: timed in one block each, the same SDPA call measured up to 7% apart.
+    ``grads[p]``: tensors whose ``.grad`` is reset before each eager call."""
+    import statistics
+
+    for fn in fns.values():
+        fn()
+    torch.cuda.synchronize()
+    replays = {name: graph_replay((graph_fns or fns)[name]) for name in fns} if graph else {}
+    samples = {name: {"eager": [], "graph": []} for name in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            samples[name]["eager"].append(bench_ms(fns[name], grad_to_none=(grads or {}).get(name), rep=rep))
+            if graph:
+                samples[name]["graph"].append(bench_ms(replays[name], rep=rep))
+    del replays
+    return {name: {"eager": statistics.median(s["eager"]), "graph": statistics.median(s["graph"]) if graph else None}
+            for name, s in samples.items()}
+
+
 def peak_extra_bytes(fn) -> int:
     """Peak CUDA memory allocated while ``fn`` runs, beyond what was allocated before it (its outputs included)."""
     torch.cuda.synchronize()

@@ -30,13 +30,12 @@ Usage: ``python benchmarks/bench_elastic_attention.py [--out DIR] [--quick]``; w
 from __future__ import annotations
 
 import functools
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from _common import bench_ms, graph_replay, parse_args, run_info, write_result
+from _common import interleaved_ms, parse_args, run_info, write_result
 
 from flextron_kernels import attention_backend, elastic_attention, elastic_attention_decode
 
@@ -72,24 +71,9 @@ ROUNDS = 6  # interleaved timing rounds per case
 
 
 def timed(fns: dict, graph: bool = True, graph_fns: dict | None = None) -> dict:
-    """``{provider: {"eager": ms, "graph": ms}}``: each function is called once first (compile, autotune) and
-    captured once; then ``ROUNDS`` rounds, alternately in forward and reverse order, time every provider in turn
-    (``do_bench`` median, eager and replays), and each figure is the median over the rounds. Interleaving puts the
-    GPU's clock and power drift on every provider alike: timed in one block each, the same SDPA call measured up to
-    7% apart at 1 x 8192 tokens. ``graph_fns``: what to capture per provider where it differs from the eager call."""
-    for fn in fns.values():
-        fn()
-    torch.cuda.synchronize()
-    replays = {name: graph_replay((graph_fns or fns)[name]) for name in fns} if graph else {}
-    samples = {name: {"eager": [], "graph": []} for name in fns}
-    for r in range(ROUNDS):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            samples[name]["eager"].append(bench_ms(fns[name], rep=8))
-            if graph:
-                samples[name]["graph"].append(bench_ms(replays[name], rep=8))
-    del replays
-    return {name: {"eager": statistics.median(s["eager"]), "graph": statistics.median(s["graph"]) if graph else None}
-            for name, s in samples.items()}
+    """``{provider: {"eager": ms, "graph": ms}}``, the medians of ``ROUNDS`` interleaved rounds
+    (``_common.interleaved_ms``). ``graph_fns``: what to capture per provider where it differs from the eager call."""
+    return interleaved_ms(fns, ROUNDS, graph, graph_fns)
 
 
 def speeds(t: dict, base: str) -> dict:

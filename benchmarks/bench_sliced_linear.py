@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from _common import (
-    bench_graph_ms,
-    bench_ms,
     geomean,
+    interleaved_ms,
     measure_ceilings,
     parse_args,
     peak_extra_bytes,
@@ -45,15 +44,10 @@ DT = torch.bfloat16
 
 
 def rounds(fns: dict, grads: dict | None = None) -> tuple[dict, dict]:
-    """Eager and graph medians per provider: two rounds, the second in reverse order, the faster of the two (no
-    provider gains from being timed after the clocks settle). A graph accumulates gradients in place: same work."""
-    eager = dict.fromkeys(fns, float("inf"))
-    graph = dict.fromkeys(fns, float("inf"))
-    for order in (list(fns), list(fns)[::-1]):
-        for p in order:
-            eager[p] = min(eager[p], bench_ms(fns[p], grad_to_none=(grads or {}).get(p), rep=30))
-            graph[p] = min(graph[p], bench_graph_ms(fns[p], rep=30))
-    return eager, graph
+    """Eager and graph ms per provider, each the median of six interleaved rounds (``_common.interleaved_ms``): no
+    provider gains from being timed while the clocks settle. A graph accumulates gradients in place: same work."""
+    t = interleaved_ms(fns, grads=grads)
+    return {p: v["eager"] for p, v in t.items()}, {p: v["graph"] for p, v in t.items()}
 
 
 def fwd_case(wname, W, Wc, n, k, T, frac, ceil) -> dict:

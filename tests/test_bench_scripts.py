@@ -36,8 +36,10 @@ def test_attention_cases_and_tables_run_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "D", 16)
     monkeypatch.setattr(bench, "HQ", 4)
     monkeypatch.setattr(bench, "DTYPE", torch.float32)
-    monkeypatch.setattr(bench, "bench_ms", lambda fn, grad_to_none=None, rep=0: (fn(), 1.0)[1])
-    monkeypatch.setattr(bench, "graph_replay", lambda fn: (fn(), fn)[1])
+    import _common
+
+    monkeypatch.setattr(_common, "bench_ms", lambda fn, grad_to_none=None, rep=0: (fn(), 1.0)[1])
+    monkeypatch.setattr(_common, "graph_replay", lambda fn: (fn(), fn)[1])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     rows = bench.prefill_case(4, 1, 16) + [bench.mixed_case(4, 4, 16), bench.decode_case(4, 4, 16)]
     assert {r["kind"] for r in rows} == {"prefill", "backward", "mixed", "decode"}
