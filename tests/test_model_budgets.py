@@ -238,3 +238,28 @@ def test_runs_of_adjacent_values():
 
     assert _runs([5, 5, 2, 5]) == [(0, 2, 5), (2, 3, 2), (3, 4, 5)]
     assert _runs([1]) == [(0, 1, 1)]
+
+
+def test_long_padded_prompts_per_run_equal_one_batch(monkeypatch):
+    """Left-padded prompts (a 4-D mask per sequence): the per-run path slices each run's mask and gives the
+    one-batch path's logits at every real position."""
+    fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
+    half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
+    subnets = [half, half, full]
+    x = tokens(batch=3, seq=9, seed=7)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    mask[2, :5] = 0
+    monkeypatch.setattr(flextron.attention, "RUN_MIN_TOKENS", 1)
+    calls = {"runs": 0}
+    monkeypatch.setattr(flextron.attention.ElasticAttention, "_forward_runs",
+                        _counter(calls, "runs", flextron.attention.ElasticAttention._forward_runs))
+    out = {}
+    with cpu_reference(), torch.no_grad():
+        for runs in (True, False):
+            monkeypatch.setattr(flextron.attention, "RUNS_ENABLED", runs)
+            out[runs] = fm(input_ids=x, attention_mask=mask, budgets=subnets).logits
+    assert calls["runs"] == fm.num_layers  # the padded batch did take the per-run path
+    real = mask.bool()
+    a, b = out[True][real], out[False][real]
+    assert ((a - b).norm() / b.norm()).item() < 1e-5
