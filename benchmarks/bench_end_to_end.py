@@ -800,12 +800,11 @@ class Runner:
         g = torch.Generator().manual_seed(seed)
         return torch.randint(1, self.vocab, (batch, length), generator=g).to(self.device)
 
-    def prefill_row(self, target: Target, spec: RowSpec) -> dict:
-        ids = self._ids(spec.batch, spec.seq_len, seed=spec.batch * 7919 + spec.seq_len)
-        call = lambda: target.forward(input_ids=ids, use_cache=False, logits_to_keep=1)
+    def _timed_forward(self, call: Callable[[], object], module: torch.nn.Module, graph: bool) -> list[float]:
+        """ms of ``repeats`` calls after one warm-up, eager or replayed from a graph of the call."""
         times = []
         with torch.no_grad():
-            fn = self._capture(call, target.module) if spec.mode == "graph" else call
+            fn = self._capture(call, module) if graph else call
             fn()  # warm-up
             self.clock.sync()
             for _ in range(self.args.repeats):
@@ -814,6 +813,12 @@ class Runner:
                 b = self.clock.mark()
                 times.append(self.clock.ms(a, b))
             del fn  # a captured graph's memory goes with it
+        return times
+
+    def prefill_row(self, target: Target, spec: RowSpec) -> dict:
+        ids = self._ids(spec.batch, spec.seq_len, seed=spec.batch * 7919 + spec.seq_len)
+        call = lambda: target.forward(input_ids=ids, use_cache=False, logits_to_keep=1)
+        times = self._timed_forward(call, target.module, spec.mode == "graph")
         ms = statistics.median(times)
         return {"ms": ms, "ms_per_forward": ms, "times_ms": times,
                 "tokens_per_s": spec.batch * spec.seq_len * 1e3 / ms,
@@ -969,17 +974,7 @@ class Runner:
         graph = spec.mode == "graph"
 
         def timed(call) -> float:
-            times = []
-            fn = self._capture(call, fm.model) if graph else call
-            fn()  # warm-up
-            self.clock.sync()
-            for _ in range(self.args.repeats):
-                a = self.clock.mark()
-                fn()
-                b = self.clock.mark()
-                times.append(self.clock.ms(a, b))
-            del fn
-            return statistics.median(times)
+            return statistics.median(self._timed_forward(call, fm.model, graph))
 
         with torch.no_grad():
             if graph:  # the budgets' tensors live on the modules while the graph is captured and replayed
