@@ -248,7 +248,7 @@ class ElasticAttention(nn.Module):
         sequences drop. One token per sequence (decode) reads the weights once per run instead, so it keeps the
         one batch."""
         runs = self.head_runs
-        if (not RUNS_ENABLED or runs is None or self.head_budgets is None or self.fused or self.stats is not None
+        if (not RUNS_ENABLED or runs is None or self.head_budgets is None or self.stats is not None
                 or x.dim() != 3 or len(runs) > MAX_RUNS or runs[-1][1] != x.shape[0]):
             return None
         if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[0] != x.shape[0]):
@@ -294,7 +294,8 @@ class ElasticAttention(nn.Module):
             o = attention_core(q, k, v, mask, scaling=self.scaling, dropout=self.dropout_p if self.training else 0.0,
                                fixed_cache=fixed)
             out.append(prefix_linear(o.reshape(end - first, s, h * d), wo, proj.bias, wo.shape[0]))
-        return torch.cat(out, 0)
+        y = torch.cat(out, 0)
+        return self.resid_dropout(y) if self.fused else y
 
     def _budgets(self, batch: int) -> torch.Tensor | None:
         """This layer's per-sequence head counts: the requested budget capped at the active heads, rounded down

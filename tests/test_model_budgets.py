@@ -183,7 +183,7 @@ def test_budgets_made_once_per_call_and_follow_changes():
 
 
 @pytest.mark.parametrize("cache", [None, "dynamic", "static"])
-@pytest.mark.parametrize("family", ["llama_gqa", "qwen2"])
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen2", "gpt2"])
 def test_long_prompts_project_each_run_at_its_own_heads(family, cache, monkeypatch):
     """Prompts long enough (here: any, the threshold lowered) run each run of adjacent sequences with one head
     budget through its own projections, attention and output projection; the tokens and logits are each
