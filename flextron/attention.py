@@ -277,9 +277,9 @@ class ElasticAttention(nn.Module):
                 q, k = apply_rotary(q, k, cos, sin)
             parts.append((first, end, h, q, k, v))
         fixed = False
-        if cache is not None:
-            keys = x.new_zeros((b, kv, s, d))
-            values = x.new_zeros((b, kv, s, d))
+        if cache is not None:  # in the projections' dtype (autocast's, where it is on), as the one-batch path caches
+            keys = parts[0][4].new_zeros((b, kv, s, d))
+            values = parts[0][5].new_zeros((b, kv, s, d))
             for first, end, h, _, k, v in parts:
                 keys[first:end, : h // g] = k
                 values[first:end, : h // g] = v

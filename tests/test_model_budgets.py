@@ -263,3 +263,20 @@ def test_long_padded_prompts_per_run_equal_one_batch(monkeypatch):
     real = mask.bool()
     a, b = out[True][real], out[False][real]
     assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_per_run_cache_under_autocast_keeps_the_projections_dtype(monkeypatch):
+    """Under autocast the per-run path caches K/V in the dtype the one-batch path caches (that of the rotated keys),
+    and gives its logits."""
+    monkeypatch.setattr(flextron.attention, "RUN_MIN_TOKENS", 1)
+    fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
+    half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
+    x = tokens(batch=2, seq=7, seed=9)
+    got = {}
+    with cpu_reference(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for runs in (True, False):
+            monkeypatch.setattr(flextron.attention, "RUNS_ENABLED", runs)
+            out = fm(input_ids=x, budgets=[half, full], use_cache=True)
+            got[runs] = (out.logits.float(), [layer.keys.dtype for layer in out.past_key_values.layers])
+    assert got[True][1] == got[False][1]
+    assert ((got[True][0] - got[False][0]).norm() / got[False][0].norm()).item() < 2e-2
