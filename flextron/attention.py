@@ -10,7 +10,6 @@ KV heads reach the cache: HF's caches store whatever k/v they are given.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import torch
@@ -22,6 +21,7 @@ from flextron_kernels import elastic_attention, elastic_attention_decode
 from flextron_kernels._runtime import use_triton
 from flextron_kernels.elastic_attention import sdpa_serves
 
+from . import layers
 from .layers import prefix_linear
 
 
@@ -37,12 +37,6 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 
 _NO_PADDING = False
-# Per-request budgets on a prompt run per run of adjacent sequences with one budget (ElasticAttention._runs) when
-# every run has at least this many tokens and there are at most MAX_RUNS runs; FLEXTRON_BUDGET_RUNS=0 in the
-# environment keeps every prompt in one batch.
-RUNS_ENABLED = os.environ.get("FLEXTRON_BUDGET_RUNS", "1") != "0"
-RUN_MIN_TOKENS = 1024
-MAX_RUNS = 8
 
 
 @contextmanager
@@ -242,18 +236,12 @@ class ElasticAttention(nn.Module):
         return y, None
 
     def _runs(self, x: torch.Tensor, attention_mask) -> list[tuple[int, int, int]] | None:
-        """The runs of :attr:`head_runs` to serve this call one by one, or None. Only a prompt long enough that
-        every run's projections are large products (:data:`RUN_MIN_TOKENS` tokens a run, at most :data:`MAX_RUNS`
-        runs): there the batch's projections at the widest budget would spend the FLOPs of heads the narrower
-        sequences drop. One token per sequence (decode) reads the weights once per run instead, so it keeps the
-        one batch."""
+        """The runs of :attr:`head_runs` to serve this call one by one (:func:`flextron.layers.serves_runs`), as
+        ``(first, end, heads)`` with the heads capped at the active count in whole KV groups; or None."""
         runs = self.head_runs
-        if (not RUNS_ENABLED or runs is None or self.head_budgets is None or self.stats is not None
-                or x.dim() != 3 or len(runs) > MAX_RUNS or runs[-1][1] != x.shape[0]):
+        if self.head_budgets is None or self.stats is not None or not layers.serves_runs(runs, x):
             return None
         if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[0] != x.shape[0]):
-            return None
-        if min(end - first for first, end, _ in runs) * x.shape[1] < RUN_MIN_TOKENS:
             return None
         g = self.group_size
         return [(first, end, max(g, min(h, self.heads) // g * g)) for first, end, h in runs]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -10,6 +11,24 @@ from torch import nn
 
 from flextron_kernels import sliced_linear
 from flextron_kernels.sliced_linear import blas_serves
+
+# Per-request budgets on a prompt: each run of adjacent sequences that share a budget projects at its own width (the
+# attention's heads, the MLP's neurons) when every run has at least RUN_MIN_TOKENS tokens and there are at most
+# MAX_RUNS runs; FLEXTRON_BUDGET_RUNS=0 in the environment keeps every prompt in one batch.
+RUNS_ENABLED = os.environ.get("FLEXTRON_BUDGET_RUNS", "1") != "0"
+RUN_MIN_TOKENS = 1024
+MAX_RUNS = 8
+
+
+def serves_runs(runs: list[tuple[int, int, int]] | None, x: torch.Tensor) -> bool:
+    """Whether ``x [B, S, ...]`` runs run by run: ``runs`` (``(first, end, value)``, covering the batch) is short
+    enough and each run long enough that its products are large ones. There the batch at its widest member would
+    spend the FLOPs the narrower sequences drop; one token per sequence (decode) reads the weights once per run
+    instead, so it keeps the one batch."""
+    if not RUNS_ENABLED or runs is None or x.dim() != 3 or len(runs) > MAX_RUNS or runs[-1][1] != x.shape[0]:
+        return False
+    return min(end - first for first, end, _ in runs) * x.shape[1] >= RUN_MIN_TOKENS
+
 
 # Prefix views made outside autograd, per weight: {id(weight): (weakref, data_ptr, {(n, k, bias ptr): views})}. An
 # entry goes with its weight (the weakref's callback) and is remade when the weight's storage changes (``.to()``).

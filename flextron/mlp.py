@@ -13,6 +13,7 @@ from torch import nn
 
 from flextron_kernels import nested_mlp
 
+from . import layers
 from .layers import prefix_linear
 
 # Hugging Face activation names -> the kernels' names.
@@ -56,6 +57,9 @@ class ElasticMLP(nn.Module):
         # Per-sequence widths ([B] ints) for the call in progress (per-request budgets): each sequence's tokens run
         # its own width. ``token_widths`` and the forward's ``widths`` take precedence.
         self.sequence_widths: torch.Tensor | None = None
+        # The same widths as runs of adjacent sequences, ``(first, end, width)``: a long prompt runs each run's
+        # prefix products at its own width (:func:`flextron.layers.serves_runs`).
+        self.width_runs: list[tuple[int, int, int]] | None = None
         self._widths_memo: tuple | None = None
         self.stats: dict | None = None  # set by ranking: accumulates per-neuron |activation|
 
@@ -96,6 +100,9 @@ class ElasticMLP(nn.Module):
             if x.dim() < 2 or x.shape[0] != b.shape[0]:
                 raise ValueError(f"per-sequence widths hold {b.shape[0]} sequences, but the input has shape "
                                  f"{tuple(x.shape)} (batch first)")
+            if self.stats is None and layers.serves_runs(self.width_runs, x):
+                return torch.cat([self._dense(x[first:end], max(1, min(w, self.width)))
+                                  for first, end, w in self.width_runs])
             widths = self._sequence_token_widths(b, x.shape[:-1])
         elif widths is not None:
             if widths.shape != x.shape[:-1]:
@@ -108,15 +115,19 @@ class ElasticMLP(nn.Module):
                 x, self.up_weight(), self.down_weight(), widths, gate_weight=self.gate_weight(),
                 up_bias=up.bias, down_bias=down.bias, activation=self.activation, check_widths=False,
             )
-        else:
-            w = self.width
-            h = prefix_linear(x, self.up_weight(), up.bias, w)
-            act = getattr(self, self._act)
-            a = act(prefix_linear(x, self.gate_weight(), self.gate_proj.bias, w)) * h if self.gated else act(h)
-            if self.stats is not None:
-                self._accumulate(a)
-            dw = self.down_weight()
-            y = prefix_linear(a, dw, down.bias, dw.shape[0])
+            return self.dropout(y) if self.conv1d else y
+        return self._dense(x, self.width)
+
+    def _dense(self, x: torch.Tensor, w: int) -> torch.Tensor:
+        """Every token at width ``w``: the prefix products (and GPT-2's dropout)."""
+        up, down = getattr(self, self._up), getattr(self, self._down)
+        h = prefix_linear(x, self.up_weight(), up.bias, w)
+        act = getattr(self, self._act)
+        a = act(prefix_linear(x, self.gate_weight(), self.gate_proj.bias, w)) * h if self.gated else act(h)
+        if self.stats is not None:
+            self._accumulate(a)
+        dw = self.down_weight()
+        y = prefix_linear(a, dw, down.bias, dw.shape[0])
         return self.dropout(y) if self.conv1d else y
 
     def _sequence_token_widths(self, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:

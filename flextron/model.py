@@ -353,12 +353,13 @@ class FlextronModel(nn.Module):
             for i, (m, a) in enumerate(zip(mlps, attns)):
                 # a layer where every sequence agrees runs the shared prefix, as a plain subnet would
                 m.sequence_widths = None if len(set(widths[i])) == 1 else rows[0, i]
+                m.width_runs = None if m.sequence_widths is None else _runs(widths[i])
                 a.head_budgets = None if len(set(heads[i])) == 1 else rows[1, i]
                 a.head_runs = None if a.head_budgets is None else _runs(heads[i])
             yield
         finally:
             for m, a in zip(mlps, attns):
-                m.sequence_widths = None
+                m.sequence_widths = m.width_runs = None
                 a.head_budgets = a.head_runs = None
             self.set_subnet(active)
 

@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import flextron.attention
+import flextron.layers
 import flextron.mlp
 from flextron import FlextronModel, Subnet
 from flextron.budget import attach_router
@@ -188,10 +189,11 @@ def test_long_prompts_project_each_run_at_its_own_heads(family, cache, monkeypat
     """Prompts long enough (here: any, the threshold lowered) run each run of adjacent sequences with one head
     budget through its own projections, attention and output projection; the tokens and logits are each
     sequence's alone, with and without a cache, and decode steps go on from the zero-padded cache."""
-    monkeypatch.setattr(flextron.attention, "RUN_MIN_TOKENS", 1)
-    calls = {"runs": 0}
+    monkeypatch.setattr(flextron.layers, "RUN_MIN_TOKENS", 1)
+    calls = {"runs": 0, "nested_mlp": 0}
     monkeypatch.setattr(flextron.attention.ElasticAttention, "_forward_runs",
                         _counter(calls, "runs", flextron.attention.ElasticAttention._forward_runs))
+    monkeypatch.setattr(flextron.mlp, "nested_mlp", _counter(calls, "nested_mlp", flextron.mlp.nested_mlp))
     fm = FlextronModel.from_hf(tiny_model(family))
     half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
     subnets = [half, half, full, half]  # three runs: (0, 2), (2, 3), (3, 4)
@@ -199,6 +201,7 @@ def test_long_prompts_project_each_run_at_its_own_heads(family, cache, monkeypat
     with cpu_reference(), torch.no_grad():
         logits = fm(input_ids=x, budgets=subnets).logits
         assert calls["runs"] == fm.num_layers
+        assert calls["nested_mlp"] == 0  # the MLPs ran each run at its own width too
         for b, s in enumerate(subnets):
             fm.set_subnet(s)
             want = fm(input_ids=x[b:b + 1]).logits
@@ -212,25 +215,29 @@ def test_long_prompts_project_each_run_at_its_own_heads(family, cache, monkeypat
 
 def test_prompts_with_short_runs_keep_one_batch(monkeypatch):
     """Below the tokens a run needs, or past MAX_RUNS runs, a prompt runs as one batch."""
-    calls = {"runs": 0}
+    calls = {"runs": 0, "nested_mlp": 0}
     monkeypatch.setattr(flextron.attention.ElasticAttention, "_forward_runs",
                         _counter(calls, "runs", flextron.attention.ElasticAttention._forward_runs))
+    monkeypatch.setattr(flextron.mlp, "nested_mlp", _counter(calls, "nested_mlp", flextron.mlp.nested_mlp))
     fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
     half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
     x = tokens(batch=2, seq=7, seed=5)
     with cpu_reference(), torch.no_grad():
         fm(input_ids=x, budgets=[half, full])  # 7 tokens a run, under RUN_MIN_TOKENS
-        monkeypatch.setattr(flextron.attention, "RUN_MIN_TOKENS", 1)
-        monkeypatch.setattr(flextron.attention, "MAX_RUNS", 1)
+        assert calls["nested_mlp"] == fm.num_layers  # the MLPs kept one batch (per-sequence widths) too
+        monkeypatch.setattr(flextron.layers, "RUN_MIN_TOKENS", 1)
+        monkeypatch.setattr(flextron.layers, "MAX_RUNS", 1)
         fm(input_ids=x, budgets=[half, full])  # two runs, over MAX_RUNS
         assert calls["runs"] == 0
-        monkeypatch.setattr(flextron.attention, "MAX_RUNS", 2)
-        monkeypatch.setattr(flextron.attention, "RUNS_ENABLED", False)  # FLEXTRON_BUDGET_RUNS=0
+        monkeypatch.setattr(flextron.layers, "MAX_RUNS", 2)
+        monkeypatch.setattr(flextron.layers, "RUNS_ENABLED", False)  # FLEXTRON_BUDGET_RUNS=0
         fm(input_ids=x, budgets=[half, full])
         assert calls["runs"] == 0
-        monkeypatch.setattr(flextron.attention, "RUNS_ENABLED", True)
+        monkeypatch.setattr(flextron.layers, "RUNS_ENABLED", True)
+        n = calls["nested_mlp"]
         fm(input_ids=x, budgets=[half, full])
         assert calls["runs"] == fm.num_layers
+        assert calls["nested_mlp"] == n
 
 
 def test_runs_of_adjacent_values():
@@ -250,14 +257,14 @@ def test_long_padded_prompts_per_run_equal_one_batch(monkeypatch):
     mask = torch.ones_like(x)
     mask[0, :3] = 0
     mask[2, :5] = 0
-    monkeypatch.setattr(flextron.attention, "RUN_MIN_TOKENS", 1)
+    monkeypatch.setattr(flextron.layers, "RUN_MIN_TOKENS", 1)
     calls = {"runs": 0}
     monkeypatch.setattr(flextron.attention.ElasticAttention, "_forward_runs",
                         _counter(calls, "runs", flextron.attention.ElasticAttention._forward_runs))
     out = {}
     with cpu_reference(), torch.no_grad():
         for runs in (True, False):
-            monkeypatch.setattr(flextron.attention, "RUNS_ENABLED", runs)
+            monkeypatch.setattr(flextron.layers, "RUNS_ENABLED", runs)
             out[runs] = fm(input_ids=x, attention_mask=mask, budgets=subnets).logits
     assert calls["runs"] == fm.num_layers  # the padded batch did take the per-run path
     real = mask.bool()
@@ -268,14 +275,14 @@ def test_long_padded_prompts_per_run_equal_one_batch(monkeypatch):
 def test_per_run_cache_under_autocast_keeps_the_projections_dtype(monkeypatch):
     """Under autocast the per-run path caches K/V in the dtype the one-batch path caches (that of the rotated keys),
     and gives its logits."""
-    monkeypatch.setattr(flextron.attention, "RUN_MIN_TOKENS", 1)
+    monkeypatch.setattr(flextron.layers, "RUN_MIN_TOKENS", 1)
     fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
     half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
     x = tokens(batch=2, seq=7, seed=9)
     got = {}
     with cpu_reference(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for runs in (True, False):
-            monkeypatch.setattr(flextron.attention, "RUNS_ENABLED", runs)
+            monkeypatch.setattr(flextron.layers, "RUNS_ENABLED", runs)
             out = fm(input_ids=x, budgets=[half, full], use_cache=True)
             got[runs] = (out.logits.float(), [layer.keys.dtype for layer in out.past_key_values.layers])
     assert got[True][1] == got[False][1]
