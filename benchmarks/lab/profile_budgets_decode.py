@@ -7,11 +7,13 @@ profile shows what to cut.
 
     python benchmarks/lab/profile_budgets_decode.py [--layers 8] [--new-tokens 32] [--top 30]
     python benchmarks/lab/profile_budgets_decode.py --device cpu --hidden 64 --layers 2   # a smoke run
+    python benchmarks/lab/profile_budgets_decode.py --variants masked-mlp,masked-attn,masked   # dense A/B
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import sys
@@ -53,6 +55,47 @@ def step_ms(fm, ids, new_tokens: int, repeats: int, device: torch.device, **kw) 
     return best
 
 
+def _masked_mlp(x, up_weight, down_weight, widths, *, gate_weight=None, up_bias=None, down_bias=None,
+                activation="silu", check_widths=True):
+    """Every token at the weights' full width (cuBLAS), each token's neurons past its width zeroed before the down
+    projection: the same weight traffic as the grouped kernel, the launches of a dense MLP plus three."""
+    import torch.nn.functional as F
+
+    keep = torch.arange(up_weight.shape[0], device=x.device) < widths[..., None]
+    h = F.linear(x, up_weight, up_bias)
+    a = F.silu(F.linear(x, gate_weight)) * h if gate_weight is not None else F.gelu(h)
+    return F.linear(a * keep, down_weight, down_bias)
+
+
+def _masked_decode(q, k, v, lens, heads, *, scale, validate=True):
+    """SDPA over every head of the cache (what the full width runs), the heads past each budget zeroed after."""
+    import torch.nn.functional as F
+
+    o = F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])[:, :, 0]
+    return o * (torch.arange(q.shape[1], device=q.device)[None, :] < heads[:, None])[..., None]
+
+
+VARIANTS = ("masked-mlp", "masked-attn", "masked")
+
+
+@contextlib.contextmanager
+def _variant(name: str):
+    import flextron.attention
+    import flextron.mlp
+
+    if name not in VARIANTS:
+        raise SystemExit(f"--variants: {name!r} is not one of {', '.join(VARIANTS)}")
+    saved = flextron.mlp.nested_mlp, flextron.attention.elastic_attention_decode
+    if name in ("masked-mlp", "masked"):
+        flextron.mlp.nested_mlp = _masked_mlp
+    if name in ("masked-attn", "masked"):
+        flextron.attention.elastic_attention_decode = _masked_decode
+    try:
+        yield
+    finally:
+        flextron.mlp.nested_mlp, flextron.attention.elastic_attention_decode = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -62,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--variants", default="", help="comma list of " + ", ".join(VARIANTS) + ": the budgets' step "
+                    "timed again with the MLP and/or attention's decode swapped for masked dense calls")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     h = args.hidden
@@ -76,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     mixed = step_ms(fm, ids, args.new_tokens, args.repeats, device, budgets=budgets)
     print(f"{args.layers} layers, hidden {h}, batch {len(budgets)}: full width {full:.3f} ms/step, budgets "
           f"{mixed:.3f} ms/step ({(mixed - full) / args.layers * 1e3:+.1f} us per layer)")
+    for name in args.variants.split(",") if args.variants else []:
+        with _variant(name):
+            ms = step_ms(fm, ids, args.new_tokens, args.repeats, device, budgets=budgets)
+        print(f"  budgets, {name}: {ms:.3f} ms/step ({(ms - full) / args.layers * 1e3:+.1f} us per layer vs full)")
     prof = cProfile.Profile()
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
                attention_mask=torch.ones_like(ids), budgets=budgets)
