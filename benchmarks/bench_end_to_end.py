@@ -26,7 +26,8 @@ Providers:
   ``fm.generate(ids, budgets=...)`` (eager and static-compile), and in graph mode one decode step captured inside
   the budgets (the per-sequence head and width tensors are made once, outside the capture); prefill: one forward
   of the 16 prompts (``--prompt-len`` tokens each), ``fm(ids, budgets=...)`` eager, and in graph mode the forward
-  captured inside the budgets.
+  captured inside the budgets; timed again with every prompt in one batch (``one_batch_ms``: the runs of equal
+  budgets off, as ``FLEXTRON_BUDGET_RUNS=0`` does), so the row holds its own A/B of the per-run path.
 
 Phases and modes:
 
@@ -366,6 +367,8 @@ def evaluate(rows: list[dict], layers: dict[str, int] | None = None) -> tuple[li
                     ratios["speedup_vs_full"] = full / ms
                     targets.append(_target("budgets speed-up vs full width", full / ms, f">= {BUDGETS_VS_FULL}",
                                            full / ms >= BUDGETS_VS_FULL))
+                if r.get("one_batch_ms"):
+                    ratios["speedup_runs_vs_one_batch"] = r["one_batch_ms"] / ms
                 if groups:
                     ratios["speedup_vs_groups"] = groups / ms
                     targets.append(_target("budgets speed-up vs groups in sequence", groups / ms, "> 1",
@@ -976,12 +979,24 @@ class Runner:
         def timed(call) -> float:
             return statistics.median(self._timed_forward(call, fm.model, graph))
 
-        with torch.no_grad():
+        def mixed() -> float:
             if graph:  # the budgets' tensors live on the modules while the graph is captured and replayed
                 with fm._budgets(None, list(BUDGETS), spec.batch):
-                    ms = timed(lambda: fm.model(input_ids=ids, **kw))
-            else:
-                ms = timed(lambda: fm(input_ids=ids, budgets=list(BUDGETS), **kw))
+                    return timed(lambda: fm.model(input_ids=ids, **kw))
+            return timed(lambda: fm(input_ids=ids, budgets=list(BUDGETS), **kw))
+
+        import flextron.layers
+
+        runs = flextron.layers.RUNS_ENABLED
+        with torch.no_grad():
+            ms = mixed()
+            one_batch = None
+            if runs:  # the same call with every prompt in one batch (FLEXTRON_BUDGET_RUNS=0): the A/B of the runs
+                flextron.layers.RUNS_ENABLED = False
+                try:
+                    one_batch = mixed()
+                finally:
+                    flextron.layers.RUNS_ENABLED = True
             full = timed(lambda: fm(input_ids=ids, **kw))
             groups, group_ms = {}, 0.0
             for f in dict.fromkeys(BUDGETS):
@@ -996,10 +1011,11 @@ class Runner:
                 group_ms += g
         return {"budgets": list(BUDGETS), "seq_len": spec.seq_len, "ms": ms, "ms_per_forward": ms,
                 "tokens_per_s": spec.batch * spec.seq_len * 1e3 / ms, "full_ms": full, "groups_ms": group_ms,
-                "groups": groups,
+                "groups": groups, "runs": runs, "one_batch_ms": one_batch,
                 "how": "one forward of the 16 prompts (use_cache=False, logits_to_keep=1) with budgets=..., against "
                        "the 16 at full width and the 4 groups of 4 in sequence (each at its uniform subnet); "
-                       "groups_ms is their sum"}
+                       "groups_ms is their sum. runs: whether long prompts ran each run of equal budgets at its own "
+                       "width (FLEXTRON_BUDGET_RUNS); one_batch_ms: the same call with that off"}
 
 
 def _compile_config(module) -> dict | None:

@@ -212,6 +212,8 @@ def test_tiny_budgets_rows(tmp_path):
                                                                                                   "0.75", "1.0"}
     assert pre["groups_ms"] == pytest.approx(sum(pre["groups"].values()))
     assert pre["ratios"]["speedup_vs_full"] == pytest.approx(pre["full_ms"] / pre["ms"])
+    assert pre["runs"] is True and pre["ratios"]["speedup_runs_vs_one_batch"] == pytest.approx(
+        pre["one_batch_ms"] / pre["ms"])
     dec = rows[("tiny", "fm-budgets", "decode", "eager", 16)]
     assert dec["ratios"]["speedup_vs_groups"] == pytest.approx(dec["groups_ms_per_step"] / dec["ms"])
 
