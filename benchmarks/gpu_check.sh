@@ -4,6 +4,8 @@
 # benchmarks/results/. Usage: bash benchmarks/gpu_check.sh [tests|bench|all] [bench-name-filter]
 #        bash benchmarks/gpu_check.sh explore "<benchmarks/lab/explore_nested_mlp.py arguments>"  (the CUDA suite, then
 #        the nested_mlp variant sweep; its table of variant / base times at the end, report.py)
+#        bash benchmarks/gpu_check.sh budgets  (per-request budgets only: their CUDA tests, the end-to-end budgets
+#        rows of the three shapes with the per-run A/B, and the eager decode step's host profile with its variants)
 # Result files are named by commit: where the machine's copy of .git may be stale (the device tool copies the
 # working tree), pass FLEXTRON_COMMIT=<short sha> in the environment; the benchmarks prefer it to git.
 set -uo pipefail
@@ -21,15 +23,26 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || ech
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 status=0
+# Triton compiles each kernel variant the tests touch (minutes in one process): spread over processes.
+XDIST=""
+$PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 if [ "$MODE" = all ] || [ "$MODE" = tests ] || [ "$MODE" = explore ]; then
-  # Triton compiles each kernel variant the tests touch (minutes in one process): spread over processes.
-  XDIST=""
-  $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
   # -v: each test's outcome is in the log as it finishes, so a run cut short still names its failures.
   $PY -m pytest -v $XDIST --benchmark-disable -p no:cacheprovider -rfE > "$LOGDIR/pytest_cuda.log" 2>&1
   status=$?
   grep -E "(FAILED|ERROR) tests/" "$LOGDIR/pytest_cuda.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u
   tail -3 "$LOGDIR/pytest_cuda.log"
+fi
+if [ "$MODE" = budgets ]; then
+  $PY -m pytest -q $XDIST --benchmark-disable -p no:cacheprovider -rfE tests/test_model_budgets.py \
+    tests/test_model_caches.py tests/test_model_families.py > "$LOGDIR/pytest_budgets.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)" "$LOGDIR/pytest_budgets.log"
+  tail -1 "$LOGDIR/pytest_budgets.log"
+  $PY benchmarks/bench_end_to_end.py --out "$OUTDIR" --merge --shapes llama2-7b,llama3-8b,llama-1b \
+    --providers fm-budgets --modes eager,graph --batches 16 || status=1
+  $PY benchmarks/lab/profile_budgets_decode.py --layers 8 --top 25 --variants masked-mlp,masked-attn,masked \
+    2>&1 | tee "$LOGDIR/profile_budgets_decode.log" | head -40
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if [ "$MODE" = explore ]; then
   # shellcheck disable=SC2086  # the arguments are meant to split
