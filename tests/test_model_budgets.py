@@ -287,3 +287,29 @@ def test_per_run_cache_under_autocast_keeps_the_projections_dtype(monkeypatch):
             got[runs] = (out.logits.float(), [layer.keys.dtype for layer in out.past_key_values.layers])
     assert got[True][1] == got[False][1]
     assert ((got[True][0] - got[False][0]).norm() / got[False][0].norm()).item() < 2e-2
+
+
+def test_per_run_gradients_equal_one_batch(monkeypatch):
+    """Training through per-request budgets: the per-run path (projections and MLP products per run) gives the
+    one-batch path's gradients for every parameter."""
+    monkeypatch.setattr(flextron.layers, "RUN_MIN_TOKENS", 1)
+    calls = {"runs": 0, "nested_mlp": 0}
+    monkeypatch.setattr(flextron.attention.ElasticAttention, "_forward_runs",
+                        _counter(calls, "runs", flextron.attention.ElasticAttention._forward_runs))
+    monkeypatch.setattr(flextron.mlp, "nested_mlp", _counter(calls, "nested_mlp", flextron.mlp.nested_mlp))
+    fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
+    half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
+    x = tokens(batch=3, seq=6, seed=11)
+    grads = {}
+    with cpu_reference():
+        for runs in (True, False):
+            monkeypatch.setattr(flextron.layers, "RUNS_ENABLED", runs)
+            fm.zero_grad(set_to_none=True)
+            fm(input_ids=x, budgets=[half, half, full]).logits.float().pow(2).mean().backward()
+            grads[runs] = {n: p.grad.clone() for n, p in fm.named_parameters() if p.grad is not None}
+            # per run: every layer's attention and MLP ran run by run; one batch: the grouped MLP, no runs
+            assert calls == ({"runs": fm.num_layers, "nested_mlp": 0} if runs else
+                             {"runs": fm.num_layers, "nested_mlp": fm.num_layers})
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for n, g in grads[False].items():
+        assert ((grads[True][n] - g).norm() / g.norm().clamp_min(1e-12)).item() < 1e-5, n
