@@ -92,8 +92,9 @@ class ElasticMLP(nn.Module):
         token its own neuron count, capped at the layer's active width: the grouped ``nested_mlp`` kernel runs
         then, so each token costs its own width. Without per-token widths the whole batch shares ``self.width``
         and the prefix products run (``F.linear`` on the weight views on a GPU, ``sliced_linear`` otherwise).
+        Per-sequence widths (``sequence_widths``) on a long prompt run those products once per run of adjacent
+        sequences that share a width (:func:`flextron.layers.serves_runs`), else the grouped kernel.
         """
-        up, down = getattr(self, self._up), getattr(self, self._down)
         widths = self.token_widths if widths is None else widths
         if widths is None and self.sequence_widths is not None:
             b = self.sequence_widths
@@ -111,6 +112,7 @@ class ElasticMLP(nn.Module):
             # Clamped into [1, width] here, so the kernel's range check (a host sync per layer) can be skipped.
             widths = widths.clamp(1, self.width)
         if widths is not None:
+            up, down = getattr(self, self._up), getattr(self, self._down)
             y = nested_mlp(
                 x, self.up_weight(), self.down_weight(), widths, gate_weight=self.gate_weight(),
                 up_bias=up.bias, down_bias=down.bias, activation=self.activation, check_widths=False,
