@@ -110,6 +110,15 @@ def _counter(calls: dict, name: str, run):
     return counted
 
 
+def _count_paths(monkeypatch) -> dict:
+    """Counts of the per-run attention (``runs``) and of the grouped MLP kernel's calls (``nested_mlp``)."""
+    calls = {"runs": 0, "nested_mlp": 0}
+    monkeypatch.setattr(flextron.attention.ElasticAttention, "_forward_runs",
+                        _counter(calls, "runs", flextron.attention.ElasticAttention._forward_runs))
+    monkeypatch.setattr(flextron.mlp, "nested_mlp", _counter(calls, "nested_mlp", flextron.mlp.nested_mlp))
+    return calls
+
+
 def test_kernel_path():
     """Head size 16: per-sequence heads through elastic_attention / its decode form and MLP widths through
     nested_mlp (Triton on the GPU where there is one, else the interpreter on the CPU)."""
@@ -190,10 +199,7 @@ def test_long_prompts_project_each_run_at_its_own_heads(family, cache, monkeypat
     budget through its own projections, attention and output projection; the tokens and logits are each
     sequence's alone, with and without a cache, and decode steps go on from the zero-padded cache."""
     monkeypatch.setattr(flextron.layers, "RUN_MIN_TOKENS", 1)
-    calls = {"runs": 0, "nested_mlp": 0}
-    monkeypatch.setattr(flextron.attention.ElasticAttention, "_forward_runs",
-                        _counter(calls, "runs", flextron.attention.ElasticAttention._forward_runs))
-    monkeypatch.setattr(flextron.mlp, "nested_mlp", _counter(calls, "nested_mlp", flextron.mlp.nested_mlp))
+    calls = _count_paths(monkeypatch)
     fm = FlextronModel.from_hf(tiny_model(family))
     half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
     subnets = [half, half, full, half]  # three runs: (0, 2), (2, 3), (3, 4)
@@ -215,10 +221,7 @@ def test_long_prompts_project_each_run_at_its_own_heads(family, cache, monkeypat
 
 def test_prompts_with_short_runs_keep_one_batch(monkeypatch):
     """Below the tokens a run needs, or past MAX_RUNS runs, a prompt runs as one batch."""
-    calls = {"runs": 0, "nested_mlp": 0}
-    monkeypatch.setattr(flextron.attention.ElasticAttention, "_forward_runs",
-                        _counter(calls, "runs", flextron.attention.ElasticAttention._forward_runs))
-    monkeypatch.setattr(flextron.mlp, "nested_mlp", _counter(calls, "nested_mlp", flextron.mlp.nested_mlp))
+    calls = _count_paths(monkeypatch)
     fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
     half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
     x = tokens(batch=2, seq=7, seed=5)
@@ -258,9 +261,7 @@ def test_long_padded_prompts_per_run_equal_one_batch(monkeypatch):
     mask[0, :3] = 0
     mask[2, :5] = 0
     monkeypatch.setattr(flextron.layers, "RUN_MIN_TOKENS", 1)
-    calls = {"runs": 0}
-    monkeypatch.setattr(flextron.attention.ElasticAttention, "_forward_runs",
-                        _counter(calls, "runs", flextron.attention.ElasticAttention._forward_runs))
+    calls = _count_paths(monkeypatch)
     out = {}
     with cpu_reference(), torch.no_grad():
         for runs in (True, False):
@@ -293,10 +294,7 @@ def test_per_run_gradients_equal_one_batch(monkeypatch):
     """Training through per-request budgets: the per-run path (projections and MLP products per run) gives the
     one-batch path's gradients for every parameter."""
     monkeypatch.setattr(flextron.layers, "RUN_MIN_TOKENS", 1)
-    calls = {"runs": 0, "nested_mlp": 0}
-    monkeypatch.setattr(flextron.attention.ElasticAttention, "_forward_runs",
-                        _counter(calls, "runs", flextron.attention.ElasticAttention._forward_runs))
-    monkeypatch.setattr(flextron.mlp, "nested_mlp", _counter(calls, "nested_mlp", flextron.mlp.nested_mlp))
+    calls = _count_paths(monkeypatch)
     fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
     half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
     x = tokens(batch=3, seq=6, seed=11)
