@@ -422,12 +422,16 @@ def end_to_end(r: Result) -> list[str]:
         def both(x, name):
             return x.get(f"{name}_ms_per_step", x.get(f"{name}_ms"))
 
+        # prefill rows that also timed every prompt in one batch (the per-run path's A/B) get two more columns
+        one = any(x.get("one_batch_ms") for x in budgets)
         out += table(["model", "phase", "mode", "budgets", "full width", "groups in sequence", "speed-up vs full",
-                      "vs groups"],
+                      "vs groups"] + (["one batch", "per-run vs one batch"] if one else []),
                      [[x.get("shape"), x.get("phase"), x.get("mode"), fmt(x.get("ms"), ".2f"),
                        fmt(both(x, "full"), ".2f"), fmt(both(x, "groups"), ".2f"),
                        fmt(ratio(both(x, "full"), x.get("ms")), ".2f", "x"),
                        fmt(ratio(both(x, "groups"), x.get("ms")), ".2f", "x")]
+                      + ([fmt(x.get("one_batch_ms"), ".2f"), fmt(ratio(x.get("one_batch_ms"), x.get("ms")), ".2f", "x")]
+                         if one else [])
                       for x in sorted(budgets, key=lambda x: (x.get("phase") != "prefill",
                                                               E2E_MODES.get(x.get("mode"), 9)))], right_from=3)
     s = r.data.get("summary", {})

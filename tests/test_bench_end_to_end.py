@@ -295,6 +295,14 @@ def test_table(tmp_path):
     assert "llama2-7b 12.5 µs" in out  # (10.4 - 10) ms over 32 layers
     assert "Targets met: 7 of 8; missed: llama2-7b fm-50 decode eager b1: fm-50 time / ext-50 = 1.25" in out
     assert "1 rows failed: llama2-7b fm-25 decode eager b1" in out
+    assert "per-run vs one batch" not in out  # no row timed the one-batch path
+    # a prefill row with its own A/B of the per-run path: two more columns (decode rows have no such figure)
+    rows[7]["one_batch_ms"] = 50.0
+    payload["rows"] = rows
+    (tmp_path / "end_to_end_NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps(payload))
+    out = tables.render(tmp_path, kinds=["end_to_end"])
+    assert "| llama2-7b | prefill | eager | 40.00 | 60.00 | 100.00 | 1.50x | 2.50x | 50.00 | 1.25x |" in out
+    assert "| llama2-7b | decode | static-compile | 2.00 | 3.00 | 4.00 | 1.50x | 2.00x | – | – |" in out
 
 
 def test_paired_eager_decode(tmp_path):
