@@ -27,7 +27,9 @@ Providers:
   the budgets (the per-sequence head and width tensors are made once, outside the capture); prefill: one forward
   of the 16 prompts (``--prompt-len`` tokens each), ``fm(ids, budgets=...)`` eager, and in graph mode the forward
   captured inside the budgets; timed again with every prompt in one batch (``one_batch_ms``: the runs of equal
-  budgets off, as ``FLEXTRON_BUDGET_RUNS=0`` does), so the row holds its own A/B of the per-run path.
+  budgets off, as ``FLEXTRON_BUDGET_RUNS=0`` does), so the row holds its own A/B of the per-run path. Eager and
+  graph decode are timed again under the other decode policy (``policies_ms_per_step``: ``kernels``, the grouped
+  kernels, and ``masked``, the dense ops at the widest budget with the rest zeroed; ``FLEXTRON_BUDGET_DECODE``).
 
 Phases and modes:
 
@@ -369,6 +371,9 @@ def evaluate(rows: list[dict], layers: dict[str, int] | None = None) -> tuple[li
                                            full / ms >= BUDGETS_VS_FULL))
                 if r.get("one_batch_ms"):
                     ratios["speedup_runs_vs_one_batch"] = r["one_batch_ms"] / ms
+                pol = r.get("policies_ms_per_step") or {}
+                if pol.get("kernels") and pol.get("masked"):
+                    ratios["speedup_masked_vs_kernels"] = pol["kernels"] / pol["masked"]
                 if groups:
                     ratios["speedup_vs_groups"] = groups / ms
                     targets.append(_target("budgets speed-up vs groups in sequence", groups / ms, "> 1",
@@ -937,7 +942,18 @@ class Runner:
             with fm._budgets(None, budgets, part.shape[0]):
                 return self.graph_decode(Target(fm.model, fm.model, fm.model.generate, {}), part)
 
+        import flextron.layers
+
         mixed = timed(ids, list(BUDGETS))
+        policy = flextron.layers.BUDGET_DECODE
+        policies = {policy: mixed["ms_per_step"]}
+        if not static:  # the A/B of the decode policies (FLEXTRON_BUDGET_DECODE): the same call with the other one
+            other = "masked" if policy == "kernels" else "kernels"
+            flextron.layers.BUDGET_DECODE = other
+            try:
+                policies[other] = timed(ids, list(BUDGETS))["ms_per_step"]
+            finally:
+                flextron.layers.BUDGET_DECODE = policy
         if static:
             _reset_compiled()
         full = timed(ids)
@@ -958,11 +974,14 @@ class Runner:
         res.update(mixed)
         res.update(ms=ms, tokens_per_s=spec.batch * 1e3 / ms, full_ms_per_step=full["ms_per_step"],
                    full_generate_ms=full.get("generate_ms"), groups_ms_per_step=group_ms,
-                   groups_generate_ms=group_generate_ms or None, groups=groups,
+                   groups_generate_ms=group_generate_ms or None, groups=groups, decode_policy=policy,
+                   policies_ms_per_step=policies,
                    how=("one greedy decode step with budgets=... captured in a CUDA graph (StaticCache prefilled)"
                         if spec.mode == "graph" else "fm.generate(ids, budgets=...)")
                    + " against the 16 at full width and the 4 groups of 4 in sequence (each at its uniform "
-                     "subnet); groups_ms_per_step is their sum")
+                     "subnet); groups_ms_per_step is their sum. decode_policy: FLEXTRON_BUDGET_DECODE (kernels: "
+                     "the grouped kernels; masked: the dense ops at the widest budget, the rest zeroed); "
+                     "policies_ms_per_step: the same call under each")
         if static:
             res["full_compiled"] = full.get("compiled")
         return res

@@ -424,14 +424,23 @@ def end_to_end(r: Result) -> list[str]:
 
         # prefill rows that also timed every prompt in one batch (the per-run path's A/B) get two more columns
         one = any(x.get("one_batch_ms") for x in budgets)
+        # decode rows timed under both decode policies (FLEXTRON_BUDGET_DECODE) get their figures and ratio
+        pol = any(len(x.get("policies_ms_per_step") or {}) > 1 for x in budgets)
+
+        def policy(x, name):
+            return (x.get("policies_ms_per_step") or {}).get(name)
+
         out += table(["model", "phase", "mode", "budgets", "full width", "groups in sequence", "speed-up vs full",
-                      "vs groups"] + (["one batch", "per-run vs one batch"] if one else []),
+                      "vs groups"] + (["one batch", "per-run vs one batch"] if one else [])
+                     + (["kernels", "masked", "masked vs kernels"] if pol else []),
                      [[x.get("shape"), x.get("phase"), x.get("mode"), fmt(x.get("ms"), ".2f"),
                        fmt(both(x, "full"), ".2f"), fmt(both(x, "groups"), ".2f"),
                        fmt(ratio(both(x, "full"), x.get("ms")), ".2f", "x"),
                        fmt(ratio(both(x, "groups"), x.get("ms")), ".2f", "x")]
                       + ([fmt(x.get("one_batch_ms"), ".2f"), fmt(ratio(x.get("one_batch_ms"), x.get("ms")), ".2f", "x")]
                          if one else [])
+                      + ([fmt(policy(x, "kernels"), ".2f"), fmt(policy(x, "masked"), ".2f"),
+                          fmt(ratio(policy(x, "kernels"), policy(x, "masked")), ".2f", "x")] if pol else [])
                       for x in sorted(budgets, key=lambda x: (x.get("phase") != "prefill",
                                                               E2E_MODES.get(x.get("mode"), 9)))], right_from=3)
     s = r.data.get("summary", {})

@@ -64,6 +64,7 @@ def _kernel_fits(q: torch.Tensor, attention_mask, dropout: float) -> bool:
 def attention_core(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, *,
     scaling: float, dropout: float = 0.0, head_budgets: torch.Tensor | None = None, fixed_cache: bool = False,
+    head_drop: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention on the kept heads: ``q [B, h, Sq, D]``, ``k, v [B, h/g, Sk, D]`` -> ``[B, Sq, h, D]``.
 
@@ -81,6 +82,9 @@ def attention_core(
     queries start at key 0 (causal, upper-left), which transformers passes only when the queries are all the keys
     or a prefill into a static cache's fixed-size buffer (keys past the queries are empty slots). ``fixed_cache``:
     the keys come from such a buffer (HF's static caches), so a mask is never dropped under :func:`no_padding`.
+    ``head_drop`` (``[B, h, 1, 1]`` booleans, True past each sequence's budget; with ``head_budgets``): SDPA runs on
+    every head and these come out as zeros, in place of the kernels (the masked decode of
+    :data:`flextron.layers.BUDGET_DECODE`).
     """
     b, h, sq, _ = q.shape
     sk = k.shape[2]
@@ -94,7 +98,7 @@ def attention_core(
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=sq > 1,
                                            enable_gqa=h != k.shape[1])
         return o.transpose(1, 2)
-    if _kernel_fits(q, attention_mask, dropout) and sk >= sq:
+    if head_drop is None and _kernel_fits(q, attention_mask, dropout) and sk >= sq:
         if sq == 1 and (head_budgets is not None or not sdpa_serves(q, k, True)):
             lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
             o = elastic_attention_decode(q[:, :, 0], k, v, lens, head_budgets, scale=scaling, validate=False)
@@ -120,8 +124,9 @@ def attention_core(
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
                                        is_causal=is_causal, enable_gqa=gqa)
     if head_budgets is not None:
-        keep = torch.arange(h, device=q.device)[None, :] < head_budgets[:, None]
-        o = o.masked_fill(~keep[:, :, None, None], 0.0)
+        if head_drop is None:
+            head_drop = (torch.arange(h, device=q.device)[None, :] >= head_budgets[:, None])[:, :, None, None]
+        o = o.masked_fill(head_drop, 0.0)
     return o.transpose(1, 2)
 
 
@@ -168,6 +173,7 @@ class ElasticAttention(nn.Module):
         # FlextronModel forward/generate that was given ``head_budgets`` (HF's generate drops unknown kwargs).
         self.head_budgets: torch.Tensor | None = None
         self._budget_memo: tuple | None = None
+        self._drop_memo: tuple | None = None
         # The same budgets on the host as runs of adjacent sequences, ``[(first, end, heads), ...]``, set with
         # ``head_budgets`` by per-request budgets: a long prompt runs each run's projections at its own heads.
         self.head_runs: list[tuple[int, int, int]] | None = None
@@ -223,9 +229,13 @@ class ElasticAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
             fixed = _fixed_size(cache, self.layer_idx)
+        budgets = self._budgets(q.shape[0])
+        drop = None
+        if budgets is not None and q.shape[2] == 1 and layers.masked_decode(hidden_states):
+            drop = self._head_drop(budgets)
         o = attention_core(q, k, v, attention_mask, scaling=self.scaling,
-                           dropout=self.dropout_p if self.training else 0.0, head_budgets=self._budgets(q.shape[0]),
-                           fixed_cache=fixed)
+                           dropout=self.dropout_p if self.training else 0.0, head_budgets=budgets,
+                           fixed_cache=fixed, head_drop=drop)
         if self.stats is not None:
             self._accumulate(o)
         proj = self.out_proj()
@@ -294,20 +304,16 @@ class ElasticAttention(nn.Module):
         if b.shape != (batch,):
             raise ValueError(f"head_budgets must have shape ({batch},) (one count per sequence), got {tuple(b.shape)}")
         g = self.group_size
-        # Made once per budget tensor (and its in-place version) and active head count, not at every decode step
-        # (five small launches per layer and step otherwise). Not kept while compiling or capturing (no graph may
-        # hold a stale one) nor for inference-mode tensors (they have no version counter).
-        keep = not (torch.compiler.is_compiling() or b.is_inference()
-                    or (b.is_cuda and torch.cuda.is_current_stream_capturing()))
-        if keep:
-            key = (b._version, self.heads, g)
-            memo = self._budget_memo
-            if memo is not None and memo[0] is b and memo[1] == key:
-                return memo[2]
-        out = (b.clamp(max=self.heads) // g * g).clamp(min=g).to(torch.int32)
-        if keep:
-            self._budget_memo = (b, key, out)
-        return out
+        # Made once per budget tensor and active head count, not at every decode step (five small launches per layer
+        # and step otherwise).
+        return layers.per_sequence(self, "_budget_memo", b, (self.heads, g),
+                                   lambda: (b.clamp(max=self.heads) // g * g).clamp(min=g).to(torch.int32))
+
+    def _head_drop(self, budgets: torch.Tensor) -> torch.Tensor:
+        """``[B, heads, 1, 1]`` booleans, True for each sequence's heads past its budget (from :meth:`_budgets`)."""
+        return layers.per_sequence(
+            self, "_drop_memo", budgets, (self.heads,),
+            lambda: (torch.arange(self.heads, device=budgets.device)[None, :] >= budgets[:, None])[:, :, None, None])
 
     @torch.no_grad()
     def _accumulate(self, o: torch.Tensor) -> None:

@@ -30,6 +30,42 @@ def serves_runs(runs: list[tuple[int, int, int]] | None, x: torch.Tensor) -> boo
     return min(end - first for first, end, _ in runs) * x.shape[1] >= RUN_MIN_TOKENS
 
 
+# Per-request budgets on a call of at most DECODE_MAX_TOKENS tokens (decode steps): FLEXTRON_BUDGET_DECODE=kernels
+# runs the grouped kernels (``nested_mlp``, ``elastic_attention_decode``), which skip each sequence's neurons and heads
+# past its budget; =masked runs what the batch's widest budget runs (cuBLAS prefix products, SDPA on the kept heads)
+# and zeroes each sequence's neurons and heads past its own: the least host time per step, the same weight traffic
+# (at this size the grouped kernel also streams the weights up to the widest width once), but every kept head's cache
+# read.
+_DECODE_POLICIES = ("kernels", "masked")
+BUDGET_DECODE = os.environ.get("FLEXTRON_BUDGET_DECODE", "kernels")
+if BUDGET_DECODE not in _DECODE_POLICIES:
+    raise ValueError(f"FLEXTRON_BUDGET_DECODE must be one of {_DECODE_POLICIES}, got {BUDGET_DECODE!r}")
+DECODE_MAX_TOKENS = 64
+
+
+def masked_decode(x: torch.Tensor) -> bool:
+    """Whether per-request budgets on ``x [..., H]`` run masked (:data:`BUDGET_DECODE`, a call of at most
+    :data:`DECODE_MAX_TOKENS` tokens)."""
+    return BUDGET_DECODE == "masked" and x.numel() <= DECODE_MAX_TOKENS * x.shape[-1]
+
+
+def per_sequence(owner, slot: str, b: torch.Tensor, key: tuple, make):
+    """``make()``, kept in ``owner.<slot>`` for the per-sequence tensor ``b`` (and its in-place version) and ``key``,
+    so a decode loop makes it once per call, not at every step; made afresh while compiling or capturing (no graph
+    may hold a stale one) and for inference-mode tensors (they have no version counter)."""
+    keep = not (torch.compiler.is_compiling() or b.is_inference()
+                or (b.is_cuda and torch.cuda.is_current_stream_capturing()))
+    if keep:
+        key = (b._version, *key)
+        memo = getattr(owner, slot)
+        if memo is not None and memo[0] is b and memo[1] == key:
+            return memo[2]
+    out = make()
+    if keep:
+        setattr(owner, slot, (b, key, out))
+    return out
+
+
 # Prefix views made outside autograd, per weight: {id(weight): (weakref, data_ptr, {(n, k, bias ptr): views})}. An
 # entry goes with its weight (the weakref's callback) and is remade when the weight's storage changes (``.to()``).
 _VIEWS: dict[int, tuple[weakref.ref, int, dict]] = {}

@@ -61,6 +61,7 @@ class ElasticMLP(nn.Module):
         # prefix products at its own width (:func:`flextron.layers.serves_runs`).
         self.width_runs: list[tuple[int, int, int]] | None = None
         self._widths_memo: tuple | None = None
+        self._drop_memo: tuple | None = None
         self.stats: dict | None = None  # set by ranking: accumulates per-neuron |activation|
 
     # -- weights as the kernels see them ------------------------------------------------------------
@@ -93,7 +94,9 @@ class ElasticMLP(nn.Module):
         then, so each token costs its own width. Without per-token widths the whole batch shares ``self.width``
         and the prefix products run (``F.linear`` on the weight views on a GPU, ``sliced_linear`` otherwise).
         Per-sequence widths (``sequence_widths``) on a long prompt run those products once per run of adjacent
-        sequences that share a width (:func:`flextron.layers.serves_runs`), else the grouped kernel.
+        sequences that share a width (:func:`flextron.layers.serves_runs`); on a call of few tokens under the masked
+        decode (:func:`flextron.layers.masked_decode`) once at the widest width, each sequence's neurons past its
+        own zeroed; else the grouped kernel.
         """
         widths = self.token_widths if widths is None else widths
         if widths is None and self.sequence_widths is not None:
@@ -104,6 +107,8 @@ class ElasticMLP(nn.Module):
             if self.stats is None and layers.serves_runs(self.width_runs, x):
                 return torch.cat([self._dense(x[first:end], max(1, min(w, self.width)))
                                   for first, end, w in self.width_runs])
+            if self.stats is None and layers.masked_decode(x):
+                return self._dense(x, self.width, self._sequence_drop(b, x))
             widths = self._sequence_token_widths(b, x.shape[:-1])
         elif widths is not None:
             if widths.shape != x.shape[:-1]:
@@ -120,12 +125,15 @@ class ElasticMLP(nn.Module):
             return self.dropout(y) if self.conv1d else y
         return self._dense(x, self.width)
 
-    def _dense(self, x: torch.Tensor, w: int) -> torch.Tensor:
-        """Every token at width ``w``: the prefix products (and GPT-2's dropout)."""
+    def _dense(self, x: torch.Tensor, w: int, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Every token at width ``w``: the prefix products (and GPT-2's dropout); ``drop`` (booleans, broadcast
+        against the activations) zeroes each token's neurons past its own width before the down projection."""
         up, down = getattr(self, self._up), getattr(self, self._down)
         h = prefix_linear(x, self.up_weight(), up.bias, w)
         act = getattr(self, self._act)
         a = act(prefix_linear(x, self.gate_weight(), self.gate_proj.bias, w)) * h if self.gated else act(h)
+        if drop is not None:
+            a = a.masked_fill(drop, 0.0)
         if self.stats is not None:
             self._accumulate(a)
         dw = self.down_weight()
@@ -133,20 +141,19 @@ class ElasticMLP(nn.Module):
         return self.dropout(y) if self.conv1d else y
 
     def _sequence_token_widths(self, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """Each token's width from its sequence's (``b [B]``), clamped into ``[1, width]``. Made once per widths
-        tensor (and its in-place version), active width and token shape, not at every decode step; made afresh while
-        compiling or capturing (no graph may hold a stale one) and for inference-mode tensors (no version counter)."""
-        keep = not (torch.compiler.is_compiling() or b.is_inference()
-                    or (b.is_cuda and torch.cuda.is_current_stream_capturing()))
-        if keep:
-            key = (b._version, self.width, tuple(shape))
-            memo = self._widths_memo
-            if memo is not None and memo[0] is b and memo[1] == key:
-                return memo[2]
-        out = b.view(-1, *([1] * (len(shape) - 1))).expand(shape).clamp(1, self.width)
-        if keep:
-            self._widths_memo = (b, key, out)
-        return out
+        """Each token's width from its sequence's (``b [B]``), clamped into ``[1, width]``; made once per widths
+        tensor, active width and token shape (:func:`flextron.layers.per_sequence`)."""
+        return layers.per_sequence(
+            self, "_widths_memo", b, (self.width, tuple(shape)),
+            lambda: b.view(-1, *([1] * (len(shape) - 1))).expand(shape).clamp(1, self.width))
+
+    def _sequence_drop(self, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, ..., width]`` booleans, True for each sequence's neurons past its width (it keeps at least one);
+        made once per widths tensor, active width and rank."""
+        def make():
+            cols = torch.arange(self.width, device=b.device)
+            return cols >= b.clamp(min=1).view(-1, *([1] * (x.dim() - 1)))
+        return layers.per_sequence(self, "_drop_memo", b, (self.width, x.dim()), make)
 
     @torch.no_grad()
     def _accumulate(self, a: torch.Tensor) -> None:

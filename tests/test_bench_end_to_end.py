@@ -216,6 +216,10 @@ def test_tiny_budgets_rows(tmp_path):
         pre["one_batch_ms"] / pre["ms"])
     dec = rows[("tiny", "fm-budgets", "decode", "eager", 16)]
     assert dec["ratios"]["speedup_vs_groups"] == pytest.approx(dec["groups_ms_per_step"] / dec["ms"])
+    # the decode row's A/B of the decode policies: the row's own figure is the default policy's
+    pol = dec["policies_ms_per_step"]
+    assert dec["decode_policy"] == "kernels" and set(pol) == {"kernels", "masked"} and pol["kernels"] == dec["ms"]
+    assert dec["ratios"]["speedup_masked_vs_kernels"] == pytest.approx(pol["kernels"] / pol["masked"])
 
 
 def test_budgets_graph_rows_run_their_captured_calls(tmp_path, monkeypatch):
@@ -303,6 +307,14 @@ def test_table(tmp_path):
     out = tables.render(tmp_path, kinds=["end_to_end"])
     assert "| llama2-7b | prefill | eager | 40.00 | 60.00 | 100.00 | 1.50x | 2.50x | 50.00 | 1.25x |" in out
     assert "| llama2-7b | decode | static-compile | 2.00 | 3.00 | 4.00 | 1.50x | 2.00x | – | – |" in out
+    assert "masked vs kernels" not in out
+    # a decode row timed under both decode policies: three more columns
+    rows[6]["policies_ms_per_step"] = {"kernels": 2.0, "masked": 1.6}
+    payload["rows"] = rows
+    (tmp_path / "end_to_end_NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps(payload))
+    out = tables.render(tmp_path, kinds=["end_to_end"])
+    assert ("| llama2-7b | decode | static-compile | 2.00 | 3.00 | 4.00 | 1.50x | 2.00x | – | – | 2.00 | 1.60 | "
+            "1.25x |") in out
 
 
 def test_paired_eager_decode(tmp_path):

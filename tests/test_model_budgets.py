@@ -7,6 +7,9 @@ cache: the batched call must give the same greedy tokens.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,9 +122,13 @@ def _count_paths(monkeypatch) -> dict:
     return calls
 
 
-def test_kernel_path():
+@pytest.mark.parametrize("decode", ["kernels", "masked"])
+def test_kernel_path(decode, monkeypatch):
     """Head size 16: per-sequence heads through elastic_attention / its decode form and MLP widths through
-    nested_mlp (Triton on the GPU where there is one, else the interpreter on the CPU)."""
+    nested_mlp (Triton on the GPU where there is one, else the interpreter on the CPU); with the masked decode
+    (FLEXTRON_BUDGET_DECODE=masked) calls of few tokens run the dense ops instead, and the prompt's attention
+    still runs elastic_attention."""
+    monkeypatch.setattr(flextron.layers, "BUDGET_DECODE", decode)
     torch.manual_seed(0)
     orig = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=64, vocab_size=VOCAB,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval().to(DEVICE)
@@ -134,8 +141,83 @@ def test_kernel_path():
                              (flextron.attention, "elastic_attention_decode")):
             mp.setattr(module, name, _counter(calls, name, getattr(module, name)))
         got = _generate(fm, x, "dynamic", budgets=subnets)
-    assert all(calls.values()), calls
+    if decode == "kernels":
+        assert all(calls.values()), calls
+    else:
+        assert calls["elastic_attention"] and not calls["nested_mlp"] and not calls["elastic_attention_decode"], calls
     assert torch.equal(got, _alone(fm, x, subnets, "dynamic"))
+
+
+def _count_head_drops(monkeypatch, calls: dict) -> None:
+    """Counts the attention calls given a head drop mask (the masked decode) in ``calls["head_drop"]``."""
+    calls["head_drop"] = 0
+
+    def counted(*a, **k):
+        calls["head_drop"] += k.get("head_drop") is not None
+        return core(*a, **k)
+
+    core = flextron.attention.attention_core
+    monkeypatch.setattr(flextron.attention, "attention_core", counted)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "qwen2"])
+def test_masked_decode_gives_each_sequence_its_own_subnet(family, cache, monkeypatch):
+    """FLEXTRON_BUDGET_DECODE=masked: a call of few tokens runs the dense ops at the batch's widest budget and
+    zeroes each sequence's neurons and heads past its own; the greedy tokens are each sequence's alone, every
+    decode step of every layer drops heads, and the grouped MLP kernel never runs."""
+    monkeypatch.setattr(flextron.layers, "BUDGET_DECODE", "masked")
+    calls = _count_paths(monkeypatch)
+    _count_head_drops(monkeypatch, calls)
+    fm = FlextronModel.from_hf(tiny_model(family))
+    subnets = _subnets(fm)
+    x = tokens(batch=len(subnets), seq=7, seed=3)
+    with cpu_reference():
+        got = _generate(fm, x, cache, budgets=subnets)
+        assert calls["nested_mlp"] == 0
+        assert calls["head_drop"] == fm.num_layers * (NEW - 1)  # each layer's budgets differ between sequences
+        want = _alone(fm, x, subnets, cache)
+    assert torch.equal(got, want)
+
+
+def test_masked_decode_only_for_few_tokens(monkeypatch):
+    """The masked decode serves calls of at most DECODE_MAX_TOKENS tokens; a longer prompt keeps the grouped MLP."""
+    monkeypatch.setattr(flextron.layers, "BUDGET_DECODE", "masked")
+    monkeypatch.setattr(flextron.layers, "DECODE_MAX_TOKENS", 8)
+    calls = _count_paths(monkeypatch)
+    fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
+    half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
+    with cpu_reference(), torch.no_grad():
+        fm(input_ids=tokens(batch=2, seq=4, seed=1), budgets=[half, full])  # 8 tokens
+        assert calls["nested_mlp"] == 0
+        fm(input_ids=tokens(batch=2, seq=5, seed=1), budgets=[half, full])  # 10 tokens
+        assert calls["nested_mlp"] == fm.num_layers
+
+
+def test_masked_decode_gradients_equal_the_grouped_kernel(monkeypatch):
+    """Training on short sequences with per-request budgets: the masked dense MLP gives the grouped kernel's
+    gradients for every parameter."""
+    fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
+    half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
+    x = tokens(batch=3, seq=6, seed=11)
+    calls = _count_paths(monkeypatch)
+    grads = {}
+    with cpu_reference():
+        for decode in ("masked", "kernels"):
+            monkeypatch.setattr(flextron.layers, "BUDGET_DECODE", decode)
+            fm.zero_grad(set_to_none=True)
+            fm(input_ids=x, budgets=[half, half, full]).logits.float().pow(2).mean().backward()
+            grads[decode] = {n: p.grad.clone() for n, p in fm.named_parameters() if p.grad is not None}
+            assert calls["nested_mlp"] == (0 if decode == "masked" else fm.num_layers)
+    assert grads["masked"].keys() == grads["kernels"].keys() and grads["masked"]
+    for n, g in grads["kernels"].items():
+        assert ((grads["masked"][n] - g).norm() / g.norm().clamp_min(1e-12)).item() < 1e-5, n
+
+
+def test_bad_decode_policy_is_named():
+    env = {**os.environ, "FLEXTRON_BUDGET_DECODE": "fast"}
+    r = subprocess.run([sys.executable, "-c", "import flextron.layers"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "FLEXTRON_BUDGET_DECODE must be one of" in r.stderr
 
 
 @pytest.mark.parametrize("budgets, error, match", [
@@ -190,6 +272,18 @@ def test_budgets_made_once_per_call_and_follow_changes():
     assert m._sequence_token_widths(w, shape)[1].tolist() == [1] * 5
     m.width = 10
     assert m._sequence_token_widths(w, shape)[0].tolist() == [10] * 5
+
+    # the masked decode's drop masks: made once, again on a change
+    x = torch.zeros(2, 1, 8)
+    drop = m._sequence_drop(w, x)
+    assert drop.shape == (2, 1, 10) and m._sequence_drop(w, x) is drop
+    assert drop[0, 0].tolist() == [False] * 10 and drop[1, 0].tolist() == [False] + [True] * 9  # w[1] = 0: one neuron
+    w[1] = 4
+    assert m._sequence_drop(w, x)[1, 0].tolist() == [False] * 4 + [True] * 6
+    heads = torch.tensor([full, g], dtype=torch.int32)
+    hd = a._head_drop(heads)
+    assert hd.shape == (2, a.heads, 1, 1) and a._head_drop(heads) is hd
+    assert hd[:, :, 0, 0].tolist() == [[False] * full, [False] * g + [True] * (full - g)]
 
 
 @pytest.mark.parametrize("cache", [None, "dynamic", "static"])
