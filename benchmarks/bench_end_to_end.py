@@ -947,11 +947,12 @@ class Runner:
         mixed = timed(ids, list(BUDGETS))
         policy = flextron.layers.BUDGET_DECODE
         policies = {policy: mixed["ms_per_step"]}
-        if not static:  # the A/B of the decode policies (FLEXTRON_BUDGET_DECODE): the same call with the other one
-            other = "masked" if policy == "kernels" else "kernels"
-            flextron.layers.BUDGET_DECODE = other
+        if not static:  # the A/B of the decode policies (FLEXTRON_BUDGET_DECODE): the same call under the others
             try:
-                policies[other] = timed(ids, list(BUDGETS))["ms_per_step"]
+                for other in ("kernels", "masked"):
+                    if other not in policies:
+                        flextron.layers.BUDGET_DECODE = other
+                        policies[other] = timed(ids, list(BUDGETS))["ms_per_step"]
             finally:
                 flextron.layers.BUDGET_DECODE = policy
         if static:
@@ -980,7 +981,8 @@ class Runner:
                         if spec.mode == "graph" else "fm.generate(ids, budgets=...)")
                    + " against the 16 at full width and the 4 groups of 4 in sequence (each at its uniform "
                      "subnet); groups_ms_per_step is their sum. decode_policy: FLEXTRON_BUDGET_DECODE (kernels: "
-                     "the grouped kernels; masked: the dense ops at the widest budget, the rest zeroed); "
+                     "the grouped kernels; masked: the dense ops at the widest budget, the rest zeroed; eager: masked "
+                     "outside graph capture and compilation); "
                      "policies_ms_per_step: the same call under each")
         if static:
             res["full_compiled"] = full.get("compiled")

@@ -35,18 +35,22 @@ def serves_runs(runs: list[tuple[int, int, int]] | None, x: torch.Tensor) -> boo
 # past its budget; =masked runs what the batch's widest budget runs (cuBLAS prefix products, SDPA on the kept heads)
 # and zeroes each sequence's neurons and heads past its own: the least host time per step, the same weight traffic
 # (at this size the grouped kernel also streams the weights up to the widest width once), but every kept head's cache
-# read.
-_DECODE_POLICIES = ("kernels", "masked")
+# read; =eager runs masked in eager calls and the kernels where host time is not paid per call (CUDA graph capture,
+# torch.compile).
+DECODE_POLICIES = ("kernels", "masked", "eager")
 BUDGET_DECODE = os.environ.get("FLEXTRON_BUDGET_DECODE", "kernels")
-if BUDGET_DECODE not in _DECODE_POLICIES:
-    raise ValueError(f"FLEXTRON_BUDGET_DECODE must be one of {_DECODE_POLICIES}, got {BUDGET_DECODE!r}")
+if BUDGET_DECODE not in DECODE_POLICIES:
+    raise ValueError(f"FLEXTRON_BUDGET_DECODE must be one of {DECODE_POLICIES}, got {BUDGET_DECODE!r}")
 DECODE_MAX_TOKENS = 64
 
 
 def masked_decode(x: torch.Tensor) -> bool:
-    """Whether per-request budgets on ``x [..., H]`` run masked (:data:`BUDGET_DECODE`, a call of at most
-    :data:`DECODE_MAX_TOKENS` tokens)."""
-    return BUDGET_DECODE == "masked" and x.numel() <= DECODE_MAX_TOKENS * x.shape[-1]
+    """Whether per-request budgets on ``x [..., H]`` run masked: a call of at most :data:`DECODE_MAX_TOKENS` tokens
+    under the :data:`BUDGET_DECODE` policy ``masked``, or ``eager`` outside graph capture and compilation."""
+    if BUDGET_DECODE == "kernels" or x.numel() > DECODE_MAX_TOKENS * x.shape[-1]:
+        return False
+    return BUDGET_DECODE == "masked" or not (
+        torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def per_sequence(owner, slot: str, b: torch.Tensor, key: tuple, make):

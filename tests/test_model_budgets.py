@@ -194,6 +194,20 @@ def test_masked_decode_only_for_few_tokens(monkeypatch):
         assert calls["nested_mlp"] == fm.num_layers
 
 
+def test_decode_policies(monkeypatch):
+    """kernels: never masked; masked: every call of few tokens; eager: those outside compilation (and capture)."""
+    few, many = torch.zeros(4, 1, 8), torch.zeros(4, 17, 8)
+    monkeypatch.setattr(flextron.layers, "DECODE_MAX_TOKENS", 64)
+    seen = {}
+    for policy in flextron.layers.DECODE_POLICIES:
+        monkeypatch.setattr(flextron.layers, "BUDGET_DECODE", policy)
+        seen[policy] = [flextron.layers.masked_decode(few), flextron.layers.masked_decode(many)]
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            seen[policy].append(flextron.layers.masked_decode(few))
+    assert seen == {"kernels": [False, False, False], "masked": [True, False, True], "eager": [True, False, False]}
+
+
 def test_masked_decode_gradients_equal_the_grouped_kernel(monkeypatch):
     """Training on short sequences with per-request budgets: the masked dense MLP gives the grouped kernel's
     gradients for every parameter."""
