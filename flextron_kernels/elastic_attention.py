@@ -735,4 +735,6 @@ def elastic_attention(
         return elastic_attention_ref(q, k, v, heads.long(), causal=causal, scale=scale)
     if torch.compiler.is_compiling():  # one opaque custom op in the traced graph (_ops), its backward registered
         return torch.ops.flextron.elastic_attention_fwd(q, k, v, heads, bool(causal), scale)[0]
-    return _ElasticAttention.apply(q, k, v, heads, bool(causal), scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _ElasticAttention.apply(q, k, v, heads, bool(causal), scale)
+    return forward(q, k, v, heads, bool(causal), scale)[0]  # inference: no autograd node, nothing saved
