@@ -30,27 +30,31 @@ def serves_runs(runs: list[tuple[int, int, int]] | None, x: torch.Tensor) -> boo
     return min(end - first for first, end, _ in runs) * x.shape[1] >= RUN_MIN_TOKENS
 
 
-# Per-request budgets on a call of at most DECODE_MAX_TOKENS tokens (decode steps): FLEXTRON_BUDGET_DECODE=kernels
-# runs the grouped kernels (``nested_mlp``, ``elastic_attention_decode``), which skip each sequence's neurons and heads
-# past its budget; =masked runs what the batch's widest budget runs (cuBLAS prefix products, SDPA on the kept heads)
-# and zeroes each sequence's neurons and heads past its own: the least host time per step, the same weight traffic
-# (at this size the grouped kernel also streams the weights up to the widest width once), but every kept head's cache
-# read; =eager runs masked in eager calls and the kernels where host time is not paid per call (CUDA graph capture,
-# torch.compile).
-DECODE_POLICIES = ("kernels", "masked", "eager")
-BUDGET_DECODE = os.environ.get("FLEXTRON_BUDGET_DECODE", "kernels")
+# Per-request budgets on a call of at most DECODE_MAX_TOKENS tokens (decode steps), FLEXTRON_BUDGET_DECODE:
+# - kernels: the grouped kernels (``nested_mlp``, ``elastic_attention_decode``), which skip each sequence's neurons and
+#   heads past its budget;
+# - masked: what the batch's widest budget runs (cuBLAS prefix products, SDPA on the kept heads), each sequence's
+#   neurons and heads past its own zeroed: the same weight traffic (at this size the grouped kernel also streams the
+#   weights up to the widest width once), every kept head's KV cache read, the least host time;
+# - eager (the default): the attention masked in eager calls, where the decode kernel's two Triton launches cost more
+#   host time than the cache reads they skip, and the MLP through ``nested_mlp`` (its eager calls replay a cached
+#   CUDA graph); the kernels under CUDA graph capture and torch.compile, where host time is not paid per call.
+DECODE_POLICIES = ("eager", "kernels", "masked")
+BUDGET_DECODE = os.environ.get("FLEXTRON_BUDGET_DECODE", "eager")
 if BUDGET_DECODE not in DECODE_POLICIES:
     raise ValueError(f"FLEXTRON_BUDGET_DECODE must be one of {DECODE_POLICIES}, got {BUDGET_DECODE!r}")
 DECODE_MAX_TOKENS = 64
 
 
-def masked_decode(x: torch.Tensor) -> bool:
-    """Whether per-request budgets on ``x [..., H]`` run masked: a call of at most :data:`DECODE_MAX_TOKENS` tokens
-    under the :data:`BUDGET_DECODE` policy ``masked``, or ``eager`` outside graph capture and compilation."""
+def masked_decode(x: torch.Tensor, attention: bool) -> bool:
+    """Whether per-request budgets on ``x [..., H]`` run masked in the attention (``attention``) or the MLP block: a
+    call of at most :data:`DECODE_MAX_TOKENS` tokens under the :data:`BUDGET_DECODE` policy ``masked``, or under
+    ``eager`` the attention outside graph capture and compilation."""
     if BUDGET_DECODE == "kernels" or x.numel() > DECODE_MAX_TOKENS * x.shape[-1]:
         return False
-    return BUDGET_DECODE == "masked" or not (
-        torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+    if BUDGET_DECODE == "masked":
+        return True
+    return attention and not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def per_sequence(owner, slot: str, b: torch.Tensor, key: tuple, make):

@@ -107,7 +107,7 @@ class ElasticMLP(nn.Module):
             if self.stats is None and layers.serves_runs(self.width_runs, x):
                 return torch.cat([self._dense(x[first:end], max(1, min(w, self.width)))
                                   for first, end, w in self.width_runs])
-            if self.stats is None and layers.masked_decode(x):
+            if self.stats is None and layers.masked_decode(x, attention=False):
                 return self._dense(x, self.width, self._sequence_drop(b, x))
             widths = self._sequence_token_widths(b, x.shape[:-1])
         elif widths is not None:

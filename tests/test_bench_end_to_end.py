@@ -218,7 +218,7 @@ def test_tiny_budgets_rows(tmp_path):
     assert dec["ratios"]["speedup_vs_groups"] == pytest.approx(dec["groups_ms_per_step"] / dec["ms"])
     # the decode row's A/B of the decode policies: the row's own figure is the default policy's
     pol = dec["policies_ms_per_step"]
-    assert dec["decode_policy"] == "kernels" and set(pol) == {"kernels", "masked"} and pol["kernels"] == dec["ms"]
+    assert dec["decode_policy"] == "eager" and set(pol) == {"eager", "kernels", "masked"} and pol["eager"] == dec["ms"]
     assert dec["ratios"]["speedup_masked_vs_kernels"] == pytest.approx(pol["kernels"] / pol["masked"])
 
 

@@ -122,12 +122,13 @@ def _count_paths(monkeypatch) -> dict:
     return calls
 
 
-@pytest.mark.parametrize("decode", ["kernels", "masked"])
+@pytest.mark.parametrize("decode", ["kernels", "masked", "eager"])
 def test_kernel_path(decode, monkeypatch):
     """Head size 16: per-sequence heads through elastic_attention / its decode form and MLP widths through
     nested_mlp (Triton on the GPU where there is one, else the interpreter on the CPU); with the masked decode
     (FLEXTRON_BUDGET_DECODE=masked) calls of few tokens run the dense ops instead, and the prompt's attention
-    still runs elastic_attention."""
+    still runs elastic_attention; under the default (eager) the eager decode steps' attention runs SDPA, masked,
+    and the MLP nested_mlp."""
     monkeypatch.setattr(flextron.layers, "BUDGET_DECODE", decode)
     torch.manual_seed(0)
     orig = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=64, vocab_size=VOCAB,
@@ -141,10 +142,8 @@ def test_kernel_path(decode, monkeypatch):
                              (flextron.attention, "elastic_attention_decode")):
             mp.setattr(module, name, _counter(calls, name, getattr(module, name)))
         got = _generate(fm, x, "dynamic", budgets=subnets)
-    if decode == "kernels":
-        assert all(calls.values()), calls
-    else:
-        assert calls["elastic_attention"] and not calls["nested_mlp"] and not calls["elastic_attention_decode"], calls
+    want = {"kernels": (True, True, True), "masked": (True, False, False), "eager": (True, True, False)}[decode]
+    assert tuple(bool(calls[k]) for k in ("elastic_attention", "nested_mlp", "elastic_attention_decode")) == want, calls
     assert torch.equal(got, _alone(fm, x, subnets, "dynamic"))
 
 
@@ -195,17 +194,22 @@ def test_masked_decode_only_for_few_tokens(monkeypatch):
 
 
 def test_decode_policies(monkeypatch):
-    """kernels: never masked; masked: every call of few tokens; eager: those outside compilation (and capture)."""
+    """kernels: never masked; masked: every call of few tokens; eager (the default): the attention of those outside
+    compilation (and capture), never the MLP."""
     few, many = torch.zeros(4, 1, 8), torch.zeros(4, 17, 8)
     monkeypatch.setattr(flextron.layers, "DECODE_MAX_TOKENS", 64)
     seen = {}
     for policy in flextron.layers.DECODE_POLICIES:
         monkeypatch.setattr(flextron.layers, "BUDGET_DECODE", policy)
-        seen[policy] = [flextron.layers.masked_decode(few), flextron.layers.masked_decode(many)]
-        with monkeypatch.context() as m:
-            m.setattr(torch.compiler, "is_compiling", lambda: True)
-            seen[policy].append(flextron.layers.masked_decode(few))
-    assert seen == {"kernels": [False, False, False], "masked": [True, False, True], "eager": [True, False, False]}
+        for attention in (True, False):
+            got = [flextron.layers.masked_decode(few, attention), flextron.layers.masked_decode(many, attention)]
+            with monkeypatch.context() as m:
+                m.setattr(torch.compiler, "is_compiling", lambda: True)
+                got.append(flextron.layers.masked_decode(few, attention))
+            seen[policy, attention] = got
+    assert seen == {("kernels", True): [False] * 3, ("kernels", False): [False] * 3,
+                    ("masked", True): [True, False, True], ("masked", False): [True, False, True],
+                    ("eager", True): [True, False, False], ("eager", False): [False] * 3}
 
 
 def test_masked_decode_gradients_equal_the_grouped_kernel(monkeypatch):
