@@ -231,7 +231,7 @@ class ElasticAttention(nn.Module):
             fixed = _fixed_size(cache, self.layer_idx)
         budgets = self._budgets(q.shape[0])
         drop = None
-        if budgets is not None and q.shape[2] == 1 and layers.masked_decode(hidden_states, attention=True):
+        if budgets is not None and q.shape[2] == 1 and layers.masked_decode(hidden_states, True, k.shape[:3].numel()):
             drop = self._head_drop(budgets)
         o = attention_core(q, k, v, attention_mask, scaling=self.scaling,
                            dropout=self.dropout_p if self.training else 0.0, head_budgets=budgets,

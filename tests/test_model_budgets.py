@@ -210,6 +210,12 @@ def test_decode_policies(monkeypatch):
     assert seen == {("kernels", True): [False] * 3, ("kernels", False): [False] * 3,
                     ("masked", True): [True, False, True], ("masked", False): [True, False, True],
                     ("eager", True): [True, False, False], ("eager", False): [False] * 3}
+    # eager: a large cache (keys over sequences and KV heads) keeps the decode kernel, which skips its reads
+    cap = flextron.layers.MASKED_MAX_CACHE
+    monkeypatch.setattr(flextron.layers, "BUDGET_DECODE", "eager")
+    assert flextron.layers.masked_decode(few, True, cap - 1) and not flextron.layers.masked_decode(few, True, cap)
+    monkeypatch.setattr(flextron.layers, "BUDGET_DECODE", "masked")
+    assert flextron.layers.masked_decode(few, True, cap)
 
 
 def test_masked_decode_gradients_equal_the_grouped_kernel(monkeypatch):
