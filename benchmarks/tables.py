@@ -432,14 +432,15 @@ def end_to_end(r: Result) -> list[str]:
 
         out += table(["model", "phase", "mode", "budgets", "full width", "groups in sequence", "speed-up vs full",
                       "vs groups"] + (["one batch", "per-run vs one batch"] if one else [])
-                     + (["kernels", "masked", "masked vs kernels"] if pol else []),
+                     + (["decode policy", "kernels", "masked", "masked vs kernels"] if pol else []),
                      [[x.get("shape"), x.get("phase"), x.get("mode"), fmt(x.get("ms"), ".2f"),
                        fmt(both(x, "full"), ".2f"), fmt(both(x, "groups"), ".2f"),
                        fmt(ratio(both(x, "full"), x.get("ms")), ".2f", "x"),
                        fmt(ratio(both(x, "groups"), x.get("ms")), ".2f", "x")]
                       + ([fmt(x.get("one_batch_ms"), ".2f"), fmt(ratio(x.get("one_batch_ms"), x.get("ms")), ".2f", "x")]
                          if one else [])
-                      + ([fmt(policy(x, "kernels"), ".2f"), fmt(policy(x, "masked"), ".2f"),
+                      + ([x.get("decode_policy") or "–", fmt(policy(x, "kernels"), ".2f"),
+                          fmt(policy(x, "masked"), ".2f"),
                           fmt(ratio(policy(x, "kernels"), policy(x, "masked")), ".2f", "x")] if pol else [])
                       for x in sorted(budgets, key=lambda x: (x.get("phase") != "prefill",
                                                               E2E_MODES.get(x.get("mode"), 9)))], right_from=3)

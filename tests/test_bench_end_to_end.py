@@ -309,12 +309,12 @@ def test_table(tmp_path):
     assert "| llama2-7b | decode | static-compile | 2.00 | 3.00 | 4.00 | 1.50x | 2.00x | – | – |" in out
     assert "masked vs kernels" not in out
     # a decode row timed under both decode policies: three more columns
-    rows[6]["policies_ms_per_step"] = {"kernels": 2.0, "masked": 1.6}
+    rows[6].update(policies_ms_per_step={"kernels": 2.0, "masked": 1.6}, decode_policy="kernels")
     payload["rows"] = rows
     (tmp_path / "end_to_end_NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps(payload))
     out = tables.render(tmp_path, kinds=["end_to_end"])
-    assert ("| llama2-7b | decode | static-compile | 2.00 | 3.00 | 4.00 | 1.50x | 2.00x | – | – | 2.00 | 1.60 | "
-            "1.25x |") in out
+    assert ("| llama2-7b | decode | static-compile | 2.00 | 3.00 | 4.00 | 1.50x | 2.00x | – | – | kernels | 2.00 | "
+            "1.60 | 1.25x |") in out
 
 
 def test_paired_eager_decode(tmp_path):
