@@ -284,15 +284,18 @@ class ElasticAttention(nn.Module):
             keys, values = cache.update(keys, values, self.layer_idx)
             fixed = _fixed_size(cache, self.layer_idx)
         proj, wo = self.out_proj(), self.out_weight()
-        out = []
-        for first, end, h, q, k, v in parts:
+        by_first = {p[0]: p for p in parts}
+
+        def run(first, end, h, out):
+            q, k, v = by_first[first][3:]
             if cache is not None:
                 k, v = keys[first:end, : h // g], values[first:end, : h // g]
             mask = None if attention_mask is None else attention_mask[first:end]
             o = attention_core(q, k, v, mask, scaling=self.scaling, dropout=self.dropout_p if self.training else 0.0,
                                fixed_cache=fixed)
-            out.append(prefix_linear(o.reshape(end - first, s, h * d), wo, proj.bias, wo.shape[0]))
-        y = torch.cat(out, 0)
+            return prefix_linear(o.reshape(end - first, s, h * d), wo, proj.bias, wo.shape[0], out)
+
+        y = layers.run_by_run(x, [p[:3] for p in parts], wo.shape[0], run)
         return self.resid_dropout(y) if self.fused else y
 
     def _budgets(self, batch: int) -> torch.Tensor | None:

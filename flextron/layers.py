@@ -30,6 +30,22 @@ def serves_runs(runs: list[tuple[int, int, int]] | None, x: torch.Tensor) -> boo
     return min(end - first for first, end, _ in runs) * x.shape[1] >= RUN_MIN_TOKENS
 
 
+def run_by_run(x: torch.Tensor, runs: list[tuple[int, int, int]], width: int, fn) -> torch.Tensor:
+    """The output ``[B, ..., width]`` of a batch served run by run (:func:`serves_runs`): ``fn(first, end, value,
+    out)`` gives each run's. Where nothing records autograd (and no autocast or compilation), each run writes into
+    its rows of one buffer (``out``, which :func:`prefix_linear` fills in place): no concatenation, one read and write
+    of the output fewer; otherwise (``out=None``) the runs' outputs are concatenated."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return torch.cat([fn(first, end, value, None) for first, end, value in runs])
+    y = x.new_empty(*x.shape[:-1], width)
+    for first, end, value in runs:
+        out = y[first:end]
+        r = fn(first, end, value, out)
+        if r.data_ptr() != out.data_ptr():  # a run's output made elsewhere (a dropout in training mode)
+            out.copy_(r)
+    return y
+
+
 # Per-request budgets on a call of at most DECODE_MAX_TOKENS tokens (decode steps), FLEXTRON_BUDGET_DECODE:
 # - kernels: the grouped kernels (``nested_mlp``, ``elastic_attention_decode``), which skip each sequence's neurons and
 #   heads past its budget;
@@ -102,17 +118,27 @@ def _prefix_views(weight: torch.Tensor, bias: torch.Tensor | None, n: int, k: in
     return views
 
 
-def prefix_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+def prefix_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight[:n, :k].T + bias[:n]`` (``k = x.shape[-1]``) for the elastic blocks, whose shapes are right by
     construction: ``F.linear`` on the prefix views where cuBLAS takes them in place (a GPU), with no checks and,
     outside autograd, the views made once per sub-network (the least host time per call, which is what an eager
-    decode step costs); :func:`sliced_linear` otherwise."""
+    decode step costs); :func:`sliced_linear` otherwise. ``out`` (contiguous, ``[..., n]``, outside autograd and
+    autocast; :func:`run_by_run`): the product is written there and ``out`` returned."""
     if blas_serves(x):
         k = x.shape[-1]
         if n != weight.shape[0] or k != weight.shape[1]:
             weight, bias = _prefix_views(weight, bias, n, k)
-        return F.linear(x, weight, bias)
-    return sliced_linear(x, weight, bias, n)
+        if out is None:
+            return F.linear(x, weight, bias)
+        x2, o2 = x.reshape(-1, k), out.view(-1, n)
+        if bias is None:
+            torch.mm(x2, weight.t(), out=o2)
+        else:
+            torch.addmm(bias, x2, weight.t(), out=o2)
+        return out
+    y = sliced_linear(x, weight, bias, n)
+    return y if out is None else out.copy_(y)
 
 
 class ElasticLinear(nn.Linear):

@@ -105,8 +105,8 @@ class ElasticMLP(nn.Module):
                 raise ValueError(f"per-sequence widths hold {b.shape[0]} sequences, but the input has shape "
                                  f"{tuple(x.shape)} (batch first)")
             if self.stats is None and layers.serves_runs(self.width_runs, x):
-                return torch.cat([self._dense(x[first:end], max(1, min(w, self.width)))
-                                  for first, end, w in self.width_runs])
+                return layers.run_by_run(x, self.width_runs, x.shape[-1], lambda first, end, w, out: self._dense(
+                    x[first:end], max(1, min(w, self.width)), out=out))
             if self.stats is None and layers.masked_decode(x, attention=False):
                 return self._dense(x, self.width, self._sequence_drop(b, x))
             widths = self._sequence_token_widths(b, x.shape[:-1])
@@ -125,9 +125,11 @@ class ElasticMLP(nn.Module):
             return self.dropout(y) if self.conv1d else y
         return self._dense(x, self.width)
 
-    def _dense(self, x: torch.Tensor, w: int, drop: torch.Tensor | None = None) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, w: int, drop: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """Every token at width ``w``: the prefix products (and GPT-2's dropout); ``drop`` (booleans, broadcast
-        against the activations) zeroes each token's neurons past its own width before the down projection."""
+        against the activations) zeroes each token's neurons past its own width before the down projection; ``out``:
+        the down projection's buffer (:func:`flextron.layers.run_by_run`)."""
         up, down = getattr(self, self._up), getattr(self, self._down)
         h = prefix_linear(x, self.up_weight(), up.bias, w)
         act = getattr(self, self._act)
@@ -137,7 +139,7 @@ class ElasticMLP(nn.Module):
         if self.stats is not None:
             self._accumulate(a)
         dw = self.down_weight()
-        y = prefix_linear(a, dw, down.bias, dw.shape[0])
+        y = prefix_linear(a, dw, down.bias, dw.shape[0], out)
         return self.dropout(y) if self.conv1d else y
 
     def _sequence_token_widths(self, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -89,3 +89,44 @@ def test_prefix_views_made_once_and_remade_for_new_storage():
 
     gc.collect()
     assert key not in _VIEWS, "an entry must go with its weight"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_prefix_linear_into_a_buffer(bias, monkeypatch):
+    """``out=``: the product lands in the given rows of a buffer (cuBLAS's ``mm``/``addmm`` on the prefix views on a
+    GPU, forced here on the CPU; the fallback's copy otherwise) and equals ``F.linear`` on the slices."""
+    import flextron.layers as L
+
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 16), torch.randn(24) if bias else None
+    x = torch.randn(3, 5, 16)[:, :, :10]  # a prefix of the inputs, as a block's narrower activations are
+    want = torch.nn.functional.linear(x, w[:20, :10], None if b is None else b[:20])
+    for blas in (True, False):
+        monkeypatch.setattr(L, "blas_serves", lambda t, blas=blas: blas)
+        buf = torch.full((4, 5, 20), float("nan"))
+        got = L.prefix_linear(x.contiguous(), w, b, 20, buf[1:4])
+        assert got.data_ptr() == buf[1:4].data_ptr()
+        torch.testing.assert_close(buf[1:4], want, rtol=1e-5, atol=1e-5)
+        assert buf[0].isnan().all()  # nothing written outside its rows
+
+
+def test_run_by_run_writes_each_run_once_or_concatenates():
+    """Outside autograd the runs fill one buffer; with gradients on they are concatenated (and differentiable); an
+    output made elsewhere (a training-mode dropout) is copied into its rows."""
+    import flextron.layers as L
+
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    runs = [(0, 2, 1), (2, 5, 2)]
+
+    def fn(first, end, value, out):
+        y = x[first:end, :, :2] * value
+        return y if out is None else out.copy_(y) if value == 1 else y.clone()  # run 2: made elsewhere
+
+    want = torch.cat([x[0:2, :, :2], x[2:5, :, :2] * 2])
+    with torch.no_grad():
+        got = L.run_by_run(x, runs, 2, fn)
+    torch.testing.assert_close(got, want.detach())
+    grad = L.run_by_run(x, runs, 2, fn)
+    torch.testing.assert_close(grad, want)
+    grad.sum().backward()
+    assert x.grad[:2, :, :2].eq(1).all() and x.grad[2:, :, :2].eq(2).all() and x.grad[:, :, 2:].eq(0).all()

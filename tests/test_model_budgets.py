@@ -429,3 +429,25 @@ def test_per_run_gradients_equal_one_batch(monkeypatch):
     assert grads[True].keys() == grads[False].keys() and grads[True]
     for n, g in grads[False].items():
         assert ((grads[True][n] - g).norm() / g.norm().clamp_min(1e-12)).item() < 1e-5, n
+
+
+@pytest.mark.parametrize("family, train", [("llama_gqa", False), ("gpt2", False), ("gpt2", True)])
+def test_per_run_buffers_equal_concatenation(family, train, monkeypatch):
+    """Outside autograd the runs write their attention and MLP outputs into one buffer each (cuBLAS into the rows,
+    forced here on the CPU); the logits are those of the concatenated runs that autograd records, GPT-2's dropout
+    in training mode included (the same random draws, run by run)."""
+    monkeypatch.setattr(flextron.layers, "RUN_MIN_TOKENS", 1)
+    monkeypatch.setattr(flextron.layers, "blas_serves", lambda t: True)
+    calls = _count_paths(monkeypatch)
+    fm = FlextronModel.from_hf(tiny_model(family))
+    fm.train(train)
+    half, full = fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()
+    x = tokens(batch=3, seq=5, seed=13)
+    out = {}
+    with cpu_reference():
+        for grad in (False, True):
+            torch.manual_seed(7)
+            with torch.set_grad_enabled(grad):
+                out[grad] = fm(input_ids=x, budgets=[half, half, full]).logits.detach()
+    assert calls["runs"] == 2 * fm.num_layers
+    torch.testing.assert_close(out[False], out[True], rtol=1e-5, atol=1e-5)
