@@ -2,12 +2,14 @@
 
 Greedy ``generate`` (dynamic cache) of a Llama-shaped model with random weights, 16 sequences at budgets
 25/50/75/100% (four each) and at full width: ms per decode step for each (best of ``--repeats``), then a cProfile
-of the budgets' steps, by own time. A GPU step whose host time exceeds its GPU time is paced by the host, so the
-profile shows what to cut.
+of the budgets' steps (the default decode policy), by own time. A GPU step whose host time exceeds its GPU time
+is paced by the host, so the profile shows what to cut.
 
     python benchmarks/lab/profile_budgets_decode.py [--layers 8] [--new-tokens 32] [--top 30]
     python benchmarks/lab/profile_budgets_decode.py --device cpu --hidden 64 --layers 2   # a smoke run
     python benchmarks/lab/profile_budgets_decode.py --variants masked-mlp,masked-attn,masked   # dense A/B
+
+Every decode policy (``FLEXTRON_BUDGET_DECODE``) is timed; the variants swap the kernels' calls under ``kernels``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_end_to_end as e2e  # its model builder and budgets
 
 import flextron
+import flextron.layers
 
 
 def _sync(device: torch.device) -> None:
@@ -85,7 +88,10 @@ def _variant(name: str):
 
     if name not in VARIANTS:
         raise SystemExit(f"--variants: {name!r} is not one of {', '.join(VARIANTS)}")
-    saved = flextron.mlp.nested_mlp, flextron.attention.elastic_attention_decode
+    import flextron.layers
+
+    saved = flextron.mlp.nested_mlp, flextron.attention.elastic_attention_decode, flextron.layers.BUDGET_DECODE
+    flextron.layers.BUDGET_DECODE = "kernels"  # the kernels' calls, swapped below
     if name in ("masked-mlp", "masked"):
         flextron.mlp.nested_mlp = _masked_mlp
     if name in ("masked-attn", "masked"):
@@ -93,7 +99,8 @@ def _variant(name: str):
     try:
         yield
     finally:
-        flextron.mlp.nested_mlp, flextron.attention.elastic_attention_decode = saved
+        (flextron.mlp.nested_mlp, flextron.attention.elastic_attention_decode,
+         flextron.layers.BUDGET_DECODE) = saved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,9 +125,18 @@ def main(argv: list[str] | None = None) -> int:
                         generator=torch.Generator().manual_seed(0)).to(device)
     budgets = list(e2e.BUDGETS)
     full = step_ms(fm, ids, args.new_tokens, args.repeats, device)
+    default = flextron.layers.BUDGET_DECODE
     mixed = step_ms(fm, ids, args.new_tokens, args.repeats, device, budgets=budgets)
     print(f"{args.layers} layers, hidden {h}, batch {len(budgets)}: full width {full:.3f} ms/step, budgets "
-          f"{mixed:.3f} ms/step ({(mixed - full) / args.layers * 1e3:+.1f} us per layer)")
+          f"{mixed:.3f} ms/step ({(mixed - full) / args.layers * 1e3:+.1f} us per layer; decode policy {default})")
+    for policy in (p for p in flextron.layers.DECODE_POLICIES if p != default):
+        flextron.layers.BUDGET_DECODE = policy
+        try:
+            ms = step_ms(fm, ids, args.new_tokens, args.repeats, device, budgets=budgets)
+        finally:
+            flextron.layers.BUDGET_DECODE = default
+        print(f"  budgets, decode policy {policy}: {ms:.3f} ms/step ({(ms - full) / args.layers * 1e3:+.1f} us per "
+              f"layer vs full)")
     for name in args.variants.split(",") if args.variants else []:
         with _variant(name):
             ms = step_ms(fm, ids, args.new_tokens, args.repeats, device, budgets=budgets)
