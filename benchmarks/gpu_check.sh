@@ -41,7 +41,8 @@ if [ "$MODE" = budgets ]; then
   tail -1 "$LOGDIR/pytest_budgets.log"
   # rows not started within E2E_LIMIT seconds are skipped (listed in the file), leaving the profile its time
   $PY benchmarks/bench_end_to_end.py --out "$OUTDIR" --merge --shapes llama2-7b,llama3-8b,llama-1b \
-    --providers fm-budgets --modes eager,graph --batches 16 --time-limit "${E2E_LIMIT:-360}" || status=1
+    --providers fm-budgets --modes eager,graph --batches 16 --new-tokens 64 --time-limit "${E2E_LIMIT:-360}" \
+    || status=1
   $PY benchmarks/lab/profile_budgets_decode.py --layers 8 --top 25 --variants masked-mlp,masked-attn,masked \
     2>&1 | tee "$LOGDIR/profile_budgets_decode.log" | head -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1

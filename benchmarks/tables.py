@@ -455,6 +455,12 @@ def end_to_end(r: Result) -> list[str]:
         notes.append(f"Targets met: {s.get('targets_met')} of {s.get('targets_total')}" + (
             "; missed: " + "; ".join(f"{t.get('row')}: {t.get('name')} = {fmt(t.get('value'), '.2f')}"
                                      for t in missed[:12]) + ("; ..." if len(missed) > 12 else "") if missed else ""))
+    other = [x for x in rows if x.get("phase") == "decode" and x.get("ms") and st.get("new_tokens")
+             and x.get("new_tokens") not in (None, st.get("new_tokens"))]
+    if other:  # rows merged from runs with another --new-tokens (ms per step, over a longer or shorter cache)
+        notes.append("Decode rows with another token count than above: " + "; ".join(
+            f"{x.get('shape')} {x.get('provider')} {x.get('mode')} b{x.get('batch')} ({x.get('new_tokens')} tokens)"
+            for x in other[:8]) + ("; ..." if len(other) > 8 else ""))
     broken = [x for x in rows if x.get("graph_breaks")]
     if broken:
         notes.append("Compiled with graph breaks (past Dynamo's recompile limit, eager): " + "; ".join(

@@ -315,6 +315,13 @@ def test_table(tmp_path):
     out = tables.render(tmp_path, kinds=["end_to_end"])
     assert ("| llama2-7b | decode | static-compile | 2.00 | 3.00 | 4.00 | 1.50x | 2.00x | – | – | kernels | 2.00 | "
             "1.60 | 1.25x |") in out
+    assert "another token count" not in out
+    # a decode row merged from a run with another --new-tokens is named as such
+    rows[6]["new_tokens"] = 64
+    payload["rows"] = rows
+    (tmp_path / "end_to_end_NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps(payload))
+    out = tables.render(tmp_path, kinds=["end_to_end"])
+    assert "Decode rows with another token count than above: llama2-7b fm-budgets static-compile b16 (64 tokens)." in out
 
 
 def test_paired_eager_decode(tmp_path):
