@@ -321,7 +321,8 @@ def test_table(tmp_path):
     payload["rows"] = rows
     (tmp_path / "end_to_end_NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps(payload))
     out = tables.render(tmp_path, kinds=["end_to_end"])
-    assert "Decode rows with another token count than above: llama2-7b fm-budgets static-compile b16 (64 tokens)." in out
+    assert ("Decode rows with another token count than above: llama2-7b fm-budgets static-compile b16 "
+            "(64 tokens).") in out
 
 
 def test_paired_eager_decode(tmp_path):
