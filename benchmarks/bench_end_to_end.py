@@ -71,6 +71,8 @@ Rows of one provider are timed one after another, so a host or GPU that drifts o
 moves one side of a ratio and not the other. ``--paired`` adds, per eager decode batch, rows ``pair-full`` (fm-full
 against the plain HF model exported at full width) and ``pair-X`` (fm-X against ext-X) whose ``generate`` calls
 alternate A B A B... after one warm-up each; their ratio is a target of its own (``<= 1.05``, "interleaved").
+The eager ``fm-budgets`` decode row interleaves all of its calls the same way (the budgets under each decode
+policy, full width, the four groups: one call each per round, the order reversed every other round).
 
 Every ``static-compile`` row compiles (tens of seconds for a 7B model; the ``fm-budgets`` row six times), so the
 whole default sweep takes over half an hour: split it by ``--modes`` and ``--providers`` into commands that each
@@ -881,6 +883,39 @@ class Runner:
                        compile_config=_compile_config(target.module))
         return out
 
+    def _interleaved_generate(self, target: Target, variants: dict) -> dict[str, dict]:
+        """Eager ``generate`` of several variants, ``name -> (ids, extra kwargs, setup)`` (``setup()`` a context
+        manager the call runs in): one warm-up call each, then ``repeats`` rounds of one timed call each, the order
+        reversed every other round, so a host that drifts over the row falls on every variant alike. Per variant,
+        ``_timed_generate``'s figures (medians)."""
+        n = self.args.new_tokens
+        names = list(variants)
+
+        def gen(name: str) -> None:
+            ids, extra, setup = variants[name]
+            with setup():
+                target.generate(ids, **self._gen_kwargs("eager", n, ids), **extra)
+
+        warm, totals, prefills = {}, {k: [] for k in names}, {k: [] for k in names}
+        with torch.no_grad():
+            for k in names:
+                t = time.monotonic()
+                gen(k)
+                self.clock.sync()
+                warm[k] = round(time.monotonic() - t, 2)
+            for r in range(self.args.repeats):
+                for k in (names if r % 2 == 0 else names[::-1]):
+                    total, pre = time_generate(self.clock, target.module, lambda k=k: gen(k))
+                    totals[k].append(total)
+                    prefills[k].append(pre)
+        out = {}
+        for k in names:
+            steps = [(t - p) / (n - 1) for t, p in zip(totals[k], prefills[k])]
+            out[k] = dict(warmup_s=warm[k], generate_ms=statistics.median(totals[k]),
+                          prefill_ms=statistics.median(prefills[k]), ms_per_step=statistics.median(steps),
+                          steps_ms=steps)
+        return out
+
     def decode_row(self, target: Target, spec: RowSpec) -> dict:
         ids = self._ids(spec.batch, spec.seq_len, seed=spec.batch)
         if spec.mode == "graph":
@@ -944,30 +979,59 @@ class Runner:
 
         import flextron.layers
 
-        mixed = timed(ids, list(BUDGETS))
         policy = flextron.layers.BUDGET_DECODE
-        policies = {policy: mixed["ms_per_step"]}
-        if not static:  # the A/B of the decode policies (FLEXTRON_BUDGET_DECODE): the same call under the others
-            try:
-                for other in ("kernels", "masked"):
-                    if other not in policies:
+        others = [p for p in ("kernels", "masked") if p != policy]
+        parts = {f: [i for i, b in enumerate(BUDGETS) if b == f] for f in dict.fromkeys(BUDGETS)}
+        if spec.mode == "eager":  # every call of the row interleaved (the host drifts between calls)
+
+            @contextlib.contextmanager
+            def under(p):
+                flextron.layers.BUDGET_DECODE = p
+                try:
+                    yield
+                finally:
+                    flextron.layers.BUDGET_DECODE = policy
+
+            @contextlib.contextmanager
+            def subnet(f):
+                fm.set_subnet(None if f == 1.0 else fm.uniform_subnet(f, f))
+                try:
+                    yield
+                finally:
+                    fm.set_subnet(None)
+
+            variants = {p: (ids, {"budgets": list(BUDGETS)}, functools.partial(under, p)) for p in [policy] + others}
+            variants["full"] = (ids, {}, contextlib.nullcontext)
+            variants.update({f"group {f}": (ids[r[0]:r[-1] + 1], {}, functools.partial(subnet, f))
+                             for f, r in parts.items()})
+            got = self._interleaved_generate(target, variants)
+            mixed, full = got[policy], got["full"]
+            policies = {p: got[p]["ms_per_step"] for p in [policy] + others}
+            group_runs = {f: got[f"group {f}"] for f in parts}
+        else:
+            mixed = timed(ids, list(BUDGETS))
+            policies = {policy: mixed["ms_per_step"]}
+            if not static:  # the A/B of the decode policies (FLEXTRON_BUDGET_DECODE): the same call under the others
+                try:
+                    for other in others:
                         flextron.layers.BUDGET_DECODE = other
                         policies[other] = timed(ids, list(BUDGETS))["ms_per_step"]
-            finally:
-                flextron.layers.BUDGET_DECODE = policy
-        if static:
-            _reset_compiled()
-        full = timed(ids)
-        groups, group_ms, group_generate_ms = {}, 0.0, 0.0
-        for f in dict.fromkeys(BUDGETS):
-            rows = [i for i, b in enumerate(BUDGETS) if b == f]
-            fm.set_subnet(None if f == 1.0 else fm.uniform_subnet(f, f))
+                finally:
+                    flextron.layers.BUDGET_DECODE = policy
             if static:
                 _reset_compiled()
-            try:
-                g = timed(ids[rows[0]:rows[-1] + 1])
-            finally:
-                fm.set_subnet(None)
+            full = timed(ids)
+            group_runs = {}
+            for f, r in parts.items():
+                fm.set_subnet(None if f == 1.0 else fm.uniform_subnet(f, f))
+                if static:
+                    _reset_compiled()
+                try:
+                    group_runs[f] = timed(ids[r[0]:r[-1] + 1])
+                finally:
+                    fm.set_subnet(None)
+        groups, group_ms, group_generate_ms = {}, 0.0, 0.0
+        for f, g in group_runs.items():
             groups[str(f)] = {"ms_per_step": g["ms_per_step"], "generate_ms": g.get("generate_ms")}
             group_ms += g["ms_per_step"]
             group_generate_ms += g.get("generate_ms") or 0.0
@@ -983,7 +1047,9 @@ class Runner:
                      "subnet); groups_ms_per_step is their sum. decode_policy: FLEXTRON_BUDGET_DECODE (kernels: "
                      "the grouped kernels; masked: the dense ops at the widest budget, the rest zeroed; eager: masked "
                      "outside graph capture and compilation); "
-                     "policies_ms_per_step: the same call under each")
+                     "policies_ms_per_step: the same call under each"
+                   + ("; eager: every call of the row interleaved, one call each per round, the order reversed "
+                      "every other round" if spec.mode == "eager" else ""))
         if static:
             res["full_compiled"] = full.get("compiled")
         return res

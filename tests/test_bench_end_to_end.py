@@ -255,6 +255,38 @@ def test_budgets_graph_rows_run_their_captured_calls(tmp_path, monkeypatch):
         assert all(a.head_budgets is None for a in fm.attention_blocks) and fm.subnet is None
 
 
+def test_budgets_eager_decode_interleaves_its_calls(tmp_path):
+    """The eager budgets decode row times each of its calls (the budgets under every decode policy, full width, the
+    four groups) once per round, the order reversed every other round, each under its own policy or subnet, and
+    leaves both as they were; the row's figures are each variant's medians."""
+    import flextron.layers
+    from flextron import FlextronModel
+    from flextron_kernels import cpu_reference
+
+    runner = e2e.Runner(args("--out", str(tmp_path), "--prompt-len", "4", "--new-tokens", "3", "--repeats", "3"),
+                        torch.device("cpu"), {"tiny": TINY})
+    runner.vocab = TINY["vocab_size"]
+    fm = FlextronModel.from_hf(e2e.build_model(TINY, "cpu", dtype=torch.float32), e2e.make_space())
+    calls = []
+
+    def generate(ids, **kw):
+        width = None if fm.subnet is None else fm.subnet.mlp[0] / fm.mlp_blocks[0].full_width
+        calls.append((flextron.layers.BUDGET_DECODE if "budgets" in kw else "-", width, ids.shape[0]))
+        return fm.generate(ids, **kw)
+
+    with cpu_reference():
+        row = runner.budgets_row(e2e.Target(fm.model, fm, generate, {}),
+                                 e2e.RowSpec("tiny", "fm-budgets", "decode", "eager", 16, 4))
+    one_round = [("eager", None, 16), ("kernels", None, 16), ("masked", None, 16), ("-", None, 16),
+                 ("-", 0.25, 4), ("-", 0.5, 4), ("-", 0.75, 4), ("-", None, 4)]
+    assert calls == one_round * 2 + one_round[::-1] + one_round  # warm-ups, then three timed rounds
+    assert flextron.layers.BUDGET_DECODE == "eager" and fm.subnet is None
+    assert row["ms"] == pytest.approx(statistics_median(row["steps_ms"])) and len(row["steps_ms"]) == 3
+    assert set(row["policies_ms_per_step"]) == {"eager", "kernels", "masked"} and row["decode_policy"] == "eager"
+    assert row["groups_ms_per_step"] == pytest.approx(sum(g["ms_per_step"] for g in row["groups"].values()))
+    assert "interleaved" in row["how"]
+
+
 def statistics_median(xs):
     import statistics
 
