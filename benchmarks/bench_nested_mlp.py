@@ -6,6 +6,8 @@ over {25, 50, 75, 100}% of I, ``skewed`` (70% of tokens at 25%, 10% at each othe
 Providers (forward, and forward+backward):
 - ``flextron``: ``flextron_kernels.nested_mlp`` (routing included; ``check_widths=False``, the eager decode setting).
 - ``flextron_ptr`` (T > 64, where the op sorts tokens and uses TMA tiles): the same op with pointer-loaded tiles.
+- ``flextron_kernels`` (forward+backward, T <= ``EAGER_TRAINING_MAX_TOKENS``, where an eager call that records
+  autograd runs as torch ops): the same call forced onto the Triton kernels, the A/B of that rule.
 - ``dense``: the full-width MLP with cuBLAS ``F.linear`` (what every token would cost without nesting).
 - ``loop``: plain torch, per width group: gather the tokens, ``F.linear`` on weight views, scatter back
   (group index lists are computed outside the timing, which favours this baseline).
@@ -38,6 +40,7 @@ from _common import commit, result_path
 from triton.testing import do_bench
 
 from flextron_kernels import nested_mlp
+from flextron_kernels.nested_mlp import op as nm_op
 from flextron_kernels.nested_mlp import plan as nm_plan
 
 MODELS = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
@@ -164,6 +167,12 @@ def run_case(H, inter, T, mix, backward, gen, quick):
         providers = {"flextron": flex, "dense": dense}
     if T > 64:
         providers["flextron_ptr"] = flex_ptr
+    if backward and T <= nm_op.EAGER_TRAINING_MAX_TOKENS:
+
+        def flex_kernels():
+            with nm_op.training_path("kernels"):
+                return flex()
+        providers["flextron_kernels"] = flex_kernels
     for name, fn in providers.items():
         try:
             if backward:
@@ -230,7 +239,7 @@ def run_case(H, inter, T, mix, backward, gen, quick):
     ms = rec["ms"]
     if "flextron" in ms:
         rec["tflops_flextron"] = flops / (ms["flextron"] * 1e-3) / 1e12
-        for base_name in ("dense", "ideal", "loop", "grouped_mm", "flextron_ptr"):
+        for base_name in ("dense", "ideal", "loop", "grouped_mm", "flextron_ptr", "flextron_kernels"):
             if base_name in ms:
                 rec[f"speedup_vs_{base_name}"] = ms[base_name] / ms["flextron"]
     if "flextron_graph" in ms and "dense_graph" in ms:
@@ -278,8 +287,8 @@ def main():
                         json.dump(result, f, indent=1)
                     torch.cuda.empty_cache()
     print(f"wrote {path} ({time.time() - t0:.0f} s)")
-    cols = ["flextron", "flextron_ptr", "dense", "loop", "grouped_mm", "ideal", "flextron_graph", "flextron_ptr_graph",
-            "dense_graph"]
+    cols = ["flextron", "flextron_ptr", "flextron_kernels", "dense", "loop", "grouped_mm", "ideal", "flextron_graph",
+            "flextron_ptr_graph", "dense_graph"]
     print(f"{'model':10} {'pass':8} {'T':>6} {'mix':8} " + " ".join(f"{c:>10}" for c in cols) + "  x_dense x_ideal")
     for r in result["cases"]:
         ms = r["ms"]

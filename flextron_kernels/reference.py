@@ -59,8 +59,8 @@ def nested_mlp_ref(
         a = activation_ref(F.linear(x, gate_weight), activation) * h
     else:
         a = activation_ref(h, activation)
-    keep = torch.arange(inter, device=x.device) < widths.to(x.device).unsqueeze(-1)
-    a = a * keep.to(a.dtype)
+    drop = torch.arange(inter, device=x.device) >= widths.to(x.device).unsqueeze(-1)
+    a = a.masked_fill(drop, 0.0)  # a dropped neuron contributes exactly nothing (an overflow there included)
     return F.linear(a, down_weight, down_bias)
 
 

@@ -11,13 +11,21 @@ import torch
 
 from flextron_kernels import nested_mlp
 from flextron_kernels._hopper import tma_sms
-from flextron_kernels.nested_mlp import graphs, launch
+from flextron_kernels.nested_mlp import graphs, launch, op
 from flextron_kernels.nested_mlp import plan as nm_plan
 from flextron_kernels.reference import nested_mlp_ref
 from flextron_kernels.routing import nested_mlp_routing
 from tests.utils import DEVICE, DTYPES, ON_GPU, assert_close, poisoned_allocations, randn
 
 H, I = 48, 200  # I off every tile multiple on purpose
+
+
+@pytest.fixture(autouse=True)
+def _kernels_for_training():
+    """These tests are about the kernels: calls that record autograd launch them on a GPU too, where small eager
+    calls would otherwise run as torch ops (test_nested_mlp_training_path.py)."""
+    with op.training_path("kernels"):
+        yield
 
 
 def _widths(kind: str, T: int, inter: int = I) -> torch.Tensor:

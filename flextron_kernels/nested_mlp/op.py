@@ -13,13 +13,47 @@ weight prefix up to the largest width once.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-from .._runtime import autocast_dtype, cast_to, check_same, check_tensor, use_triton
+from .._runtime import INTERPRET, autocast_dtype, cast_to, check_same, check_tensor, use_triton
 from ..reference import ACTIVATIONS, nested_mlp_ref
-from . import graphs, launch
+from . import graphs, launch, plan
 
 ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2, relu 3
+
+# Eager calls that record autograd on a GPU with at most this many tokens run the MLP as torch ops at full width,
+# each token's neurons past its width zeroed (``nested_mlp_ref``: cuBLAS, autograd's own backward). There the call
+# is bound by host time: on an H100 the kernels' eager forward+backward of 256 tokens (Llama-2-7B MLP) took
+# 1.45-1.72 ms against 0.48 for the dense MLP, 0.41-0.51 ms from a CUDA graph. Not under graph capture or
+# torch.compile (the kernels' GPU time is the lower one), nor inside ``plan.override`` (kernel tests and sweeps).
+EAGER_TRAINING_MAX_TOKENS = 256
+TRAINING_PATHS = ("kernels", "torch")
+_forced_training: str | None = None
+
+
+@contextlib.contextmanager
+def training_path(path: str) -> Iterator[None]:
+    """Inside the block every ``nested_mlp`` call that records autograd takes ``path`` in place of the rule above:
+    ``"kernels"`` (the Triton forward and backward) or ``"torch"`` (``nested_mlp_ref``'s ops). Tests, benchmarks."""
+    global _forced_training
+    if path not in TRAINING_PATHS:
+        raise ValueError(f"path must be one of {TRAINING_PATHS}, got {path!r}")
+    previous, _forced_training = _forced_training, path
+    try:
+        yield
+    finally:
+        _forced_training = previous
+
+
+def _torch_training(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` that records autograd (eager, not compiling) runs as torch ops."""
+    if _forced_training is not None:
+        return _forced_training == "torch"
+    return (x.is_cuda and not INTERPRET and x.numel() // x.shape[-1] <= EAGER_TRAINING_MAX_TOKENS
+            and not plan.overridden() and not torch.cuda.is_current_stream_capturing())
 
 
 class _NestedMLP(torch.autograd.Function):
@@ -104,6 +138,9 @@ def nested_mlp(
     ``a = act(x Wu[:w]^T + bu[:w])``; ``y = a Wd[:, :w]^T + bd`` (``reference.nested_mlp_ref``).
     Differentiable in ``x`` and every weight and bias; their gradients have full shapes, exactly zero
     outside the neurons any token used. Tokens are sorted by width on the device, with no host sync.
+
+    Eager calls that record autograd on a GPU with at most :data:`EAGER_TRAINING_MAX_TOKENS` tokens run as torch
+    ops instead (the full-width MLP with each token's neurons past its width zeroed; :func:`training_path`).
     """
     amp = autocast_dtype(x)
     inter = _check(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, activation, amp is None)
@@ -129,6 +166,9 @@ def nested_mlp(
         return torch.ops.flextron.nested_mlp_fwd(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias,
                                                  ACT_ID[activation], training)[0]
     if training:
+        if _torch_training(x):
+            return nested_mlp_ref(x, up_weight, down_weight, widths, gate_weight=gate_weight, up_bias=up_bias,
+                                  down_bias=down_bias, activation=activation)
         return _NestedMLP.apply(*tensors, widths, ACT_ID[activation])
     # Inference: no autograd node, no saved pre-activations; on CUDA, replayed from a cached graph where this exact
     # call was seen before (graphs.py: one graph launch instead of three Triton launches).
