@@ -10,7 +10,7 @@ KV heads reach the cache: HF's caches store whatever k/v they are given.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch import nn
 from transformers.cache_utils import StaticLayer
 
 from flextron_kernels import elastic_attention, elastic_attention_decode
-from flextron_kernels._runtime import use_triton
+from flextron_kernels._runtime import setting, use_triton
 from flextron_kernels.elastic_attention import sdpa_serves
 
 from . import layers
@@ -39,19 +39,13 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 _NO_PADDING = False
 
 
-@contextmanager
-def no_padding():
+def no_padding() -> AbstractContextManager[None]:
     """Tell attention that the masks transformers builds in this block are plain causal masks (no padding).
 
     While a CUDA graph is being captured transformers materialises the causal mask it would otherwise skip (it
     cannot look at the values then), which would send attention to SDPA; inside this block the mask is dropped
     and the Triton kernels (causal by construction) run. Only for inputs without padding: the caller vouches."""
-    global _NO_PADDING
-    previous, _NO_PADDING = _NO_PADDING, True
-    try:
-        yield
-    finally:
-        _NO_PADDING = previous
+    return setting(globals(), "_NO_PADDING", True)
 
 
 def _kernel_fits(q: torch.Tensor, attention_mask, dropout: float) -> bool:

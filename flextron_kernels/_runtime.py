@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -25,19 +26,25 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-_CPU_REFERENCE = False
-
-
 @contextlib.contextmanager
-def cpu_reference():
-    """Inside this block CPU tensors run the plain-torch reference of every op even under ``TRITON_INTERPRET=1``
-    (CUDA tensors are unaffected): a whole real model then runs on the CPU in seconds instead of hours."""
-    global _CPU_REFERENCE
-    previous, _CPU_REFERENCE = _CPU_REFERENCE, True
+def setting(namespace: dict, name: str, value) -> Iterator[None]:
+    """Within the block ``namespace[name]`` (a module's ``globals()``) is ``value``; the previous value comes back
+    after it (blocks nest). The switches of this package (paths, backends, policies) are these."""
+    previous = namespace[name]
+    namespace[name] = value
     try:
         yield
     finally:
-        _CPU_REFERENCE = previous
+        namespace[name] = previous
+
+
+_CPU_REFERENCE = False
+
+
+def cpu_reference() -> AbstractContextManager[None]:
+    """Inside this block CPU tensors run the plain-torch reference of every op even under ``TRITON_INTERPRET=1``
+    (CUDA tensors are unaffected): a whole real model then runs on the CPU in seconds instead of hours."""
+    return setting(globals(), "_CPU_REFERENCE", True)
 
 
 def use_triton(t: torch.Tensor) -> bool:

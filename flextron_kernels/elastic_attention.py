@@ -21,10 +21,10 @@ Everything is read through strides, so head-prefix views ``q[:, :h]`` and ``[B, 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from ._runtime import (
     cpu_do_bench,
     dot_precision,
     next_pow2,
+    setting,
     upcast_flag,
     use_triton,
 )
@@ -515,8 +516,7 @@ BACKENDS = ("auto", "sdpa", "triton", "triton_tma")
 _backend = "auto"
 
 
-@contextlib.contextmanager
-def attention_backend(name: str) -> Iterator[None]:
+def attention_backend(name: str) -> AbstractContextManager[None]:
     """Inside the block, ``elastic_attention`` takes ``name`` in place of its rule (tests, benchmarks):
 
     - ``"auto"`` (the default): uniform budgets (``num_heads`` None or an int) on a GPU go to
@@ -530,14 +530,9 @@ def attention_backend(name: str) -> Iterator[None]:
     - ``"triton_tma"``: the Triton kernel always, its forward through TMA descriptors where the operands allow it
       (also under the interpreter); the backward is the same for both forwards.
     """
-    global _backend
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    previous, _backend = _backend, name
-    try:
-        yield
-    finally:
-        _backend = previous
+    return setting(globals(), "_backend", name)
 
 
 def sdpa_serves(q: torch.Tensor, k: torch.Tensor, causal: bool) -> bool:

@@ -16,10 +16,9 @@ the bandwidth of reading the cache, and ``B * Hkv`` programs alone would leave m
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 import triton
@@ -35,6 +34,7 @@ from ._runtime import (
     cpu_do_bench,
     dot_precision,
     next_pow2,
+    setting,
     upcast_flag,
     use_triton,
 )
@@ -164,17 +164,11 @@ class ChunkPolicy:
 _policy = ChunkPolicy()
 
 
-@contextlib.contextmanager
-def chunk_policy(policy: ChunkPolicy) -> Iterator[None]:
+def chunk_policy(policy: ChunkPolicy) -> AbstractContextManager[None]:
     """Inside the block every decode call chunks the cache by ``policy`` (benchmark sweeps); the default otherwise."""
-    global _policy
     if not isinstance(policy, ChunkPolicy):
         raise TypeError(f"policy must be a ChunkPolicy, got {type(policy).__name__}")
-    previous, _policy = _policy, policy
-    try:
-        yield
-    finally:
-        _policy = previous
+    return setting(globals(), "_policy", policy)
 
 
 def chunking(batch: int, hkv: int, s_max: int, device: torch.device) -> tuple[int, int]:

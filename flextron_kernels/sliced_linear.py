@@ -17,9 +17,8 @@ under the interpreter, for a weight whose strides cuBLAS cannot take in place, a
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 import triton
@@ -35,6 +34,7 @@ from ._runtime import (
     check_tensor,
     check_width,
     dot_precision,
+    setting,
     upcast_flag,
     use_triton,
 )
@@ -44,8 +44,7 @@ PATHS = ("cublas", "triton", "tma")
 _forced: tuple[str, tuple | None] | None = None  # set only by force_path
 
 
-@contextlib.contextmanager
-def force_path(path: str, tma_blocks: tuple | None = None) -> Iterator[None]:
+def force_path(path: str, tma_blocks: tuple | None = None) -> AbstractContextManager[None]:
     """Inside the block every product of this module takes ``path`` in place of the size rule (tests, benchmarks):
 
     - ``"cublas"``: torch (cuBLAS on a GPU) on views of the operands where it takes them in place, else the pointer
@@ -54,14 +53,9 @@ def force_path(path: str, tma_blocks: tuple | None = None) -> Iterator[None]:
     - ``"tma"``: as ``"triton"``, with the TMA kernel on ``tma_blocks`` (``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
       num_stages, programs)``, programs None for one per tile) at every size where its descriptors serve.
     """
-    global _forced
     if path not in PATHS or (path == "tma") != (tma_blocks is not None):
         raise ValueError(f"path must be one of {PATHS}, with tma_blocks exactly for 'tma'; got {path!r}, {tma_blocks}")
-    previous, _forced = _forced, (path, tma_blocks)
-    try:
-        yield
-    finally:
-        _forced = previous
+    return setting(globals(), "_forced", (path, tma_blocks))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -27,14 +27,15 @@ drops every graph and buffer (the weights' memory is never held: a graph only ho
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import weakref
 from collections import OrderedDict
+from contextlib import AbstractContextManager
 
 import torch
 
+from .._runtime import setting
 from . import plan
 
 MAX_TOKENS = 2048  # larger calls are bound by GPU time (their host time overlaps it), and their buffers are large
@@ -66,15 +67,9 @@ class _Entry:
         self.graph, self.bufs = graph, bufs
 
 
-@contextlib.contextmanager
-def graphs_enabled(enabled: bool):
+def graphs_enabled(enabled: bool) -> AbstractContextManager[None]:
     """Within this block, eager inference calls use (``True``) or never use (``False``) cached graphs."""
-    global _ENABLED
-    previous, _ENABLED = _ENABLED, bool(enabled)
-    try:
-        yield
-    finally:
-        _ENABLED = previous
+    return setting(globals(), "_ENABLED", bool(enabled))
 
 
 def clear() -> None:

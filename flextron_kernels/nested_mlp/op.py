@@ -13,12 +13,11 @@ weight prefix up to the largest width once.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 
-from .._runtime import INTERPRET, autocast_dtype, cast_to, check_same, check_tensor, use_triton
+from .._runtime import INTERPRET, autocast_dtype, cast_to, check_same, check_tensor, setting, use_triton
 from ..reference import ACTIVATIONS, nested_mlp_ref
 from . import graphs, launch, plan
 
@@ -34,18 +33,12 @@ TRAINING_PATHS = ("kernels", "torch")
 _forced_training: str | None = None
 
 
-@contextlib.contextmanager
-def training_path(path: str) -> Iterator[None]:
+def training_path(path: str) -> AbstractContextManager[None]:
     """Inside the block every ``nested_mlp`` call that records autograd takes ``path`` in place of the rule above:
     ``"kernels"`` (the Triton forward and backward) or ``"torch"`` (``nested_mlp_ref``'s ops). Tests, benchmarks."""
-    global _forced_training
     if path not in TRAINING_PATHS:
         raise ValueError(f"path must be one of {TRAINING_PATHS}, got {path!r}")
-    previous, _forced_training = _forced_training, path
-    try:
-        yield
-    finally:
-        _forced_training = previous
+    return setting(globals(), "_forced_training", path)
 
 
 def _torch_training(x: torch.Tensor) -> bool:
