@@ -417,7 +417,10 @@ def sliced_linear(
     if _use_blas(x, 0, 0) and _blas_strides(*weight.stride(), n, x.shape[-1]):
         # A GPU: F.linear on the prefix view, forward and backward. cuBLAS reads the view in place (a row-major
         # weight, or a transposed one such as GPT-2's Conv1D), autograd's own backward writes the full-shape
-        # weight gradient, and torch.compile traces it as it is. The least host time a call can cost.
+        # weight gradient, and torch.compile traces it as it is. The least host time a call can cost; the whole
+        # weight goes as it is (no view: no alias node for autograd to walk).
+        if n == weight.shape[0] and x.shape[-1] == weight.shape[1]:
+            return torch.nn.functional.linear(x, weight, bias)
         return torch.nn.functional.linear(x, weight[:n, : x.shape[-1]], None if bias is None else bias[:n])
     if not use_triton(x):
         return sliced_linear_ref(x, weight, bias, n)

@@ -138,7 +138,7 @@ def _count_launches(sl, monkeypatch) -> list:
     return seen
 
 
-@pytest.mark.parametrize("lead,N,K,n,k", SHAPES[:4])
+@pytest.mark.parametrize("lead,N,K,n,k", SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_blas_below_tma(lead, N, K, n, k, with_bias, monkeypatch):
     """A GPU takes F.linear on the prefix views (cuBLAS in place, autograd's full-shape weight gradient); forced here
