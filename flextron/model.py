@@ -299,7 +299,14 @@ class FlextronModel(nn.Module):
 
     def resolve_budgets(self, budgets) -> list[Subnet]:
         """One :class:`Subnet` per entry of ``budgets`` (Subnets as they are, checked; fractions through the static
-        router when one is attached, else :meth:`uniform_subnet`)."""
+        router when one is attached, else :meth:`uniform_subnet`). A 1-D float tensor (or numpy array) of fractions is
+        taken as the list of its values."""
+        if isinstance(budgets, torch.Tensor) or type(budgets).__module__ == "numpy":
+            if budgets.ndim != 1 or not (budgets.dtype.is_floating_point if isinstance(budgets, torch.Tensor)
+                                         else budgets.dtype.kind == "f"):
+                raise TypeError(f"budgets as an array must be 1-D latency fractions (floats), got "
+                                f"{budgets.ndim}-D {budgets.dtype}")
+            budgets = budgets.tolist()
         if isinstance(budgets, (str, bytes)) or not isinstance(budgets, (list, tuple)):
             raise TypeError(f"budgets must be a list with one Subnet or latency fraction per sequence, got "
                             f"{type(budgets).__name__}")

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -91,6 +92,9 @@ def test_forward_logits_and_the_active_subnet_come_back():
 def test_fractions_go_through_the_static_router_else_uniform():
     fm = FlextronModel.from_hf(tiny_model("llama_gqa"))
     assert fm.resolve_budgets([0.5, 1.0]) == [fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()]
+    # a 1-D float tensor or numpy array of fractions is its list of values
+    assert fm.resolve_budgets(torch.tensor([0.5, 1.0])) == fm.resolve_budgets(np.array([0.5, 1.0])) == [
+        fm.uniform_subnet(mlp=0.5, heads=0.5), fm.full_subnet()]
     n = fm.num_layers
     router = StaticRouter([fm.mlp_choices(i) for i in range(n)], [fm.head_choices(i) for i in range(n)])
     with torch.no_grad():  # a router that keeps the fewest neurons and every head, whatever the target
@@ -248,6 +252,11 @@ def test_bad_decode_policy_is_named():
     ([1.5], ValueError, r"budgets\[0\] must be a latency fraction in \(0, 1\]"),
     (["half"], TypeError, r"budgets\[0\] must be a Subnet or a latency fraction"),
     (0.5, TypeError, "budgets must be a list"),
+    (torch.tensor([1, 1]), TypeError, r"budgets as an array must be 1-D latency fractions \(floats\), got 1-D "
+                                      "torch.int64"),
+    (torch.tensor([[0.5]]), TypeError, "must be 1-D latency fractions"),
+    (np.array([1]), TypeError, "must be 1-D latency fractions"),
+    (torch.tensor([1.5]), ValueError, r"budgets\[0\] must be a latency fraction in \(0, 1\]"),
     ([], ValueError, "one entry per sequence"),
 ])
 def test_bad_budgets(budgets, error, match):
