@@ -8,8 +8,10 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
-    """``(rank, world_size, device)``; initialises the process group under ``torchrun`` (NCCL on GPUs, else gloo).
+def init_distributed(device: str = "auto", group: bool = False) -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)``; initialises the process group under ``torchrun`` (NCCL on GPUs, else gloo)
+    where it runs more than one process, or one process with ``group`` (DDP or FSDP2 asked for: they need a group,
+    also of one).
 
     ``device="cpu"`` keeps a run on the CPU (gloo) even where GPUs exist; ``"cuda"`` requires one GPU per local rank.
     """
@@ -24,7 +26,8 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     dev = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ  # torchrun (or its environment) set this up
+    if (world > 1 or (group and launched)) and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), dev

@@ -188,7 +188,7 @@ class Trainer:
     def __init__(self, fm: FlextronModel, data: TokenData, cfg: TrainConfig, out_dir: str | Path,
                  resume: str | Path | None = None, teacher: torch.nn.Module | None = None) -> None:
         self.cfg, self.data, self.out = cfg, data, Path(out_dir)
-        self.rank, self.world, self.device = init_distributed(cfg.device)
+        self.rank, self.world, self.device = init_distributed(cfg.device, group=cfg.parallel != "none")
         self.main = self.rank == 0
         limit = max_positions(fm.config)
         if limit is not None and cfg.seq_len > limit:

@@ -1,7 +1,9 @@
 """Two processes (DDP, then FSDP2) train exactly what one process trains with the same global batch, and a
 two-process run killed after a checkpoint resumes on two processes bit for bit: gloo on the CPU everywhere, NCCL
 with one GPU per process where a machine has two (float32 there, as on the CPU: the comparison is of arithmetic,
-not of bf16 rounding)."""
+not of bf16 rounding). Where a machine has one GPU, the NCCL path (process group, device placement, DDP and FSDP2
+on CUDA, sharded checkpoints) runs as one process with the whole batch, as torchrun --nproc_per_node 1 starts it
+(gloo too: a group of one)."""
 
 from __future__ import annotations
 
@@ -20,9 +22,13 @@ from flextron.train import TrainConfig, Trainer
 from .train_utils import tiny_fm, token_data
 
 STEPS = 2
-DEVICES = [pytest.param("cpu", id="gloo"),
-           pytest.param("cuda", id="nccl", marks=pytest.mark.skipif(
-               not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="NCCL needs two GPUs"))]
+# (device, processes): each process has one device; the global batch is 2 blocks per step
+DEVICES = [pytest.param("cpu", 2, id="gloo"), pytest.param("cpu", 1, id="gloo-one-process"),
+           pytest.param("cuda", 2, id="nccl", marks=pytest.mark.skipif(
+               not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="NCCL needs two GPUs")),
+           pytest.param("cuda", 1, id="nccl-one-gpu", marks=pytest.mark.skipif(
+               not torch.cuda.is_available(), reason="NCCL needs a GPU"))]
+RESUME_DEVICES = [d for d in DEVICES if d.id != "gloo-one-process"]  # CI time: the group of one is covered above
 
 
 def _cfg(parallel: str, batch_size: int, device: str = "cpu", **kw) -> TrainConfig:
@@ -37,7 +43,7 @@ def _worker(rank: int, world: int, port: int, parallel: str, out: str, device: s
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        history = Trainer(tiny_fm(), token_data(), _cfg(parallel, batch_size=1, device=device), out).fit()
+        history = Trainer(tiny_fm(), token_data(), _cfg(parallel, batch_size=2 // world, device=device), out).fit()
         if rank == 0:
             torch.save(history, os.path.join(out, "history.pt"))
     finally:
@@ -63,12 +69,12 @@ def _single(device: str, tmp_path_factory):
     return _SINGLE[device]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,world", DEVICES)
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_equal_one(parallel, device, tmp_path_factory, tmp_path):
+def test_two_processes_equal_one(parallel, device, world, tmp_path_factory, tmp_path):
     single = _single(device, tmp_path_factory)
-    mp.start_processes(_worker, args=(2, _free_port(), parallel, str(tmp_path), device), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(_worker, args=(world, _free_port(), parallel, str(tmp_path), device), nprocs=world,
+                       join=True, start_method="spawn")
     history = torch.load(tmp_path / "history.pt", weights_only=True)
     ref_history, ref_state = single
     losses = [r["losses"] for r in history if "losses" in r]
@@ -98,7 +104,7 @@ def _resume_worker(rank: int, world: int, port: int, parallel: str, out: str, ph
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    cfg = _cfg(parallel, batch_size=1, device=device, steps=RESUME_STEPS, save_every=1, k_random=1)
+    cfg = _cfg(parallel, batch_size=2 // world, device=device, steps=RESUME_STEPS, save_every=1, k_random=1)
     if phase == "kill":
         real_save = Trainer.save
 
@@ -115,19 +121,19 @@ def _resume_worker(rank: int, world: int, port: int, parallel: str, out: str, ph
     dist.destroy_process_group()
 
 
-def _spawn(parallel: str, out, phase: str, device: str) -> None:
-    mp.start_processes(_resume_worker, args=(2, _free_port(), parallel, str(out), phase, device), nprocs=2,
+def _spawn(parallel: str, out, phase: str, device: str, world: int) -> None:
+    mp.start_processes(_resume_worker, args=(world, _free_port(), parallel, str(out), phase, device), nprocs=world,
                        join=True, start_method="spawn")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,world", RESUME_DEVICES)
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_killed_run_resumes_bit_for_bit(parallel, device, tmp_path):
-    _spawn(parallel, tmp_path / "full", "full", device)
-    _spawn(parallel, tmp_path / "cut", "kill", device)
+def test_killed_run_resumes_bit_for_bit(parallel, device, world, tmp_path):
+    _spawn(parallel, tmp_path / "full", "full", device, world)
+    _spawn(parallel, tmp_path / "cut", "kill", device, world)
     assert not (tmp_path / "cut" / "model").exists()  # killed before the end: no export
     assert not (tmp_path / "cut" / "history_kill.pt").exists()
-    _spawn(parallel, tmp_path / "cut", "resume", device)
+    _spawn(parallel, tmp_path / "cut", "resume", device, world)
 
     def losses(history):
         return {r["step"]: r["losses"] for r in history if "losses" in r}

@@ -150,7 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
         space = None
         if args.mlp is not None or args.heads is not None:
             space = ElasticSpace(mlp=args.mlp, heads=args.heads)
-        rank, world, _ = init_distributed()
+        rank, world, _ = init_distributed(cfg.device, group=cfg.parallel != "none")
         if args.tokens_cache is not None:  # prepared: every rank reads it as it is
             data = open_cache(args.tokens_cache)
         elif rank == 0:  # one rank tokenises; the others read the cache it wrote
