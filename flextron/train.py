@@ -199,6 +199,9 @@ class Trainer:
             fm.uniform_subnet(mlp=w, heads=w)  # raises for a width outside (0, 1]
         if cfg.parallel != "none" and not dist.is_initialized():
             raise ValueError(f"parallel={cfg.parallel!r} needs torch.distributed: run under torchrun")
+        if cfg.parallel == "none" and self.world > 1:  # each process would train its own copy on its own blocks
+            raise ValueError(f"parallel='none' with {self.world} processes: pass parallel='ddp' or 'fsdp' "
+                             "(--parallel) to train one model across them")
         self.signature = parameter_signature(fm)
         self.resume_path = self._find_resume(resume)
         self.val = data.val_windows(cfg.seq_len + 1, cfg.eval_windows or None)

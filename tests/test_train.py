@@ -157,6 +157,16 @@ def test_seq_len_longer_than_model_allows(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_several_processes_without_parallel_refused(tmp_path, monkeypatch):
+    """Under torchrun with 2 processes and parallel='none' each would train its own copy: refused, naming the fix."""
+    import flextron.train
+
+    monkeypatch.setattr(flextron.train, "init_distributed", lambda device, group: (0, 2, torch.device("cpu")))
+    with pytest.raises(ValueError, match=r"parallel='none' with 2 processes: pass parallel='ddp' or 'fsdp'"):
+        Trainer(tiny_fm(), token_data(), _cfg(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_space_with_no_valid_subnet(tmp_path):
     # 3 query heads would split a KV group of 2 heads: no subnet of this space exists for the model. Conversion
     # refuses such a space; one assigned afterwards is refused before training starts.
