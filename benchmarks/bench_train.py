@@ -25,7 +25,8 @@ Several GPUs: ``torchrun --nproc_per_node N benchmarks/bench_train.py --parallel
 ``batch`` blocks per step (the global batch is ``N x batch``), tokens/s counts the global batch, FLOPs per token
 are each rank's own count over its own tokens (the same work per token as on one GPU), and utilisation is against
 ``N`` times the matmul rate measured on rank 0's GPU. Rank 0 writes ``train_multi_<GPU>.json``; set the rows
-against the one-GPU file's, run at the same per-GPU batch.
+against the one-GPU file's, run at the same per-GPU batch. ``N = 1`` times the DDP or FSDP2 wrapper on one GPU (into
+``train_multi_<GPU>.json`` too).
 
 Usage: ``python benchmarks/bench_train.py [--out DIR] [--shapes a,b] [--modes elastic,dense] [--profile]``;
 writes ``train_<GPU>.json``.
@@ -80,8 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and args.parallel == "none":
         p.error(f"--parallel: none under torchrun (WORLD_SIZE={world}): pass ddp or fsdp")
-    if world == 1 and args.parallel != "none":
-        p.error(f"--parallel {args.parallel} needs several processes: run under torchrun --nproc_per_node N")
+    if args.parallel != "none" and "MASTER_ADDR" not in os.environ:
+        p.error(f"--parallel {args.parallel} needs torchrun (--nproc_per_node N; N = 1 times the wrapper on one GPU)")
     if args.quick:
         args.shapes, args.warmup, args.steps = "smollm2-135m", 2, 4
     for name in ("shapes", "modes", "losses"):
@@ -264,7 +265,7 @@ def main() -> None:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     torch.cuda.set_device(device)
     ceilings = measure_ceilings()
-    name = "train_multi" if world > 1 else "train"
+    name = "train_multi" if args.parallel != "none" else "train"  # a wrapped run of one GPU too
     payload = {"benchmark": name, "info": run_info(), "ceilings": ceilings,
                "settings": {"warmup": args.warmup, "steps": args.steps, "bf16_autocast": True,
                             "master_weights": "float32", "widths": list(WIDTHS), "world": world,
