@@ -45,7 +45,7 @@ KINDS = [
     ("end_to_end", "end-to-end prefill and generation"),
     ("routing", "nested_mlp routing (rank count vs torch.sort)"),
     ("bf16_drift", "bf16 hidden-state drift"),
-    ("train_multi", "training throughput on several GPUs (flextron train under torchrun)"),
+    ("train_multi", "training throughput under torchrun, DDP or FSDP2 (flextron train)"),
     ("train", "training throughput (flextron train)"),
     ("distill_loss", "distill_cross_entropy (the training loss)"),
 ]
