@@ -933,17 +933,19 @@ class Runner:
     def graph_decode(self, target: Target, ids: torch.Tensor) -> dict:
         from transformers import StaticCache
 
+        from flextron.model import cache_kwarg
+
         n, p = self.args.new_tokens, ids.shape[1]
         cache = StaticCache(config=target.module.config, max_cache_len=p + n + 8)
         times = []
         with torch.no_grad():
-            out = target.forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            kw = {cache_kwarg(target.module): cache}  # the installed transformers' name for it
+            out = target.forward(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
             buf = out.logits[:, -1:].argmax(-1)
             del out
 
             def step():
-                logits = target.forward(input_ids=buf, past_key_values=cache, use_cache=True,
-                                        logits_to_keep=1).logits
+                logits = target.forward(input_ids=buf, use_cache=True, logits_to_keep=1, **kw).logits
                 buf.copy_(logits[:, -1:].argmax(-1))
 
             replay = self._capture(step)

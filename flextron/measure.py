@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .attention import no_padding
-from .model import FlextronModel
+from .model import FlextronModel, cache_kwarg
 from .space import Subnet
 
 PHASES = ("prefill", "decode")
@@ -139,8 +139,9 @@ def _runner(fm: FlextronModel, subnet: Subnet | None, batch_size: int, seq_len: 
 
     ids = torch.randint(0, fm.config.vocab_size, (batch_size, seq_len + 1), generator=g).to(device)
     cache = DynamicCache(config=fm.config)
+    kw = {cache_kwarg(fm): cache}
     fm.set_subnet(subnet)  # the cache holds this subnet's KV heads
-    fm(input_ids=ids[:, :seq_len], cache=cache, use_cache=True)
+    fm(input_ids=ids[:, :seq_len], use_cache=True, **kw)
 
     # Rewinding puts the prefilled tensors back (no copy). ``crop`` would leave strided views, and concatenating
     # onto a strided view is a slow copy a real decode loop never makes (on an H200 it triples a 7B decode step).
@@ -154,7 +155,7 @@ def _runner(fm: FlextronModel, subnet: Subnet | None, batch_size: int, seq_len: 
 
     def step():
         fm.set_subnet(subnet)
-        fm(input_ids=ids[:, seq_len:], cache=cache, use_cache=True)
+        fm(input_ids=ids[:, seq_len:], use_cache=True, **kw)
     return step, rewind
 
 

@@ -12,6 +12,8 @@ The active sub-network lives on the blocks themselves (each block's ``width``/``
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 from collections.abc import Callable
 
@@ -76,6 +78,19 @@ def _batch_size(args, kwargs) -> int | None:
     if x is None:
         x = kwargs.get("inputs_embeds")
     return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_kwarg(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword under which ``model``'s forward (an HF model, or a :class:`FlextronModel`) takes a KV cache in the
+    installed transformers: ``cache`` in releases that renamed it, ``past_key_values`` before. (An older release
+    passes an unknown ``cache=`` on to the layers: the model would build its own cache and count positions from
+    it.)"""
+    return _cache_kwarg(type(model.model if isinstance(model, FlextronModel) else model))
 
 
 class FlextronModel(nn.Module):

@@ -154,3 +154,29 @@ def test_decode_rewind_restores_the_contiguous_prefill_cache(fm):
             assert all(a is b for a, b in zip(again, first))
     assert len(first) == 2 * fm.num_layers
     assert all(t.shape[2] == 7 and t.is_contiguous() for t in first)
+
+
+def test_cache_kwarg_is_the_installed_forwards_name(fm):
+    """Decode timing passes the cache under the name the installed transformers' forward takes (older releases:
+    ``past_key_values``; an unknown ``cache=`` would reach the layers while the model counts positions from a cache
+    of its own); given so, a decode step continues the prompt: its logits equal the whole sequence's."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    from flextron.model import cache_kwarg
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
+            return input_ids
+
+    assert cache_kwarg(Older()) == "past_key_values"
+    name = "cache" if "cache" in inspect.signature(type(fm.model).forward).parameters else "past_key_values"
+    assert cache_kwarg(fm) == cache_kwarg(fm.model) == name
+    ids = torch.randint(0, fm.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache(config=fm.config)
+    with torch.no_grad():
+        fm(input_ids=ids[:, :5], use_cache=True, **{name: cache})
+        step = fm(input_ids=ids[:, 5:], use_cache=True, **{name: cache}).logits[:, -1]
+        whole = fm(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(step, whole, rtol=1e-4, atol=1e-5)
