@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import flextron  # noqa: F401  (registers FlextronModel's operations)
-from flextron.model import FlextronModel
+from flextron.model import FlextronModel, cache_kwarg
 from flextron_kernels import attention_backend
 from flextron_kernels.sliced_linear import force_path
 
@@ -35,14 +35,15 @@ def step_us(model, steps: int, repeats: int, profile: bool = False) -> float:
     with torch.no_grad(), force_path("cublas"), attention_backend("sdpa"):
         for _ in range(repeats):
             cache = DynamicCache()
-            out = model(input_ids=ids, cache=cache, use_cache=True)
+            kw = {cache_kwarg(model): cache}
+            out = model(input_ids=ids, use_cache=True, **kw)
             nxt = out.logits[:, -1:].argmax(-1)
             prof = cProfile.Profile() if profile else None
             t0 = time.perf_counter()
             if prof:
                 prof.enable()
             for _ in range(steps):
-                out = model(input_ids=nxt, cache=cache, use_cache=True)
+                out = model(input_ids=nxt, use_cache=True, **kw)
             if prof:
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(30)
@@ -56,7 +57,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--profile", action="store_true", help="cProfile the FlextronModel's steps at 50%")
+    ap.add_argument("--profile", action="store_true", help="cProfile the FlextronModel's steps at 50%%")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers, num_attention_heads=4,
