@@ -74,8 +74,12 @@ def nested_mlp_table(d: dict) -> str:
 
 
 if __name__ == "__main__":
+    if not sys.argv[1:] or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip())
+        sys.exit(0 if sys.argv[1:] else 2)
     for path in sys.argv[1:]:
-        d = json.load(open(path))
+        with open(path) as f:
+            d = json.load(f)
         if path.split("/")[-1].startswith("sliced_linear"):
             print(sliced_linear_table(d))
         elif "explore" in d:
