@@ -164,7 +164,8 @@ def test_rows_under_two_processes(toy, parallel, tmp_path):
                "ceilings": {"bf16_flops_per_s": 1e12}, "rows": [row]}
     (tmp_path / "train_multi_NVIDIA_Toy.json").write_text(json.dumps(payload))
     text = tables.render(tmp_path)
-    assert "several GPUs" in text and f"dense ({row['loss']} loss), {parallel} on 2 GPUs" in text
+    assert "training throughput under torchrun, DDP or FSDP2" in text
+    assert f"dense ({row['loss']} loss), {parallel} on 2 GPUs" in text
 
 
 def test_parallel_argument(monkeypatch):
@@ -172,6 +173,9 @@ def test_parallel_argument(monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "2")
         bench_train.parse_args(["--quick"])
     monkeypatch.setenv("WORLD_SIZE", "1")
-    with pytest.raises(SystemExit):  # and ddp or fsdp needs several ranks
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(SystemExit):  # and ddp or fsdp needs torchrun
         bench_train.parse_args(["--quick", "--parallel", "ddp"])
     assert bench_train.parse_args(["--quick"]).parallel == "none"
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # torchrun with one process: the wrapper on one GPU
+    assert bench_train.parse_args(["--quick", "--parallel", "fsdp"]).parallel == "fsdp"
