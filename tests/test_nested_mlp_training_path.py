@@ -14,14 +14,22 @@ from tests.utils import DEVICE, ON_GPU, assert_close, randn
 H, I = 48, 200
 
 
-def _case(T, dtype=torch.float32, seed=0):
+def _case(T, dtype=torch.float32, seed=0, style="llama"):
+    """Llama's gated MLP, or GPT-2's: ungated, both biases (its activation is gelu_tanh, see ``ACT``)."""
     g = torch.Generator().manual_seed(seed)
     widths = torch.randint(1, I + 1, (T,), generator=g).to(DEVICE)
     x = randn(T, H, dtype=dtype, requires_grad=True)
     params = {"up_weight": randn(I, H, dtype=dtype, scale=H ** -0.5, requires_grad=True),
-              "down_weight": randn(H, I, dtype=dtype, scale=I ** -0.5, requires_grad=True),
-              "gate_weight": randn(I, H, dtype=dtype, scale=H ** -0.5, requires_grad=True)}
+              "down_weight": randn(H, I, dtype=dtype, scale=I ** -0.5, requires_grad=True)}
+    if style == "llama":
+        params["gate_weight"] = randn(I, H, dtype=dtype, scale=H ** -0.5, requires_grad=True)
+    else:
+        params["up_bias"] = randn(I, dtype=dtype, scale=0.5, requires_grad=True)
+        params["down_bias"] = randn(H, dtype=dtype, scale=0.5, requires_grad=True)
     return x, widths, params
+
+
+ACT = {"llama": "silu", "gpt2": "gelu_tanh"}
 
 
 def _launches(monkeypatch) -> list:
@@ -31,9 +39,9 @@ def _launches(monkeypatch) -> list:
     return seen
 
 
-def _fwd_bwd(x, widths, params, dy):
-    y = nested_mlp(x, params["up_weight"], params["down_weight"], widths, gate_weight=params["gate_weight"],
-                   check_widths=False)
+def _fwd_bwd(x, widths, params, dy, activation="silu"):
+    y = nested_mlp(x, params["up_weight"], params["down_weight"], widths, activation=activation, check_widths=False,
+                   **{k: v for k, v in params.items() if k not in ("up_weight", "down_weight")})
     y.backward(dy)
     grads = [x.grad] + [p.grad for p in params.values()]
     for t in [x, *params.values()]:
@@ -41,20 +49,22 @@ def _fwd_bwd(x, widths, params, dy):
     return y.detach(), grads
 
 
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forced_paths_match_the_reference(dtype, monkeypatch):
-    x, widths, params = _case(37, dtype)
+def test_forced_paths_match_the_reference(dtype, style, monkeypatch):
+    x, widths, params = _case(37, dtype, style=style)
     dy = randn(37, H, dtype=dtype)
     launched = _launches(monkeypatch)
     got = {}
     for path in op.TRAINING_PATHS:
         launched.clear()
         with op.training_path(path):
-            got[path] = _fwd_bwd(x, widths, params, dy)
+            got[path] = _fwd_bwd(x, widths, params, dy, ACT[style])
         assert bool(launched) == (path == "kernels"), path
     xr = x.detach().double().requires_grad_()
     pr = {k: v.detach().double().requires_grad_() for k, v in params.items()}
-    yr = nested_mlp_ref(xr, pr["up_weight"], pr["down_weight"], widths, gate_weight=pr["gate_weight"])
+    yr = nested_mlp_ref(xr, pr["up_weight"], pr["down_weight"], widths, activation=ACT[style],
+                        **{k: v for k, v in pr.items() if k not in ("up_weight", "down_weight")})
     yr.backward(dy.double())
     for path, (y, grads) in got.items():
         assert_close(y, yr, dtype, f"y ({path})")
