@@ -1,0 +1,183 @@
+"""Variants of elastic_attention's TMA forward against the kernel as shipped and against SDPA (cuDNN on Hopper).
+
+Each variant is the shipped kernel's program (same grid, masking, early exit for dropped heads) with one change:
+
+- ``fold``: the softmax scale folded into one multiply-add per score (``qk * scale - m``), as FlashAttention's
+  Triton tutorial does, in place of a multiply, a max and a subtract;
+- ``ws``: ``fold`` with the unmasked key loop warp-specialised (``tl.range(..., warp_specialize=True)``; where the
+  installed Triton cannot compile it for this GPU the row says so).
+
+Every variant runs each tile config of a list (best kept), on uniform heads (8-32 of 32) and the mixed budgets
+8/16/24/32, at B1 S8192, B8 S2048 and B32 S512, bf16, head dim 128, causal; outputs checked against SDPA.
+Eager do_bench medians (L2 flushed). Usage: python benchmarks/lab/explore_attention.py [--out DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import bench_ms, run_info
+
+from flextron_kernels import attention_backend, elastic_attention
+from flextron_kernels._hopper import TensorDescriptor
+
+LOG2E = 1.4426950408889634
+TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 64, 8, 4)]
+
+
+@triton.jit
+def _step(acc, l_i, m_i, qk, v, cols, rows, OFF, qk_scale, MASK: tl.constexpr):
+    if MASK:
+        qk = qk * qk_scale
+        qk = tl.where(cols[None, :] <= rows[:, None] + OFF, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_variant(desc_q, desc_k, desc_v, desc_o, lse_ptr, heads_ptr, HQ, REP, Sq, Sk, OFF, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    if h >= tl.load(heads_ptr + b):
+        desc_o.store([b, h, start_m, 0], tl.zeros((1, 1, BLOCK_M, HEAD_DIM), dtype=desc_o.dtype))
+        return
+    g = h // REP
+    q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    hi = tl.minimum(Sk, start_m + BLOCK_M + OFF)
+    full = tl.minimum((start_m + OFF + 1) // BLOCK_N, Sk // BLOCK_N) * BLOCK_N
+    for start_n in tl.range(0, full, BLOCK_N, warp_specialize=WS):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = desc_k.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k))
+        acc, l_i, m_i = _step(acc, l_i, m_i, qk, v, start_n + tl.arange(0, BLOCK_N), rows, OFF, qk_scale, False)
+    for start_n in range(full, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = desc_k.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k))
+        acc, l_i, m_i = _step(acc, l_i, m_i, qk, v, start_n + tl.arange(0, BLOCK_N), rows, OFF, qk_scale, True)
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
+    acc = acc / l_i[:, None]
+    desc_o.store([b, h, start_m, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+
+
+def variant(q, k, v, heads, tile, ws):
+    bm, bn, w, st = tile
+    B, HQ, Sq, D = q.shape
+    Sk = k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty((B, HQ, Sq), dtype=torch.float32, device=q.device)
+
+    def desc(t, blk):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, blk, D])
+
+    _fwd_variant[(triton.cdiv(Sq, bm), B * HQ)](
+        desc(q, bm), desc(k, bn), desc(v, bn), desc(o, bm), lse, heads, HQ, HQ // k.shape[1], Sq, Sk, Sk - Sq,
+        LOG2E / math.sqrt(D), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WS=ws, num_warps=w, num_stages=st)
+    return o
+
+
+def reference(q, k, v, heads):
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    keep = torch.arange(q.shape[1], device=q.device)[None, :] < heads[:, None]
+    return o * keep[:, :, None, None]
+
+
+def case(b, s, hkv, head_list, variants, tiles):
+    hq, d = 32, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, hq, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    heads = torch.tensor(head_list, dtype=torch.int32, device="cuda")
+    uniform = len(set(head_list)) == 1
+    h0 = head_list[0]
+    rep = hq // hkv
+    qv, kv, vv = (q[:, :h0], k[:, : h0 // rep], v[:, : h0 // rep]) if uniform else (q, k, v)
+    base = {"sdpa": lambda: F.scaled_dot_product_attention(qv, kv, vv, is_causal=True, enable_gqa=rep > 1)}
+    with attention_backend("triton_tma"):
+        base["shipped"] = lambda: elastic_attention(q, k, v, heads, validate=False)
+        base["shipped"]()
+    ref = reference(q, k, v, heads).float()
+    row = {"B": b, "S": s, "hkv": hkv, "heads": head_list if not uniform else h0, "ms": {}, "err": {}}
+    for name, fn in base.items():
+        row["ms"][name] = bench_ms(fn)
+    for vname, ws in variants:
+        best = None
+        for tile in tiles:
+            try:
+                out = variant(q, k, v, heads, tile, ws)
+                err = (out.float() - ref).abs().max().item()
+                ms = bench_ms(lambda tile=tile, ws=ws: variant(q, k, v, heads, tile, ws))
+            except Exception as e:  # a variant the installed Triton cannot build for this GPU
+                row["err"][f"{vname}{tile}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                continue
+            if err > 0.05:
+                row["err"][f"{vname}{tile}"] = f"max error {err:.3g}"
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, tile)
+        if best is not None:
+            row["ms"][vname] = best[0]
+            row.setdefault("tile", {})[vname] = list(best[1])
+    sd = row["ms"]["sdpa"]
+    row["speed_vs_sdpa"] = {k: round(sd / v, 3) for k, v in row["ms"].items()}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="write explore_attention_<GPU>.json into DIR")
+    ap.add_argument("--quick", action="store_true", help="B8 S2048 and B32 S512 at 32 KV heads only")
+    args = ap.parse_args(argv)
+    variants = [("fold", False), ("ws", True)]
+    shapes = [(8, 2048), (32, 512)] if args.quick else [(1, 8192), (8, 2048), (32, 512)]
+    rows = []
+    for hkv in (32,) if args.quick else (32, 8):
+        for b, s in shapes:
+            for h in (16, 32):
+                rows.append(case(b, s, hkv, [h] * b, variants, TILES))
+            if b >= 4:
+                rows.append(case(b, s, hkv, [8, 16, 24, 32] * (b // 4), variants, TILES))
+    for r in rows:
+        sp = r["speed_vs_sdpa"]
+        print(f"B{r['B']:>2} S{r['S']:>5} hkv{r['hkv']:>2} heads {str(r['heads'])[:14]:>14}: "
+              + "  ".join(f"{k} {v:.2f}x" for k, v in sp.items()))
+    if args.out:
+        path = Path(args.out) / f"explore_attention_{torch.cuda.get_device_name().replace(' ', '_')}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**run_info(), "rows": rows}, indent=1))
+        tmp.replace(path)
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
