@@ -379,6 +379,12 @@ def test_bad_head_dim():
         elastic_attention(*_qkv(1, 4, 2, 8, 24, torch.float32))
 
 
+@pytest.mark.parametrize("scale, error", [(0.0, ValueError), (-0.1, ValueError), (True, TypeError), ("1", TypeError)])
+def test_bad_scale(scale, error):
+    with pytest.raises(error, match="scale must be"):
+        elastic_attention(*_qkv(1, 4, 2, 8, 16, torch.float32), scale=scale)
+
+
 def test_bad_causal_shorter_keys():
     with pytest.raises(ValueError, match="k's length"):
         elastic_attention(*_qkv(1, 4, 2, 8, 16, torch.float32, sk=4))
