@@ -405,7 +405,7 @@ def _blas_call(x: torch.Tensor, weight, bias, out_features) -> torch.Tensor | No
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or x.dim() < 1:
         return None
     dt = x.dtype
-    if weight.dtype is not dt or dt not in FLOAT_DTYPES or weight.get_device() != x.get_device():
+    if weight.dtype is not dt or dt not in FLOAT_DTYPES or weight.device != x.device:
         return None
     N, K = weight.shape
     k = x.shape[-1]
@@ -413,7 +413,7 @@ def _blas_call(x: torch.Tensor, weight, bias, out_features) -> torch.Tensor | No
     if type(n) is not int or not (0 < n <= N and 0 < k <= K):
         return None
     if bias is not None and not (isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.shape[0] == N
-                                 and bias.dtype is dt and bias.get_device() == x.get_device()):
+                                 and bias.dtype is dt and bias.device == x.device):
         return None
     s_r, s_c = weight.stride()
     if not _blas_strides(s_r, s_c, n, k):

@@ -209,6 +209,39 @@ def test_full_width_matches_linear():
     assert_close(sliced_linear(x, w, b), torch.nn.functional.linear(x.double(), w.double(), b.double()), torch.float32)
 
 
+def test_lean_gpu_call_serves_the_common_call_and_declines_the_rest():
+    """The GPU's common call, checked in a few attribute reads (``_blas_call``, device-agnostic): ``F.linear`` on the
+    prefix views where it serves, exactly; None for anything else, which the full path then checks and names (the
+    bad-input tests below run through it on a GPU)."""
+    sl = importlib.import_module("flextron_kernels.sliced_linear")
+    w, b = randn(64, 48, requires_grad=True), randn(64, requires_grad=True)
+    x = randn(3, 5, 40, requires_grad=True)
+    F = torch.nn.functional
+    for bias, n, k, weight in [(None, 50, 40, w), (b, 50, 40, w), (b, 64, 48, w), (None, 33, 40, w.detach().t().t()),
+                               (None, 20, 40, randn(48, 64).t())]:
+        xk = x[..., :k] if k == x.shape[-1] else randn(3, 5, k)
+        y = sl._blas_call(xk, weight, bias, n if n != weight.shape[0] else None)
+        expect = F.linear(xk, weight[:n, :k], None if bias is None else bias[:n])
+        assert y is not None and torch.equal(y, expect)
+        assert_close(y, _reference(xk, weight, bias, n), torch.float32)
+    y = sl._blas_call(x, w, b, 50)
+    y.sum().backward()  # autograd's own backward on the views: full-shape gradients, zero past the prefix
+    assert torch.count_nonzero(w.grad[50:]) == 0 and torch.count_nonzero(w.grad[:, 40:]) == 0
+    assert torch.count_nonzero(b.grad[50:]) == 0
+    wd = w.detach()
+    declined = [
+        (x, wd, None, 65), (x, wd, None, 0), (x, wd, None, 4.0), (x, wd, None, True), (randn(2, 49), wd, None, None),
+        (randn(2, 0), wd, None, None), (x, randn(64, 48, 1), None, None), (x, wd.half(), None, None),
+        (x.detach().to(torch.int32), wd.to(torch.int32), None, None),
+        (x, torch.empty(64, 48, device="meta"), None, None),
+        (x, wd, randn(12), None), (x, wd, randn(64).half(), None), (x, wd, randn(64, 1), None),
+        (x, [[1.0]], None, None),
+        (x, randn(64, 96)[:, ::2], None, None),  # no unit stride: cuBLAS would copy it
+    ]
+    for args in declined:
+        assert sl._blas_call(*args) is None, [getattr(a, "shape", a) for a in args]
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("frozen", [(), ("x", "bias")])
 def test_torch_compile_fullgraph(with_bias, frozen):
