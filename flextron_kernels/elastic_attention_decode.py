@@ -17,6 +17,7 @@ the bandwidth of reading the cache, and ``B * Hkv`` programs alone would leave m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from contextlib import AbstractContextManager
 
@@ -147,6 +148,7 @@ def _decode_reduce_kernel(
     tl.store(o_ptrs, (acc / den).to(o_ptr.dtype.element_ty))
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -182,14 +184,20 @@ def chunking(batch: int, hkv: int, s_max: int, device: torch.device) -> tuple[in
     ``bench_elastic_attention.py --decode-sweep``). The partials cost ``rep * D * 4`` bytes per chunk against
     ``chunk * D * 4`` bytes of K and V read.
     """
+    return _chunking(batch, hkv, s_max, device, _policy)
+
+
+@functools.lru_cache(maxsize=4096)
+def _chunking(batch: int, hkv: int, s_max: int, device: torch.device, policy: ChunkPolicy) -> tuple[int, int]:
+    """:func:`chunking` for one shape and policy, worked out once (host time on every decode call)."""
     multiple = _INTERPRET_BLOCK_N if INTERPRET else _CHUNK_MULTIPLE
     sms = _sm_count(device)
     groups = max(1, batch * hkv)
-    splits = max(1, min(cdiv(_policy.programs_per_sm * sms, groups), cdiv(s_max, multiple)))
+    splits = max(1, min(cdiv(policy.programs_per_sm * sms, groups), cdiv(s_max, multiple)))
     chunk = cdiv(cdiv(s_max, splits), multiple) * multiple
     if not INTERPRET:
         fill = cdiv(cdiv(s_max * groups, sms), multiple) * multiple  # ~one program per SM
-        chunk = max(chunk, min(_policy.min_chunk, fill))
+        chunk = max(chunk, min(policy.min_chunk, fill))
     return chunk, cdiv(s_max, chunk)
 
 
