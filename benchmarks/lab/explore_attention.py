@@ -1,13 +1,16 @@
 """Variants of elastic_attention's TMA forward against the kernel as shipped and against SDPA (cuDNN on Hopper).
 
-Each variant is the shipped kernel's program (same grid, masking, early exit for dropped heads) with one change:
+Each variant is the shipped kernel's program (same grid, masking, early exit for dropped heads, the shipped
+online-softmax step) written out here with one change at a time:
 
-- ``fold``: the softmax scale folded into one multiply-add per score (``qk * scale - m``), as FlashAttention's
-  Triton tutorial does, in place of a multiply, a max and a subtract;
-- ``ws``: ``fold`` with the unmasked key loop warp-specialised (``tl.range(..., warp_specialize=True)``; where the
-  installed Triton cannot compile it for this GPU the row says so).
+- ``loop``: none (the control: the same program outside the package's autotuner, each tile config of a list);
+- ``ws``: the unmasked key loop warp-specialised (``tl.range(..., warp_specialize=True)``; where the installed Triton
+  cannot compile it for this GPU the row says so).
 
-Every variant runs each tile config of a list (best kept), on uniform heads (8-32 of 32) and the mixed budgets
+The softmax scale folded into one multiply-add per score (``qk * scale - m``), now in the shipped step, was measured
+here first (results file at commit 14593d1: 4-6% of the forward's time on an H200).
+
+Every variant runs each tile config of a list (best kept), on uniform heads (16 and 32 of 32) and the mixed budgets
 8/16/24/32, at B1 S8192, B8 S2048 and B32 S512, bf16, head dim 128, causal; outputs checked against SDPA.
 Eager do_bench medians (L2 flushed). Usage: python benchmarks/lab/explore_attention.py [--out DIR] [--quick]
 """
@@ -30,37 +33,30 @@ from _common import bench_ms, run_info
 
 from flextron_kernels import attention_backend, elastic_attention
 from flextron_kernels._hopper import TensorDescriptor
+from flextron_kernels.elastic_attention import _finish, _key_range, _softmax_step, _tile
 
 LOG2E = 1.4426950408889634
 TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 64, 8, 4)]
 
 
 @triton.jit
-def _step(acc, l_i, m_i, qk, v, cols, rows, OFF, qk_scale, MASK: tl.constexpr):
-    if MASK:
-        qk = qk * qk_scale
-        qk = tl.where(cols[None, :] <= rows[:, None] + OFF, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_new
+def _keys(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, lo, hi, Sk, OFF, qk_scale, MASK: tl.constexpr,
+          WS: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = desc_k.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k))
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, start_n + tl.arange(0, BLOCK_N), rows, Sk, OFF, qk_scale,
+                                      MASK, True, PRECISION)
+    return acc, l_i, m_i
 
 
 @triton.jit
 def _fwd_variant(desc_q, desc_k, desc_v, desc_o, lse_ptr, heads_ptr, HQ, REP, Sq, Sk, OFF, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    start_m = pid_m * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    pid_bh, b, h, start_m, rows = _tile(HQ, BLOCK_M)
     if h >= tl.load(heads_ptr + b):
         desc_o.store([b, h, start_m, 0], tl.zeros((1, 1, BLOCK_M, HEAD_DIM), dtype=desc_o.dtype))
         return
@@ -69,22 +65,12 @@ def _fwd_variant(desc_q, desc_k, desc_v, desc_o, lse_ptr, heads_ptr, HQ, REP, Sq
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    hi = tl.minimum(Sk, start_m + BLOCK_M + OFF)
-    full = tl.minimum((start_m + OFF + 1) // BLOCK_N, Sk // BLOCK_N) * BLOCK_N
-    for start_n in tl.range(0, full, BLOCK_N, warp_specialize=WS):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = desc_k.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = desc_v.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        qk = tl.dot(q, tl.trans(k))
-        acc, l_i, m_i = _step(acc, l_i, m_i, qk, v, start_n + tl.arange(0, BLOCK_N), rows, OFF, qk_scale, False)
-    for start_n in range(full, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = desc_k.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = desc_v.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        qk = tl.dot(q, tl.trans(k))
-        acc, l_i, m_i = _step(acc, l_i, m_i, qk, v, start_n + tl.arange(0, BLOCK_N), rows, OFF, qk_scale, True)
-    tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + rows, m_i + tl.log2(l_i), mask=rows < Sq)
-    acc = acc / l_i[:, None]
+    full, hi = _key_range(start_m, Sk, OFF, True, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _keys(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, 0, full, Sk, OFF, qk_scale, False, WS,
+                          PRECISION, HEAD_DIM, BLOCK_N)
+    acc, l_i, m_i = _keys(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, full, hi, Sk, OFF, qk_scale, True, False,
+                          PRECISION, HEAD_DIM, BLOCK_N)
+    acc = _finish(acc, l_i, m_i, lse_ptr, pid_bh, rows, Sq)
     desc_o.store([b, h, start_m, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 
 
@@ -100,7 +86,8 @@ def variant(q, k, v, heads, tile, ws):
 
     _fwd_variant[(triton.cdiv(Sq, bm), B * HQ)](
         desc(q, bm), desc(k, bn), desc(v, bn), desc(o, bm), lse, heads, HQ, HQ // k.shape[1], Sq, Sk, Sk - Sq,
-        LOG2E / math.sqrt(D), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WS=ws, num_warps=w, num_stages=st)
+        LOG2E / math.sqrt(D), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WS=ws, PRECISION="ieee", num_warps=w,
+        num_stages=st)
     return o
 
 
@@ -158,7 +145,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write explore_attention_<GPU>.json into DIR")
     ap.add_argument("--quick", action="store_true", help="B8 S2048 and B32 S512 at 32 KV heads only")
     args = ap.parse_args(argv)
-    variants = [("fold", False), ("ws", True)]
+    variants = [("loop", False), ("ws", True)]
     shapes = [(8, 2048), (32, 512)] if args.quick else [(1, 8192), (8, 2048), (32, 512)]
     rows = []
     for hkv in (32,) if args.quick else (32, 8):
