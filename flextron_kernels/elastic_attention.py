@@ -218,8 +218,8 @@ def _tma_configs():
 @triton.jit
 def _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, lo, hi, Sk, OFF, qk_scale,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = desc_k.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
         v = desc_v.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
@@ -239,10 +239,11 @@ def _attn_fwd_tma_kernel(
     desc_q, desc_k, desc_v, desc_o, lse_ptr, heads_ptr,
     HQ, REP, Sq, Sk, OFF, S_BUCKET, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr = False,
 ):
     # The pointer kernel's program order, masking and early exit (see _attn_fwd_kernel); only the loads and the
-    # output store differ.
+    # output store differ. ``WS``: the unmasked key loop warp-specialised (benchmarks/lab/explore_attention.py: no
+    # gain on an H200 with Triton 3.6, so off).
     pid_bh, b, h, start_m, rows = _tile(HQ, BLOCK_M)
     if h >= tl.load(heads_ptr + b):
         desc_o.store([b, h, start_m, 0], tl.zeros((1, 1, BLOCK_M, HEAD_DIM), dtype=desc_o.dtype))
@@ -256,9 +257,9 @@ def _attn_fwd_tma_kernel(
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     full, hi = _key_range(start_m, Sk, OFF, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, 0, full, Sk, OFF, qk_scale,
-                                   False, CAUSAL, UPCAST, PRECISION, HEAD_DIM, BLOCK_N)
+                                   False, CAUSAL, UPCAST, PRECISION, HEAD_DIM, BLOCK_N, WS)
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, full, hi, Sk, OFF, qk_scale,
-                                   True, CAUSAL, UPCAST, PRECISION, HEAD_DIM, BLOCK_N)
+                                   True, CAUSAL, UPCAST, PRECISION, HEAD_DIM, BLOCK_N, False)
     acc = _finish(acc, l_i, m_i, lse_ptr, pid_bh, rows, Sq)
     desc_o.store([b, h, start_m, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 

@@ -1,18 +1,17 @@
 """Variants of elastic_attention's TMA forward against the kernel as shipped and against SDPA (cuDNN on Hopper).
 
-Each variant is the shipped kernel's program (same grid, masking, early exit for dropped heads, the shipped
-online-softmax step) written out here with one change at a time:
+Each variant is the shipped TMA forward launched past its autotuner, once per tile config of a list (best kept):
 
-- ``loop``: none (the control: the same program outside the package's autotuner, each tile config of a list);
-- ``ws``: the unmasked key loop warp-specialised (``tl.range(..., warp_specialize=True)``; where the installed Triton
-  cannot compile it for this GPU the row says so).
+- ``loop``: as shipped (the control: the autotuner's choice against each config timed alone);
+- ``ws``: the unmasked key loop warp-specialised (the kernel's ``WS``, ``tl.range(..., warp_specialize=True)``;
+  where the installed Triton cannot compile it for this GPU the row says so).
 
 The softmax scale folded into one multiply-add per score (``qk * scale - m``), now in the shipped step, was measured
 here first (results file at commit 14593d1: 4-6% of the forward's time on an H200).
 
-Every variant runs each tile config of a list (best kept), on uniform heads (16 and 32 of 32) and the mixed budgets
-8/16/24/32, at B1 S8192, B8 S2048 and B32 S512, bf16, head dim 128, causal; outputs checked against SDPA.
-Eager do_bench medians (L2 flushed). Usage: python benchmarks/lab/explore_attention.py [--out DIR] [--quick]
+Uniform heads (16 and 32 of 32) and the mixed budgets 8/16/24/32, at B1 S8192, B8 S2048 and B32 S512, bf16, head
+dim 128, causal; outputs checked against SDPA. Eager do_bench medians (L2 flushed).
+Usage: python benchmarks/lab/explore_attention.py [--out DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -26,52 +25,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import bench_ms, run_info
 
 from flextron_kernels import attention_backend, elastic_attention
 from flextron_kernels._hopper import TensorDescriptor
-from flextron_kernels.elastic_attention import _finish, _key_range, _softmax_step, _tile
+from flextron_kernels.elastic_attention import _attn_fwd_tma_kernel
 
 LOG2E = 1.4426950408889634
 TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 64, 8, 4)]
-
-
-@triton.jit
-def _keys(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, lo, hi, Sk, OFF, qk_scale, MASK: tl.constexpr,
-          WS: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = desc_k.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = desc_v.load([b, g, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        qk = tl.dot(q, tl.trans(k))
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, start_n + tl.arange(0, BLOCK_N), rows, Sk, OFF, qk_scale,
-                                      MASK, True, PRECISION)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _fwd_variant(desc_q, desc_k, desc_v, desc_o, lse_ptr, heads_ptr, HQ, REP, Sq, Sk, OFF, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    pid_bh, b, h, start_m, rows = _tile(HQ, BLOCK_M)
-    if h >= tl.load(heads_ptr + b):
-        desc_o.store([b, h, start_m, 0], tl.zeros((1, 1, BLOCK_M, HEAD_DIM), dtype=desc_o.dtype))
-        return
-    g = h // REP
-    q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    full, hi = _key_range(start_m, Sk, OFF, True, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _keys(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, 0, full, Sk, OFF, qk_scale, False, WS,
-                          PRECISION, HEAD_DIM, BLOCK_N)
-    acc, l_i, m_i = _keys(acc, l_i, m_i, q, desc_k, desc_v, b, g, rows, full, hi, Sk, OFF, qk_scale, True, False,
-                          PRECISION, HEAD_DIM, BLOCK_N)
-    acc = _finish(acc, l_i, m_i, lse_ptr, pid_bh, rows, Sq)
-    desc_o.store([b, h, start_m, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 
 
 def variant(q, k, v, heads, tile, ws):
@@ -84,10 +47,11 @@ def variant(q, k, v, heads, tile, ws):
     def desc(t, blk):
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, blk, D])
 
-    _fwd_variant[(triton.cdiv(Sq, bm), B * HQ)](
+    # The shipped kernel itself, past its autotuner: this tile config, and the key loop warp-specialised or not.
+    _attn_fwd_tma_kernel.fn[(triton.cdiv(Sq, bm), B * HQ)](
         desc(q, bm), desc(k, bn), desc(v, bn), desc(o, bm), lse, heads, HQ, HQ // k.shape[1], Sq, Sk, Sk - Sq,
-        LOG2E / math.sqrt(D), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WS=ws, PRECISION="ieee", num_warps=w,
-        num_stages=st)
+        Sq, LOG2E / math.sqrt(D), HEAD_DIM=D, CAUSAL=True, UPCAST=False, PRECISION="ieee", BLOCK_M=bm, BLOCK_N=bn,
+        WS=ws, num_warps=w, num_stages=st)
     return o
 
 
