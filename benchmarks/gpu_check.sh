@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: install (no deps: keep the machine's torch/triton), run the whole test suite
 # on CUDA with the interpreter off, then every benchmark. Results land in $OUT (device tool) or
-# benchmarks/results/. Usage: bash benchmarks/gpu_check.sh [tests|bench|all] [bench-name-filter]
+# benchmarks/results/. Usage: bash benchmarks/gpu_check.sh [tests|bench|all] [filter]
+#        (bench: a substring of the benchmarks' file names; tests: test files or node ids, in place of the whole suite)
 #        bash benchmarks/gpu_check.sh explore "<benchmarks/lab/explore_nested_mlp.py arguments>"  (the CUDA suite, then
 #        the nested_mlp variant sweep; its table of variant / base times at the end, report.py)
 #        bash benchmarks/gpu_check.sh budgets  (per-request budgets only: their CUDA tests, the end-to-end budgets
@@ -29,7 +30,10 @@ XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 if [ "$MODE" = all ] || [ "$MODE" = tests ] || [ "$MODE" = explore ]; then
   # -v: each test's outcome is in the log as it finishes, so a run cut short still names its failures.
-  $PY -m pytest -v $XDIST --benchmark-disable -p no:cacheprovider -rfE > "$LOGDIR/pytest_cuda.log" 2>&1
+  TESTS=""
+  [ "$MODE" = tests ] && TESTS=$FILTER
+  # shellcheck disable=SC2086  # the test paths are meant to split
+  $PY -m pytest -v $XDIST --benchmark-disable -p no:cacheprovider -rfE $TESTS > "$LOGDIR/pytest_cuda.log" 2>&1
   status=$?
   grep -E "(FAILED|ERROR) tests/" "$LOGDIR/pytest_cuda.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u
   tail -3 "$LOGDIR/pytest_cuda.log"

@@ -11,7 +11,7 @@ here first (results file at commit 14593d1: 4-6% of the forward's time on an H20
 
 Uniform heads (16 and 32 of 32) and the mixed budgets 8/16/24/32, at B1 S8192, B8 S2048 and B32 S512, bf16, head
 dim 128, causal; outputs checked against SDPA. Eager do_bench medians (L2 flushed).
-Usage: python benchmarks/lab/explore_attention.py [--out DIR] [--quick]
+Usage: python benchmarks/lab/explore_attention.py [--out DIR] [--quick] [--variants loop,ws] [--tiles "64,128,4,3;..."]
 """
 
 from __future__ import annotations
@@ -35,6 +35,18 @@ from flextron_kernels.elastic_attention import _attn_fwd_tma_kernel
 
 LOG2E = 1.4426950408889634
 TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 64, 8, 4)]
+
+
+def parse_tile(text: str) -> tuple[int, int, int, int]:
+    """``"BLOCK_M,BLOCK_N,num_warps,num_stages"`` -> a tile config (powers of two for the blocks and warps)."""
+    try:
+        tile = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        tile = ()
+    if len(tile) != 4 or any(v < 1 for v in tile) or any(v & (v - 1) for v in tile[:3]):
+        raise argparse.ArgumentTypeError(f"a tile is BLOCK_M,BLOCK_N,num_warps,num_stages (powers of two but the "
+                                         f"stages), got {text!r}")
+    return tile
 
 
 def variant(q, k, v, heads, tile, ws):
@@ -108,16 +120,30 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write explore_attention_<GPU>.json into DIR")
     ap.add_argument("--quick", action="store_true", help="B8 S2048 and B32 S512 at 32 KV heads only")
+    ap.add_argument("--variants", default="loop,ws", help="comma-separated, of: loop, ws")
+    default_tiles = ";".join(",".join(map(str, t)) for t in TILES)
+    ap.add_argument("--tiles", default=None,
+                    help=f"tile configs, 'BLOCK_M,BLOCK_N,num_warps,num_stages;...' (default: {default_tiles})")
     args = ap.parse_args(argv)
-    variants = [("loop", False), ("ws", True)]
+    known = {"loop": False, "ws": True}
+    names = [v for v in args.variants.split(",") if v]
+    if not names or any(v not in known for v in names):
+        ap.error(f"--variants must name some of {sorted(known)}, got {args.variants!r}")
+    variants = [(v, known[v]) for v in names]
+    try:
+        tiles = TILES if args.tiles is None else [parse_tile(t) for t in args.tiles.split(";") if t.strip()]
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"--tiles: {e}")
+    if not tiles:
+        ap.error("--tiles names no tile")
     shapes = [(8, 2048), (32, 512)] if args.quick else [(1, 8192), (8, 2048), (32, 512)]
     rows = []
     for hkv in (32,) if args.quick else (32, 8):
         for b, s in shapes:
             for h in (16, 32):
-                rows.append(case(b, s, hkv, [h] * b, variants, TILES))
+                rows.append(case(b, s, hkv, [h] * b, variants, tiles))
             if b >= 4:
-                rows.append(case(b, s, hkv, [8, 16, 24, 32] * (b // 4), variants, TILES))
+                rows.append(case(b, s, hkv, [8, 16, 24, 32] * (b // 4), variants, tiles))
     for r in rows:
         sp = r["speed_vs_sdpa"]
         print(f"B{r['B']:>2} S{r['S']:>5} hkv{r['hkv']:>2} heads {str(r['heads'])[:14]:>14}: "
