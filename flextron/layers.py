@@ -53,10 +53,10 @@ def run_by_run(x: torch.Tensor, runs: list[tuple[int, int, int]], width: int, fn
 #   neurons and heads past its own zeroed: the same weight traffic (at this size the grouped kernel also streams the
 #   weights up to the widest width once), every kept head's KV cache read, the least host time;
 # - eager (the default): the attention masked in eager calls whose cache holds fewer than MASKED_MAX_CACHE keys over
-#   all sequences and KV heads, where the decode kernel's two Triton launches cost more host time than the cache
-#   reads they skip (on an H100 the kernel ran 0.42-1.01x SDPA on all heads, eager, up to 2^18 such keys, and
-#   1.41-1.58x from 2^20); the MLP through ``nested_mlp`` (its eager calls replay a cached CUDA graph); the kernels
-#   under CUDA graph capture and torch.compile, where host time is not paid per call.
+#   all sequences and KV heads, where the decode kernel's Triton launches cost more host time than the cache
+#   reads they skip (on an H100 the kernel, with two launches per call, ran 0.42-1.01x SDPA on all heads, eager,
+#   up to 2^18 such keys, and 1.41-1.58x from 2^20); the MLP through ``nested_mlp`` (its eager calls replay a
+#   cached CUDA graph); the kernels under CUDA graph capture and torch.compile, where host time is not paid per call.
 DECODE_POLICIES = ("eager", "kernels", "masked")
 BUDGET_DECODE = os.environ.get("FLEXTRON_BUDGET_DECODE", "eager")
 if BUDGET_DECODE not in DECODE_POLICIES:

@@ -10,6 +10,9 @@ One launch serves a batch whose sequences differ in cache length and head budget
 2. reduce kernel, grid ``(B * Hq,)``: combines a head's partials with weights ``exp2(lse_s - max lse)``, or writes
    zeros for a head past the budget.
 
+Where the cache is cut into one chunk (short caches over many sequences and KV heads), the split kernel writes the
+output itself, zeros included, and the reduce kernel does not run: one launch per step (``DIRECT``).
+
 Splitting along the sequence keeps every SM streaming even for a single long sequence: decode is bound by
 the bandwidth of reading the cache, and ``B * Hkv`` programs alone would leave most of the GPU idle.
 """
@@ -56,17 +59,19 @@ _REDUCE_BLOCK = 2 if INTERPRET else 32
 
 @triton.autotune(
     configs=[triton.Config({"BLOCK_N": _INTERPRET_BLOCK_N}, num_warps=4)] if INTERPRET else _GPU_CONFIGS,
-    key=["HEAD_DIM", "BLOCK_H", "CHUNK", "S_BUCKET"],
+    key=["HEAD_DIM", "BLOCK_H", "CHUNK", "S_BUCKET", "DIRECT"],
     do_bench=cpu_do_bench if INTERPRET else None,
 )
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, lens_ptr, heads_ptr,
-    sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, o_ptr, lens_ptr, heads_ptr,
+    sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, sod,
     HQ, HKV, REP, S_MAX, NSPLIT, CHUNK, S_BUCKET, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    DIRECT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # DIRECT (one chunk, NSPLIT == 1): the output of the group's REP query heads is written here, normalised, and
+    # zeros for heads past the budget or an empty cache; no partials, no reduce kernel.
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = pid_bg // HKV
@@ -74,13 +79,17 @@ def _decode_split_kernel(
     n_heads = tl.minimum(tl.load(heads_ptr + b) - g * REP, REP)  # active query heads of this group
     length = tl.minimum(tl.load(lens_ptr + b), S_MAX)
     start = pid_s * CHUNK
-    if (n_heads <= 0) | (start >= length):
-        return  # the reduce kernel neither reads this chunk nor this group
-    end = tl.minimum(start + CHUNK, length)
     hrow = tl.arange(0, BLOCK_H)
     hq = g * REP + hrow
     hmask = hrow < n_heads
     d = tl.arange(0, HEAD_DIM)
+    o_ptrs = o_ptr + b.to(tl.int64) * sob + hq[:, None].to(tl.int64) * soh + d[None, :] * sod
+    omask = (hrow < REP)[:, None]
+    if (n_heads <= 0) | (start >= length):
+        if DIRECT:
+            tl.store(o_ptrs, tl.zeros((BLOCK_H, HEAD_DIM), dtype=o_ptr.dtype.element_ty), mask=omask)
+        return  # else the reduce kernel neither reads this chunk nor this group
+    end = tl.minimum(start + CHUNK, length)
     q = tl.load(q_ptr + b.to(tl.int64) * sqb + hq[:, None].to(tl.int64) * sqh + d[None, :] * sqd,
                 mask=hmask[:, None], other=0.0)
     if UPCAST:
@@ -108,10 +117,13 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
-    # Partials are fresh contiguous fp32 [B, HQ, NSPLIT, (D)].
-    part = (b.to(tl.int64) * HQ + hq) * NSPLIT + pid_s
-    tl.store(po_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / l_i[:, None], mask=hmask[:, None])
-    tl.store(plse_ptr + part, m_i + tl.log2(l_i), mask=hmask)
+    if DIRECT:  # rows past the budget held zero queries (finite); they are written as zeros
+        out = tl.where(hmask[:, None], acc / l_i[:, None], 0.0)
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=omask)
+    else:  # partials are fresh contiguous fp32 [B, HQ, NSPLIT, (D)]
+        part = (b.to(tl.int64) * HQ + hq) * NSPLIT + pid_s
+        tl.store(po_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / l_i[:, None], mask=hmask[:, None])
+        tl.store(plse_ptr + part, m_i + tl.log2(l_i), mask=hmask)
 
 
 @triton.jit
@@ -273,20 +285,25 @@ def elastic_attention_decode(
 
 
 def decode(q, k_cache, v_cache, cache_lens, heads, scale: float) -> torch.Tensor:
-    """The two launches of a decode step (split over the cache, then the merge of the splits)."""
+    """The launches of a decode step: split over the cache, then the merge of the splits (none for one chunk)."""
     B, HQ, D = q.shape
     HKV, S_MAX = k_cache.shape[1], k_cache.shape[2]
     rep = HQ // HKV
     chunk, nsplit = chunking(B, HKV, S_MAX, q.device)
-    po = torch.empty((B, HQ, nsplit, D), dtype=torch.float32, device=q.device)
-    plse = torch.empty((B, HQ, nsplit), dtype=torch.float32, device=q.device)
+    direct = nsplit == 1
+    o = torch.empty((B, HQ, D), dtype=q.dtype, device=q.device)
+    # One chunk: no partials (a placeholder pointer each; the kernel's DIRECT branch never touches them).
+    po = o if direct else torch.empty((B, HQ, nsplit, D), dtype=torch.float32, device=q.device)
+    plse = o if direct else torch.empty((B, HQ, nsplit), dtype=torch.float32, device=q.device)
     lens = cache_lens.to(torch.int32)
     _decode_split_kernel[(nsplit, B * HKV)](
-        q, k_cache, v_cache, po, plse, lens, heads, *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        HQ, HKV, rep, S_MAX, nsplit, chunk, next_pow2(S_MAX), scale * LOG2E,
+        q, k_cache, v_cache, po, plse, o, lens, heads, *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        *o.stride(), HQ, HKV, rep, S_MAX, nsplit, chunk, next_pow2(S_MAX), scale * LOG2E,
         HEAD_DIM=D, BLOCK_H=max(16, next_pow2(rep)), UPCAST=upcast_flag(q.dtype), PRECISION=dot_precision(q.dtype),
+        DIRECT=direct,
     )
-    o = torch.empty((B, HQ, D), dtype=q.dtype, device=q.device)
+    if direct:
+        return o
     _decode_reduce_kernel[(B * HQ,)](
         po, plse, o, lens, heads, *o.stride(), HQ, S_MAX, nsplit, chunk,
         HEAD_DIM=D, BLOCK_S=min(_REDUCE_BLOCK, max(2, next_pow2(nsplit))), num_warps=4,

@@ -248,6 +248,39 @@ def test_decode_chunk_policy():
             pass
 
 
+@pytest.mark.parametrize("one_chunk", [True, False], ids=["one_chunk", "chunks"])
+def test_decode_one_launch_and_two(one_chunk, monkeypatch):
+    """A cache cut into one chunk is finished by the split kernel alone (normalised, zeros written: one launch);
+    several chunks go through the reduce kernel. Both against the reference, with a budget that ends inside a KV
+    group, one of none, one past Hq, an empty cache (unvalidated), and outputs allocated full of NaN."""
+    import sys
+
+    dec = sys.modules["flextron_kernels.elastic_attention_decode"]
+    b, hq, hkv, d = 4, 8, 2, 32
+    s_max, policy = (100, dec.ChunkPolicy(programs_per_sm=1, min_chunk=4096)) if one_chunk else \
+        (1000, dec.ChunkPolicy(programs_per_sm=64, min_chunk=16))
+    q, kc, vc = randn(b, hq, d), randn(b, hkv, s_max, d), randn(b, hkv, s_max, d)
+    lens = torch.tensor([1, s_max - 23, s_max, 0], device=DEVICE)
+    heads = torch.tensor([8, 3, 0, 9], device=DEVICE)
+    reduce_kernel, reduces = dec._decode_reduce_kernel, []
+
+    class Counted:
+        def __getitem__(self, grid):
+            reduces.append(grid)
+            return reduce_kernel[grid]
+
+    monkeypatch.setattr(dec, "_decode_reduce_kernel", Counted())
+    with dec.chunk_policy(policy):
+        assert (dec.chunking(b, hkv, s_max, q.device)[1] == 1) == one_chunk
+        with poisoned_allocations():
+            o = elastic_attention_decode(q, kc, vc, lens, heads, validate=False)
+    want = _decode_ref(q, kc, vc, lens.clamp(min=1), torch.tensor([8, 3, 0, 8]))
+    want[3] = 0  # an empty cache: zeros
+    assert_close(o, want, torch.float32)
+    assert len(reduces) == (0 if one_chunk else 1)
+    assert torch.count_nonzero(o[1, 3:]) == 0 and torch.count_nonzero(o[2]) == 0 and torch.count_nonzero(o[3]) == 0
+
+
 def test_decode_strided_cache_and_int_heads():
     """A [B, S_max, Hkv, D] cache transposed, garbage past each length, an int budget, a custom scale."""
     b, hq, hkv, s_max, d = 3, 4, 2, 96, 64
