@@ -120,7 +120,9 @@ def attention_core(
     if head_budgets is not None:
         if head_drop is None:
             head_drop = (torch.arange(h, device=q.device)[None, :] >= head_budgets[:, None])[:, :, None, None]
-        o = o.masked_fill(head_drop, 0.0)
+        # In place outside autograd (SDPA's fresh output: one launch fewer per layer and step); its backward reads
+        # that output, so a call that records autograd keeps it.
+        o = o.masked_fill(head_drop, 0.0) if o.requires_grad else o.masked_fill_(head_drop, 0.0)
     return o.transpose(1, 2)
 
 
