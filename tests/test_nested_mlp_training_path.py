@@ -15,7 +15,7 @@ H, I = 48, 200
 
 
 def _case(T, dtype=torch.float32, seed=0, style="llama"):
-    """Llama's gated MLP, or GPT-2's: ungated, both biases (its activation is gelu_tanh, see ``ACT``)."""
+    """Llama's gated MLP, or GPT-2's: ungated, both biases (its activation is gelu_tanh, or relu: see ``ACT``)."""
     g = torch.Generator().manual_seed(seed)
     widths = torch.randint(1, I + 1, (T,), generator=g).to(DEVICE)
     x = randn(T, H, dtype=dtype, requires_grad=True)
@@ -29,7 +29,8 @@ def _case(T, dtype=torch.float32, seed=0, style="llama"):
     return x, widths, params
 
 
-ACT = {"llama": "silu", "gpt2": "gelu_tanh"}
+# relu: an ungated activation whose backward reads its output (the torch path must not mask that in place).
+ACT = {"llama": "silu", "gpt2": "gelu_tanh", "relu": "relu"}
 
 
 def _launches(monkeypatch) -> list:
@@ -49,7 +50,7 @@ def _fwd_bwd(x, widths, params, dy, activation="silu"):
     return y.detach(), grads
 
 
-@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("style", ["llama", "gpt2", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forced_paths_match_the_reference(dtype, style, monkeypatch):
     x, widths, params = _case(37, dtype, style=style)

@@ -16,15 +16,16 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 
 import torch
+import torch.nn.functional as F
 
 from .._runtime import INTERPRET, autocast_dtype, cast_to, check_same, check_tensor, setting, use_triton
-from ..reference import ACTIVATIONS, nested_mlp_ref
+from ..reference import ACTIVATIONS, activation_ref, nested_mlp_ref
 from . import graphs, launch, plan
 
 ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2, relu 3
 
 # Eager calls that record autograd on a GPU with at most this many tokens run the MLP as torch ops at full width,
-# each token's neurons past its width zeroed (``nested_mlp_ref``: cuBLAS, autograd's own backward). There the call
+# each token's neurons past its width zeroed (:func:`_torch_path`: cuBLAS, autograd's own backward). There the call
 # is bound by host time: on an H100 the kernels' eager forward+backward of 256 tokens (Llama-2-7B MLP) took
 # 1.45-1.72 ms against 0.48 for the dense MLP, 0.41-0.51 ms from a CUDA graph. Not under graph capture or
 # torch.compile (the kernels' GPU time is the lower one), nor inside ``plan.override`` (kernel tests and sweeps).
@@ -35,7 +36,7 @@ _forced_training: str | None = None
 
 def training_path(path: str) -> AbstractContextManager[None]:
     """Inside the block every ``nested_mlp`` call that records autograd takes ``path`` in place of the rule above:
-    ``"kernels"`` (the Triton forward and backward) or ``"torch"`` (``nested_mlp_ref``'s ops). Tests, benchmarks."""
+    ``"kernels"`` (the Triton forward and backward) or ``"torch"`` (:func:`_torch_path`). Tests, benchmarks."""
     if path not in TRAINING_PATHS:
         raise ValueError(f"path must be one of {TRAINING_PATHS}, got {path!r}")
     return setting(globals(), "_forced_training", path)
@@ -47,6 +48,26 @@ def _torch_training(x: torch.Tensor) -> bool:
         return _forced_training == "torch"
     return (x.is_cuda and not INTERPRET and x.numel() // x.shape[-1] <= EAGER_TRAINING_MAX_TOKENS
             and not plan.overridden() and not torch.cuda.is_current_stream_capturing())
+
+
+_COLUMNS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _torch_path(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, activation) -> torch.Tensor:
+    """The full-width MLP, each token's neurons past its width zeroed: ``nested_mlp_ref``'s computation in two
+    launches fewer (the column indices made once per width and device; a gated product masked in place: autograd's
+    ``mul`` keeps its inputs, not its output, while ``relu``'s backward reads its output, so ungated ones copy)."""
+    inter = up_weight.shape[0]
+    cols = _COLUMNS.get((inter, x.device))
+    if cols is None:
+        cols = _COLUMNS[(inter, x.device)] = torch.arange(inter, device=x.device)
+    drop = cols >= widths.unsqueeze(-1)
+    h = F.linear(x, up_weight, up_bias)
+    if gate_weight is not None:
+        a = (activation_ref(F.linear(x, gate_weight), activation) * h).masked_fill_(drop, 0.0)
+    else:
+        a = activation_ref(h, activation).masked_fill(drop, 0.0)
+    return F.linear(a, down_weight, down_bias)
 
 
 class _NestedMLP(torch.autograd.Function):
@@ -160,8 +181,7 @@ def nested_mlp(
                                                  ACT_ID[activation], training)[0]
     if training:
         if _torch_training(x):
-            return nested_mlp_ref(x, up_weight, down_weight, widths, gate_weight=gate_weight, up_bias=up_bias,
-                                  down_bias=down_bias, activation=activation)
+            return _torch_path(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bias, activation)
         return _NestedMLP.apply(*tensors, widths, ACT_ID[activation])
     # Inference: no autograd node, no saved pre-activations; on CUDA, replayed from a cached graph where this exact
     # call was seen before (graphs.py: one graph launch instead of three Triton launches).
