@@ -60,7 +60,9 @@ def _torch_path(x, up_weight, down_weight, widths, gate_weight, up_bias, down_bi
     inter = up_weight.shape[0]
     cols = _COLUMNS.get((inter, x.device))
     if cols is None:
-        cols = _COLUMNS[(inter, x.device)] = torch.arange(inter, device=x.device)
+        cols = torch.arange(inter, device=x.device)
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):  # captured, it holds values only on replay
+            _COLUMNS[(inter, x.device)] = cols
     drop = cols >= widths.unsqueeze(-1)
     h = F.linear(x, up_weight, up_bias)
     if gate_weight is not None:
