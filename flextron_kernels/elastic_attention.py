@@ -197,7 +197,12 @@ def _attn_fwd_kernel(
 # On a GPU it is the default forward wherever the operands allow it (16-bit, aligned strides, Hopper): measured on an
 # H100 at 1.1-1.25x the pointer kernel's speed in every case of bench_elastic_attention. ``attention_backend("triton")``
 # keeps the pointer kernel; under the interpreter ``"auto"`` runs the pointer kernel and ``"triton_tma"`` this one.
-_TMA_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 64, 8, 5), (64, 64, 4, 4)]
+# The 64-row, 4-warp tiles at 3 stages (64 and 112 KB of shared memory) leave room for two or three programs per SM,
+# so one program's prologue and epilogue overlap another's key loop: on an H100 they ran the causal forward
+# 1.05-1.26x faster than the autotuner's pick among the others at 2048 and 512 tokens
+# (benchmarks/lab/explore_attention.py --tiles).
+_TMA_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 64, 8, 5), (64, 64, 4, 4),
+              (64, 64, 4, 3), (64, 32, 4, 3)]
 _TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
