@@ -317,12 +317,14 @@ def elastic_attention_vs_default(r: Result) -> list[str]:
         for x in mixed:
             sp = x.get("speed_vs_sdpa_all", {})
             size = f"{x.get('B')} x {x.get('S')}" if x["kind"] == "mixed" else f"{x.get('B')}, {x.get('ctx')} cached"
-            provs = ("triton",) + (("triton_tma",) if has_tma else ()) + ("grouped", "grouped_scattered", "decode")
+            provs = ("triton",) + (("triton_tma",) if has_tma else ()) + ("list", "grouped", "grouped_scattered",
+                                                                          "decode")
             body.append([x["kind"], str(x.get("hkv")), size] + [
                 _eager_graph([sp.get(p)]) if sp.get(p) else "–" for p in provs])
         out += table(["pass", "KV heads", "batch", "Triton, one launch"]
                      + (["Triton TMA, one launch"] if has_tma else [])
-                     + ["SDPA per group (adjacent)", "SDPA per group (scattered)", "decode kernel"], body, right_from=3)
+                     + ["host list (default dispatch)", "SDPA per group (adjacent)", "SDPA per group (scattered)",
+                        "decode kernel"], body, right_from=3)
     targets = r.data.get("targets", {})
     if targets:
         out += ["", "Targets recorded by the run:", ""]

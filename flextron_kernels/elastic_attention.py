@@ -534,10 +534,12 @@ def attention_backend(name: str) -> AbstractContextManager[None]:
     - ``"auto"`` (the default): uniform budgets (``num_heads`` None or an int) on a GPU go to
       ``F.scaled_dot_product_attention`` on the head-prefix views, the backend torch picks (cuDNN on Hopper),
       wherever SDPA's causal alignment is ours (``Sq == Sk``, or one query); per-sequence budgets given as a list of
-      ints run SDPA once per budget group; a budget tensor, a chunk of queries after cached keys, and the
-      interpreter run the Triton kernel, its forward through TMA descriptors on a GPU where the operands allow it
+      ints run the Triton kernel for a prompt outside autograd (the list made a device tensor once), else SDPA once
+      per budget group; a budget tensor, a chunk of queries after cached keys, and the interpreter run the Triton
+      kernel, its forward through TMA descriptors on a GPU where the operands allow it
       (16-bit, 16-byte aligned strides, Hopper), else through pointer loads.
-    - ``"sdpa"``: SDPA wherever it can serve (also on the CPU); the Triton kernel only where it cannot.
+    - ``"sdpa"``: SDPA wherever it can serve (also on the CPU; a list of budgets once per group); the Triton kernel
+      only where it cannot.
     - ``"triton"``: the Triton kernel always (a list of budgets becomes a tensor), its forward through pointer loads.
     - ``"triton_tma"``: the Triton kernel always, its forward through TMA descriptors where the operands allow it
       (also under the interpreter); the backward is the same for both forwards.
@@ -579,6 +581,22 @@ def _padded(o: torch.Tensor, hq: int) -> torch.Tensor:
 def _index(seqs: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """A group's sequence indices on the device, made once (a copy from the host is illegal in a CUDA graph)."""
     return torch.tensor(seqs, device=device)
+
+
+def _kernel_takes_list(budgets: list[int], q, k, v) -> bool:
+    """Whether ``"auto"`` runs mixed host-list budgets through the Triton kernel rather than SDPA per group: a prompt
+    (more than one query) outside autograd. On an H100 the kernel ran mixed budgets 8/16/24/32 at 1.38x cuDNN on all
+    heads at 8 x 2048 and 1.07-1.10x at 32 x 512, SDPA per group on adjacent sequences 0.94-0.95x and 0.47-0.58x
+    (eager; ``bench_elastic_attention.py``). Its backward against cuDNN's per group, and single queries, are not
+    measured that way: those keep SDPA."""
+    return (_backend == "auto" and len(set(budgets)) > 1 and q.shape[2] > 1
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+
+
+@functools.lru_cache(maxsize=256)
+def _budget_tensor(budgets: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A host list of budgets on the device, made once (a copy from the host is illegal in a CUDA graph)."""
+    return torch.tensor(budgets, dtype=torch.int32, device=device)
 
 
 def _grouped(q, k, v, budgets: list[int], causal: bool, scale: float) -> torch.Tensor:
@@ -716,9 +734,10 @@ def elastic_attention(
 
     Which implementation runs (:func:`attention_backend` overrides it): on a GPU, a uniform budget (None or an int)
     runs ``F.scaled_dot_product_attention`` with the backend torch picks, on the head-prefix views, wherever its
-    causal alignment is this function's (``Sq == Sk`` or one query); a list runs SDPA once per budget group; a
-    tensor of budgets (no host sync, CUDA-graph safe) and a chunk of queries after cached keys run the Triton
-    kernel, one launch that skips each sequence's dropped heads.
+    causal alignment is this function's (``Sq == Sk`` or one query); a list of mixed budgets runs the Triton kernel
+    for a prompt outside autograd, else SDPA once per budget group; a tensor of budgets (no host sync, CUDA-graph
+    safe) and a chunk of queries after cached keys run the Triton kernel, one launch that skips each sequence's
+    dropped heads.
         validate: check a ``num_heads`` tensor's values, at the cost of one host sync per call; skipped anyway
             while a CUDA graph is captured or torch.compile traces the call. Unchecked, heads ``h < num_heads[b]``
             are kept (clamped to [0, Hq]).
@@ -736,9 +755,12 @@ def elastic_attention(
     if not isinstance(num_heads, torch.Tensor) and q.numel() and k.shape[2] and sdpa_serves(q, k, causal):
         if num_heads is None:
             return _sdpa_prefix(q, k, v, hq, causal, scale)
-        if isinstance(num_heads, (list, tuple)):
-            return _grouped(q, k, v, host_heads(num_heads, B, hq, rep), causal, scale)
-        return _padded(_sdpa_prefix(q, k, v, _uniform_heads(num_heads, hq, rep), causal, scale), hq)
+        if not isinstance(num_heads, (list, tuple)):
+            return _padded(_sdpa_prefix(q, k, v, _uniform_heads(num_heads, hq, rep), causal, scale), hq)
+        budgets = host_heads(num_heads, B, hq, rep)
+        if not _kernel_takes_list(budgets, q, k, v):
+            return _grouped(q, k, v, budgets, causal, scale)
+        num_heads, validate = _budget_tensor(tuple(budgets), q.device), False  # checked on the host just now
     heads = heads_tensor(num_heads, B, hq, rep, q.device, validate)
     if not use_triton(q) or q.numel() == 0 or k.shape[2] == 0:
         return elastic_attention_ref(q, k, v, heads.long(), causal=causal, scale=scale)

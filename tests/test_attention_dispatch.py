@@ -82,6 +82,47 @@ def test_rule():
     assert sdpa_serves(q, k, True) == (ON_GPU and DEVICE == "cuda")  # auto: SDPA on a GPU only
 
 
+def test_host_list_rule():
+    """Under "auto", mixed host-list budgets take the Triton kernel for a prompt outside autograd; one budget for
+    all, a single query, a call that records autograd, or another backend keep SDPA per group."""
+    from flextron_kernels.elastic_attention import _kernel_takes_list
+
+    q, k, v = _qkv(2, 4, 2, 8, 16)
+    q1 = q[:, :, :1]
+    with torch.no_grad():
+        assert _kernel_takes_list([4, 2], q, k, v)
+        assert not _kernel_takes_list([4, 4], q, k, v)
+        assert not _kernel_takes_list([4, 2], q1, k, v)
+        with attention_backend("sdpa"):
+            assert not _kernel_takes_list([4, 2], q, k, v)
+    assert not _kernel_takes_list([4, 2], q, k, v)  # q requires grad
+    with torch.no_grad():
+        assert _kernel_takes_list([4, 2], q.detach(), k.detach(), v.detach())
+
+
+@pytest.mark.skipif(not ON_GPU, reason="under 'auto' SDPA serves lists on a GPU only")
+def test_host_list_prompt_runs_the_kernel_on_a_gpu(monkeypatch):
+    """A mixed host list on a prompt, outside autograd: one Triton launch (no SDPA call), the reference's output;
+    with autograd, SDPA per group."""
+    import importlib
+
+    ea = importlib.import_module("flextron_kernels.elastic_attention")
+    calls = {"kernel": 0, "sdpa": 0}
+    real_forward, real_sdpa = ea.forward, ea.F.scaled_dot_product_attention
+    monkeypatch.setattr(ea, "forward", lambda *a: calls.__setitem__("kernel", calls["kernel"] + 1) or real_forward(*a))
+    monkeypatch.setattr(ea.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.__setitem__("sdpa", calls["sdpa"] + 1) or real_sdpa(*a, **kw))
+    q, k, v = _qkv(4, 8, 4, 64, 64, dtype=torch.bfloat16)
+    budgets = [2, 8, 4, 8]
+    with torch.no_grad():
+        o = elastic_attention(q, k, v, budgets)
+    assert calls == {"kernel": 1, "sdpa": 0}
+    ref = elastic_attention_ref(*(t.detach().double().cpu() for t in (q, k, v)), torch.tensor(budgets))
+    assert_close(o.cpu(), ref, torch.bfloat16, "o")
+    _against_ref(q, k, v, budgets, dtype=torch.bfloat16)
+    assert calls["sdpa"] > 0
+
+
 def test_bad_backend_and_lists():
     q, k, v = _qkv(2, 4, 2, 8, 16)
     with pytest.raises(ValueError, match="backend"), attention_backend("flash"):
