@@ -36,6 +36,7 @@ def test_attention_cases_and_tables_run_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "D", 16)
     monkeypatch.setattr(bench, "HQ", 4)
     monkeypatch.setattr(bench, "DTYPE", torch.float32)
+    monkeypatch.setattr(bench, "MIXED_SHAPES", [(4, 16)])  # the decode case below counts towards its target
     import _common
 
     monkeypatch.setattr(_common, "bench_ms", lambda fn, grad_to_none=None, rep=0: (fn(), 1.0)[1])
@@ -47,8 +48,10 @@ def test_attention_cases_and_tables_run_on_cpu(tmp_path, monkeypatch):
         speeds = r.get("speed_vs_sdpa", r.get("speed_vs_sdpa_all"))
         assert speeds and all(v["eager"] and v["graph"] for v in speeds.values())
     targets = bench.targets(rows)
-    assert len(targets) == 10 and all(len(v) == 3 for v in targets.values())
+    assert len(targets) == 12 and all(len(v) == 3 for v in targets.values())
     assert targets["noise_floor_sdpa_vs_itself_eager"] == [[1.0, 1.0], "range", None]
+    assert targets["mixed_decode_min_speed_vs_sdpa_all_graph"] == [1.0, ">= 1.3", False]
+    assert targets["mixed_decode_all_shapes_speed_vs_sdpa_all_graph"] == [[1.0, 1.0], "range", None]
     payload = dict(benchmark="elastic_attention", gpu="NVIDIA Toy", torch="t", triton="t", commit="0000000",
                    date="2026-01-01T00:00:00+00:00", head_dim=16, hq=4, rows=rows, targets=targets)
     (tmp_path / "elastic_attention_NVIDIA_Toy.json").write_text(json.dumps(payload))
@@ -60,6 +63,7 @@ def test_attention_cases_and_tables_run_on_cpu(tmp_path, monkeypatch):
     text = tables.render(tmp_path)
     assert "Triton, one launch" in text and "SDPA per group (scattered)" in text and "decode kernel" in text
     assert "speed against itself over the prefill cases: eager 1.00x, graph 1.00x." in text
+    assert "an eager call of a small step is bound by its host time): eager 1.00x, graph 1.00x." in text
     assert "speed vs cuBLAS on the slice, eager" in text and "0.96x" in text and "not met" in text
 
 
