@@ -608,6 +608,8 @@ class Runner:
         rows, summary = evaluate(rows, layers)
         payload = {"bench": BENCH, "info": self.info, "settings": self.settings(), "shapes": shapes,
                    "rows": rows, "summary": summary, "skipped": self.skipped}
+        if prev.get("notes"):  # how the merged file's runs were made, written by hand: kept
+            payload["notes"] = prev["notes"]
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
         tmp.replace(self.path)

@@ -188,9 +188,13 @@ def test_tiny_sweep_runs_and_merges(tmp_path):
     assert dec["ms"] == pytest.approx(statistics_median(dec["steps_ms"]))
     assert rows[("tiny", "ext-50", "prefill", "eager", 1)]["seq_len"] == 8
     assert "vs_ext" in dec["ratios"] and "vs_hf" in rows[("tiny", "fm-full", "prefill", "eager", 1)]["ratios"]
-    # A second command adds its rows to the file; a third that may start nothing skips every row.
+    # A second command adds its rows to the file (notes written into it by hand are kept); a third that may start
+    # nothing skips every row.
+    path = tmp_path / "end_to_end_cpu.json"
+    path.write_text(json.dumps({**data, "notes": "two runs"}))
     data = run_tiny(tmp_path, "--providers", "fm-random-widths", "--phases", "prefill", "--merge")
     assert len(data["rows"]) == 9 and data["rows"][-1]["provider"] == "fm-random-widths"
+    assert data["notes"] == "two runs"
     assert data["rows"][-1]["ratios"]["speedup_vs_full"] > 0
     data = run_tiny(tmp_path, "--providers", "hf", "--merge", "--time-limit", "0")
     assert len(data["rows"]) == 9 and data["skipped"] == ["tiny hf prefill eager b1", "tiny hf decode eager b1"]
