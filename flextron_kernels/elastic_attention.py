@@ -53,8 +53,8 @@ LOG2E = 1.4426950408889634
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper-sized tiles for 16-bit D >= 64; anything else (fp32, small
 # head dims, the tests) is pruned to the single small config: fp32 tiles double the shared memory per stage.
 _FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)]
-_DQ_TILES = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
-_DKV_TILES = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)]
+_DQ_TILES = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
+_DKV_TILES = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)]
 _SMALL_TILE = (64, 32, 4, 2)
 # The interpreter's cost grows with the number of programs: big blocks, one config (BLOCK_M != BLOCK_N on
 # purpose, so the tests exercise the diagonal bookkeeping with unequal tiles).

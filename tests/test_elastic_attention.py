@@ -1,6 +1,7 @@
 """elastic_attention and its decode form against the float64 reference: lengths off every block multiple,
 per-sequence head budgets, causal and not, GQA and MHA, every dtype, gradients, strided views, bad input."""
 
+import contextlib
 import importlib
 
 import pytest
@@ -142,6 +143,41 @@ def test_tma_forward(dtype, case, monkeypatch):
             q, k, v = _qkv(2, 4, hkv, seq, d, dtype, sk=sk)
             o = _check_fwd_bwd(q, k, v, heads, causal, dtype)
     assert torch.count_nonzero(o[1, 2:]) == 0
+
+
+@contextlib.contextmanager
+def _only_config(kernel, config):
+    """Within the block the autotuned ``kernel`` runs ``config`` and nothing else (its tuning cache set aside)."""
+    saved = kernel.configs, kernel.cache
+    kernel.configs, kernel.cache = [config], {}
+    try:
+        yield
+    finally:
+        kernel.configs, kernel.cache = saved
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the GPU's tiles: the interpreter has one config per kernel")
+@pytest.mark.parametrize("kernel", ["_attn_fwd_kernel", "_attn_fwd_tma_kernel", "_attn_bwd_dq_kernel",
+                                    "_attn_bwd_dkv_kernel"])
+def test_every_tile(kernel):
+    """Each config of each autotuned kernel, forced in turn, against the float64 reference: the autotuner keeps
+    whichever tile is fastest on a machine, so any of them may serve a user. bf16 at D = 128 (the shapes the Hopper
+    tiles are pruned to), queries after cached keys, lengths off every tile multiple, mixed budgets."""
+    kern = getattr(_EA, kernel)
+    backend = "triton_tma" if kernel == "_attn_fwd_tma_kernel" else "triton"
+    if backend == "triton_tma" and not _EA.tma_sms(torch.device(DEVICE)):
+        pytest.skip("no TMA on this device (Hopper or later)")
+    heads = torch.tensor([4, 2], device=DEVICE)
+    configs = list(kern.configs)
+    assert len(configs) > 1
+    for config in configs:
+        q, k, v = _qkv(2, 4, 2, 200, 128, torch.bfloat16, sk=333)
+        with _only_config(kern, config), attention_backend(backend):
+            try:
+                o = _check_fwd_bwd(q, k, v, heads, True, torch.bfloat16)
+            except AssertionError as e:
+                raise AssertionError(f"{kernel} with {config}: {e}") from None
+        assert torch.count_nonzero(o[1, 2:]) == 0
 
 
 class _Launches:
