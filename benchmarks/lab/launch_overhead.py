@@ -84,6 +84,25 @@ def one_shape(B: int, HQ: int, HKV: int, S: int, calls: int) -> dict:
             q, kc, vc, po, plse, o, lens, heads, *q.stride(), *kc.stride(), *vc.stride(), *o.stride(),
             HQ, HKV, HQ // HKV, S, nsplit, chunk, 256, scale * DEC.LOG2E, D, 16, False, "ieee", nsplit == 1)
 
+    cache = {}
+
+    def spec_key(a):  # what the binder specialises on: a pointer's 16-byte alignment; an int's 1, %16, int64
+        if isinstance(a, torch.Tensor):
+            return a.data_ptr() % 16 == 0
+        if isinstance(a, int):
+            return (a == 1, a % 16 == 0, a >= 1 << 31)
+        return None
+
+    def prototype():  # a cache keyed in Python on those properties, then the compiled launcher
+        args = (q, kc, vc, po, plse, o, lens, heads, *q.stride(), *kc.stride(), *vc.stride(), *o.stride(),
+                HQ, HKV, HQ // HKV, S, nsplit, chunk, 256, scale * DEC.LOG2E)
+        key = tuple(map(spec_key, args))
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = ck
+        hit.run(grid[0], grid[1], 1, stream, hit.function, hit.packed_metadata, None, enter, exit_,
+                *args, D, 16, False, "ieee", nsplit == 1)
+
     kq = kc[:, :, :S]
     cases = {
         "aten_add": lambda: x.add(1.0),
@@ -96,6 +115,7 @@ def one_shape(B: int, HQ: int, HKV: int, S: int, calls: int) -> dict:
         "get_current_stream": lambda: driver.active.get_current_stream(dev.index or 0),
         "compiled.run (bound args)": direct,
         "compiled.run (args rebuilt)": direct_args,
+        "prototype cache + run": prototype,
     }
     name = f"B{B}_HQ{HQ}_HKV{HKV}_S{S}_nsplit{nsplit}"
     row = {k: per_call_us(f, calls) for k, f in cases.items()}
