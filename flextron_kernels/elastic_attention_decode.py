@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import DirectLaunch
 from ._runtime import (
     INTERPRET,
     autocast_dtype,
@@ -158,6 +159,10 @@ def _decode_reduce_kernel(
         den = den * alpha + tl.sum(w, 0)
         m = m_new
     tl.store(o_ptrs, (acc / den).to(o_ptr.dtype.element_ty))
+
+
+_SPLIT = DirectLaunch(_decode_split_kernel)
+_REDUCE = DirectLaunch(_decode_reduce_kernel, num_warps=4)
 
 
 @functools.cache
@@ -296,16 +301,12 @@ def decode(q, k_cache, v_cache, cache_lens, heads, scale: float) -> torch.Tensor
     po = o if direct else torch.empty((B, HQ, nsplit, D), dtype=torch.float32, device=q.device)
     plse = o if direct else torch.empty((B, HQ, nsplit), dtype=torch.float32, device=q.device)
     lens = cache_lens.to(torch.int32)
-    _decode_split_kernel[(nsplit, B * HKV)](
+    _SPLIT((nsplit, B * HKV), (
         q, k_cache, v_cache, po, plse, o, lens, heads, *q.stride(), *k_cache.stride(), *v_cache.stride(),
         *o.stride(), HQ, HKV, rep, S_MAX, nsplit, chunk, next_pow2(S_MAX), scale * LOG2E,
-        HEAD_DIM=D, BLOCK_H=max(16, next_pow2(rep)), UPCAST=upcast_flag(q.dtype), PRECISION=dot_precision(q.dtype),
-        DIRECT=direct,
-    )
+    ), (D, max(16, next_pow2(rep)), upcast_flag(q.dtype), dot_precision(q.dtype), direct))
     if direct:
         return o
-    _decode_reduce_kernel[(B * HQ,)](
-        po, plse, o, lens, heads, *o.stride(), HQ, S_MAX, nsplit, chunk,
-        HEAD_DIM=D, BLOCK_S=min(_REDUCE_BLOCK, max(2, next_pow2(nsplit))), num_warps=4,
-    )
+    _REDUCE((B * HQ,), (po, plse, o, lens, heads, *o.stride(), HQ, S_MAX, nsplit, chunk),
+            (D, min(_REDUCE_BLOCK, max(2, next_pow2(nsplit)))))
     return o

@@ -298,14 +298,13 @@ def test_decode_one_launch_and_two(one_chunk, monkeypatch):
     q, kc, vc = randn(b, hq, d), randn(b, hkv, s_max, d), randn(b, hkv, s_max, d)
     lens = torch.tensor([1, s_max - 23, s_max, 0], device=DEVICE)
     heads = torch.tensor([8, 3, 0, 9], device=DEVICE)
-    reduce_kernel, reduces = dec._decode_reduce_kernel, []
+    reduce_launch, reduces = dec._REDUCE, []
 
-    class Counted:
-        def __getitem__(self, grid):
-            reduces.append(grid)
-            return reduce_kernel[grid]
+    def counted(grid, args, constexprs):
+        reduces.append(grid)
+        reduce_launch(grid, args, constexprs)
 
-    monkeypatch.setattr(dec, "_decode_reduce_kernel", Counted())
+    monkeypatch.setattr(dec, "_REDUCE", counted)
     with dec.chunk_policy(policy):
         assert (dec.chunking(b, hkv, s_max, q.device)[1] == 1) == one_chunk
         with poisoned_allocations():

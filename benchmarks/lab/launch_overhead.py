@@ -3,8 +3,9 @@
 Tiny problems (the GPU finishes each launch before the host issues the next), so a loop's wall time per call is
 the host's. Times, per call: an ATen launch for scale; SDPA's GQA decode step (the baseline); the public
 ``elastic_attention_decode``; ``decode`` (allocations and launches, no checks); the split kernel through
-``kernel[grid]`` (Triton's JIT path); its binder alone; and the compiled kernel's own launcher (``CompiledKernel.run``
-with the bound arguments). Then a cProfile of ``decode``.
+``kernel[grid]`` (the autotuner and Triton's JIT path) and through ``DirectLaunch``; the binder alone; and the
+compiled kernel's own launcher (``CompiledKernel.run``) with the bound arguments. Then a cProfile of ``decode``,
+and the prefill forward's host time on a tiny prompt.
 
     python benchmarks/lab/launch_overhead.py [--calls 2000] [--out DIR]
 """
@@ -68,8 +69,9 @@ def one_shape(B: int, HQ: int, HKV: int, S: int, calls: int) -> dict:
     grid = (nsplit, B * HKV)
     kern = DEC._decode_split_kernel
     ck = kern[grid](*pos, **kw)
-    binder = kern.device_caches[dev.index or 0][4]
-    bound, _spec, _opts = binder(*pos, **kw)
+    kw_all = {**kw, **kern.best_config.kwargs}  # the autotuner's pick (BLOCK_N) completes the constexprs
+    binder = kern.fn.device_caches[dev.index or 0][4]
+    bound, _spec, _opts = binder(*pos, **kw_all)
     vals = tuple(bound.values())
     stream = driver.active.get_current_stream(dev.index or 0)
     fn, meta = ck.function, ck.packed_metadata
@@ -82,7 +84,8 @@ def one_shape(B: int, HQ: int, HKV: int, S: int, calls: int) -> dict:
     def direct_args():  # what a cached launcher would do per call: rebuild the argument tuple
         run(grid[0], grid[1], 1, stream, fn, meta, None, enter, exit_,
             q, kc, vc, po, plse, o, lens, heads, *q.stride(), *kc.stride(), *vc.stride(), *o.stride(),
-            HQ, HKV, HQ // HKV, S, nsplit, chunk, 256, scale * DEC.LOG2E, D, 16, False, "ieee", nsplit == 1)
+            HQ, HKV, HQ // HKV, S, nsplit, chunk, 256, scale * DEC.LOG2E, D, 16, False, "ieee", nsplit == 1,
+            kw_all["BLOCK_N"])
 
     cache = {}
 
@@ -101,7 +104,7 @@ def one_shape(B: int, HQ: int, HKV: int, S: int, calls: int) -> dict:
         if hit is None:
             hit = cache[key] = ck
         hit.run(grid[0], grid[1], 1, stream, hit.function, hit.packed_metadata, None, enter, exit_,
-                *args, D, 16, False, "ieee", nsplit == 1)
+                *args, D, 16, False, "ieee", nsplit == 1, kw_all["BLOCK_N"])
 
     kq = kc[:, :, :S]
     cases = {
@@ -111,7 +114,8 @@ def one_shape(B: int, HQ: int, HKV: int, S: int, calls: int) -> dict:
         "elastic_attention_decode": lambda: elastic_attention_decode(q, kc, vc, lens, heads, validate=False),
         "decode": lambda: decode(q, kc, vc, lens, heads, scale),
         "split_kernel[grid]": lambda: kern[grid](*pos, **kw),
-        "binder": lambda: binder(*pos, **kw),
+        "DirectLaunch (shipped)": lambda: DEC._SPLIT(grid, pos, tuple(kw.values())),
+        "binder": lambda: binder(*pos, **kw_all),
         "get_current_stream": lambda: driver.active.get_current_stream(dev.index or 0),
         "compiled.run (bound args)": direct,
         "compiled.run (args rebuilt)": direct_args,
