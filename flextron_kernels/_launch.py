@@ -16,8 +16,14 @@ from collections.abc import Sequence
 
 import torch
 from triton import knobs
+from triton.knobs import HookChain
 
 from ._runtime import INTERPRET
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook is set: Triton keeps an empty ``HookChain`` there by default; a user may set a function."""
+    return hook is not None and (not isinstance(hook, HookChain) or bool(hook.calls))
 
 
 def _spec(a):
@@ -69,7 +75,7 @@ class DirectLaunch:
         self.misses = 0  # launches that went through kernel[grid] (the tests count them)
 
     def __call__(self, grid: Sequence[int], args: tuple, constexprs: tuple) -> None:
-        if INTERPRET or knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
+        if INTERPRET or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
             self._slow(grid, args, constexprs)
             return
         device = torch.cuda.current_device()

@@ -81,12 +81,18 @@ def test_launch_hook_sees_every_launch():
     x = torch.randn(256, device=DEVICE)
     _run(launch, x, 256, 1)  # compiled and cached
     seen = []
-    knobs.runtime.launch_enter_hook = lambda metadata: seen.append(metadata)
+
+    def hook(metadata):
+        seen.append(metadata)
+
+    knobs.runtime.launch_enter_hook.add(hook)
     try:
         y = _run(launch, x, 256, 1)
     finally:
-        knobs.runtime.launch_enter_hook = None
+        knobs.runtime.launch_enter_hook.remove(hook)
     assert len(seen) == 1 and torch.equal(y, x * 2.0)
+    _run(launch, x, 256, 1)
+    assert len(seen) == 1 and launch.misses == 1
 
 
 def test_rejects_what_it_cannot_serve():

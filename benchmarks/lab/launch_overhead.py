@@ -147,6 +147,7 @@ def prefill_host(calls: int) -> dict:
     for name in ("triton_tma", "triton"):
         with attention_backend(name):
             row[f"forward ({name})"] = per_call_us(lambda: EA.forward(q, k, v, heads, True, 128 ** -0.5), calls)
+    row["4 TensorDescriptors"] = per_call_us(lambda: [EA._desc(t) for t in (q, k, v, q)], calls)
     row["sdpa causal gqa"] = per_call_us(
         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), calls)
     print("== prefill B2 S16")
