@@ -42,11 +42,18 @@ def _spec(a):
 
 
 class DirectLaunch:
-    """``launch(grid, args, constexprs)`` for one ``@triton.jit`` kernel, autotuned or not: ``args`` its runtime
-    arguments in order, ``constexprs`` the constexpr arguments the caller gives, in the order of the signature (by
-    value: a changed value is another key); an autotuned kernel's config supplies the rest. The autotuner's key
-    arguments are part of the key by value, so each tuning key keeps the config the autotuner chose for it.
-    ``options`` (``num_warps``, ``num_stages``) are fixed per launcher (not for an autotuned kernel)."""
+    """``launch(grid, tensors, scalars, constexprs)`` for one ``@triton.jit`` kernel, autotuned or not, whose runtime
+    parameters are ``tensors`` then ``scalars`` (ints, bools, floats), in order; ``constexprs`` are the constexpr
+    arguments the caller gives, in the signature's order (by value: a changed value is another key); an autotuned
+    kernel's config supplies the rest, and the autotuner's key arguments are part of the key by value, so each tuning
+    key keeps the config the autotuner chose for it. ``options`` (``num_warps``, ``num_stages``) are fixed per
+    launcher (not for an autotuned kernel).
+
+    Two lookups: by the exact scalars with each tensor's dtype and alignment (a few microseconds: a decode loop on a
+    static cache repeats them), then by what Triton specialises on (a cache that grows each step changes its strides,
+    not their specialisation)."""
+
+    _EXACT_MAX = 4096  # exact keys kept (cleared past this: a long generation meets a new length each step)
 
     def __init__(self, kernel, **options):
         self.kernel = kernel
@@ -71,29 +78,38 @@ class DirectLaunch:
             self._tune_idx = tuple(names.index(k) for k in kernel.keys if names.index(k) < self._n_args)
         else:
             self._tune_idx = ()
-        self._compiled: dict = {}
+        self._exact: dict = {}
+        self._by_spec: dict = {}
         self.misses = 0  # launches that went through kernel[grid] (the tests count them)
 
-    def __call__(self, grid: Sequence[int], args: tuple, constexprs: tuple) -> None:
+    def __call__(self, grid: Sequence[int], tensors: tuple, scalars: tuple, constexprs: tuple) -> None:
         if INTERPRET or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
-            self._slow(grid, args, constexprs)
+            self._slow(grid, tensors + scalars, constexprs)
             return
         device = torch.cuda.current_device()
-        key = (device, constexprs, tuple(map(_spec, args)), tuple(args[i] for i in self._tune_idx))
-        hit = self._compiled.get(key)
+        exact = (device, constexprs, scalars, tuple([t.dtype for t in tensors]),
+                 tuple([t.data_ptr() & 15 for t in tensors]))
+        hit = self._exact.get(exact)
         if hit is None:
-            self.misses += 1
-            compiled = self._slow(grid, args, constexprs)
-            best = getattr(self.kernel, "best_config", None)
-            tail = constexprs + tuple(best.kwargs[n] for n in self._constexpr_names[len(constexprs):]) if best \
-                else constexprs
-            self._compiled[key] = (compiled, tail)
-            return
+            args = tensors + scalars
+            key = (device, constexprs, tuple(map(_spec, args)), tuple(args[i] for i in self._tune_idx))
+            hit = self._by_spec.get(key)
+            if hit is None:
+                self.misses += 1
+                compiled = self._slow(grid, args, constexprs)
+                best = getattr(self.kernel, "best_config", None)
+                tail = constexprs + tuple(best.kwargs[n] for n in self._constexpr_names[len(constexprs):]) if best \
+                    else constexprs
+                self._by_spec[key] = (compiled, tail)
+                return
+            if len(self._exact) >= self._EXACT_MAX:
+                self._exact.clear()
+            self._exact[exact] = hit
         compiled, tail = hit
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
         compiled.run(grid[0], g1, g2, torch._C._cuda_getCurrentRawStream(device), compiled.function,
-                     compiled.packed_metadata, None, None, None, *args, *tail)
+                     compiled.packed_metadata, None, None, None, *tensors, *scalars, *tail)
 
     def _slow(self, grid, args, constexprs):
         if len(args) != self._n_args:

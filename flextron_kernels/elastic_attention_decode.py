@@ -301,12 +301,12 @@ def decode(q, k_cache, v_cache, cache_lens, heads, scale: float) -> torch.Tensor
     po = o if direct else torch.empty((B, HQ, nsplit, D), dtype=torch.float32, device=q.device)
     plse = o if direct else torch.empty((B, HQ, nsplit), dtype=torch.float32, device=q.device)
     lens = cache_lens.to(torch.int32)
-    _SPLIT((nsplit, B * HKV), (
-        q, k_cache, v_cache, po, plse, o, lens, heads, *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        *o.stride(), HQ, HKV, rep, S_MAX, nsplit, chunk, next_pow2(S_MAX), scale * LOG2E,
+    _SPLIT((nsplit, B * HKV), (q, k_cache, v_cache, po, plse, o, lens, heads), (
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *o.stride(), HQ, HKV, rep, S_MAX, nsplit, chunk,
+        next_pow2(S_MAX), scale * LOG2E,
     ), (D, max(16, next_pow2(rep)), upcast_flag(q.dtype), dot_precision(q.dtype), direct))
     if direct:
         return o
-    _REDUCE((B * HQ,), (po, plse, o, lens, heads, *o.stride(), HQ, S_MAX, nsplit, chunk),
+    _REDUCE((B * HQ,), (po, plse, o, lens, heads), (*o.stride(), HQ, S_MAX, nsplit, chunk),
             (D, min(_REDUCE_BLOCK, max(2, next_pow2(nsplit)))))
     return o

@@ -300,9 +300,9 @@ def test_decode_one_launch_and_two(one_chunk, monkeypatch):
     heads = torch.tensor([8, 3, 0, 9], device=DEVICE)
     reduce_launch, reduces = dec._REDUCE, []
 
-    def counted(grid, args, constexprs):
+    def counted(grid, tensors, scalars, constexprs):
         reduces.append(grid)
-        reduce_launch(grid, args, constexprs)
+        reduce_launch(grid, tensors, scalars, constexprs)
 
     monkeypatch.setattr(dec, "_REDUCE", counted)
     with dec.chunk_policy(policy):

@@ -30,14 +30,14 @@ def _tuned_copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 def _run(launch, x, n, stride, alpha=2.0, square=False):
     y = torch.full((n,), float("nan"), device=DEVICE)
-    launch((triton.cdiv(n, 64),), (x, y, n, stride, alpha), (64, square))
+    launch((triton.cdiv(n, 64),), (x, y), (n, stride, alpha), (64, square))
     return y
 
 
 def test_reuses_only_matching_specialisations():
     """Aligned then misaligned bases, strides 16 and 1 and 3 (1 and multiples of 16 are what Triton specialises on),
     a changed constexpr and a changed float: each result against torch; on a GPU, a compiled kernel per distinct
-    specialisation (a miss) and none for a repeat."""
+    specialisation (a miss) and none for a repeat, whether found by its exact arguments or by its specialisation."""
     launch = DirectLaunch(_scaled_copy)
     base = torch.randn(4096, device=DEVICE)
     cases = [  # (x view, n, stride, alpha, square, new compiled kernel expected)
@@ -50,6 +50,8 @@ def test_reuses_only_matching_specialisations():
         (base, 200, 3, -0.5, False, False),  # floats are not specialised
         (base, 200, 3, 2.0, True, True),  # another constexpr
         (base[1:], 200, 16, 2.0, False, False),
+        (base, 200, 16, 2.0, False, False),  # a third time: the lookup by exact arguments
+        (base[4:], 200, 16, 2.0, False, False),  # 16 bytes on: aligned again
     ]
     misses = 0
     for x, n, stride, alpha, square, new in cases:
@@ -68,7 +70,7 @@ def test_autotuned_kernel_keeps_each_key_config():
     x = torch.randn(1000, device=DEVICE)
     for n in (1000, 999, 1000, 999):
         y = torch.full((n,), float("nan"), device=DEVICE)
-        launch((triton.cdiv(n, 32),), (x, y, n), ())
+        launch((triton.cdiv(n, 32),), (x, y), (n,), ())
         assert torch.equal(y, x[:n])
     if ON_GPU and not INTERPRET:
         assert launch.misses == 2
@@ -103,8 +105,8 @@ def test_rejects_what_it_cannot_serve():
     with pytest.raises(TypeError, match="constexpr parameters last"):
         DirectLaunch(constexpr_first)
     with pytest.raises(TypeError, match="runtime arguments expected"):
-        DirectLaunch(_scaled_copy)((1,), (torch.zeros(1, device=DEVICE),), (64, False))
+        DirectLaunch(_scaled_copy)((1,), (torch.zeros(1, device=DEVICE),), (), (64, False))
     if ON_GPU and not INTERPRET:
         with pytest.raises(TypeError, match="ints, bools and floats"):
             x = torch.zeros(1, device=DEVICE)
-            DirectLaunch(_scaled_copy)((1,), (x, x, 1, "1", 1.0), (64, False))
+            DirectLaunch(_scaled_copy)((1,), (x, x), (1, "1", 1.0), (64, False))

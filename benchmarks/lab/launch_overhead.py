@@ -114,7 +114,7 @@ def one_shape(B: int, HQ: int, HKV: int, S: int, calls: int) -> dict:
         "elastic_attention_decode": lambda: elastic_attention_decode(q, kc, vc, lens, heads, validate=False),
         "decode": lambda: decode(q, kc, vc, lens, heads, scale),
         "split_kernel[grid]": lambda: kern[grid](*pos, **kw),
-        "DirectLaunch (shipped)": lambda: DEC._SPLIT(grid, pos, tuple(kw.values())),
+        "DirectLaunch (shipped)": lambda: DEC._SPLIT(grid, pos[:8], pos[8:], tuple(kw.values())),
         "binder": lambda: binder(*pos, **kw_all),
         "get_current_stream": lambda: driver.active.get_current_stream(dev.index or 0),
         "compiled.run (bound args)": direct,
