@@ -15,15 +15,18 @@ from __future__ import annotations
 import argparse
 import cProfile
 import importlib
-import json
-import os
 import pstats
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from triton import knobs
 from triton.runtime import driver
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import run_info, write_result
 
 from flextron_kernels import attention_backend
 from flextron_kernels.elastic_attention_decode import decode, elastic_attention_decode
@@ -166,9 +169,10 @@ def main() -> None:
         rows[f"B{B}_HQ{HQ}_HKV{HKV}_S{S}"] = one_shape(B, HQ, HKV, S, args.calls)
     rows["prefill_B2_S16"] = prefill_host(args.calls)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "launch_overhead.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        write_result(args.out, "launch_overhead", dict(
+            benchmark="launch_overhead", **run_info(), rows=rows,
+            timing=f"host microseconds per call: wall time of {args.calls} calls on tiny problems (the GPU keeps "
+            "up), best of 5; bf16, head dim 128"))
 
 
 if __name__ == "__main__":
