@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ._launch import DirectLaunch
 from ._runtime import (
+    FLOAT_DTYPES,
     INTERPRET,
     autocast_dtype,
     cast_to,
@@ -251,6 +252,42 @@ def _check(q, k_cache, v_cache, cache_lens, num_heads, scale, validate):
     return heads_tensor(num_heads, B, HQ, HQ // HKV, q.device, validate)
 
 
+_HEAD_DIMS = frozenset((16, 32, 64, 128, 256))  # check_head_dim's
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _lean_heads(q, k_cache, v_cache, cache_lens, num_heads, scale) -> torch.Tensor | None:
+    """The common unvalidated call (a model's decode step: tensors of one float dtype on one device, ``cache_lens``
+    and ``num_heads`` int32/int64 tensors ``[B]`` or ``num_heads`` None, no autocast) checked in a few attribute
+    reads: the heads as :func:`heads_tensor` gives them, or None wherever anything is out of the ordinary (bad input
+    included) for :func:`_check` to handle and name. It accepts only what ``_check`` accepts (``validate=False``)."""
+    T = torch.Tensor
+    if type(q) is not T or type(k_cache) is not T or type(v_cache) is not T or type(cache_lens) is not T:
+        return None
+    dt = q.dtype
+    if dt not in FLOAT_DTYPES or k_cache.dtype is not dt or v_cache.dtype is not dt:
+        return None
+    qs, ks = q.shape, k_cache.shape
+    if len(qs) != 3 or len(ks) != 4 or v_cache.shape != ks or cache_lens.dtype not in _INDEX_DTYPES:
+        return None
+    B, HQ, D = qs
+    HKV = ks[1]
+    if not B or ks[0] != B or ks[3] != D or not HKV or HQ % HKV or D not in _HEAD_DIMS or cache_lens.shape != (B,):
+        return None
+    dev = q.device
+    if k_cache.device != dev or v_cache.device != dev or cache_lens.device != dev:
+        return None
+    if scale is not None and type(scale) is not float or torch.is_autocast_enabled(dev.type):
+        return None
+    if num_heads is None:
+        return torch.full((B,), HQ, dtype=torch.int32, device=dev)
+    if type(num_heads) is not T or num_heads.dtype not in _INDEX_DTYPES or num_heads.shape != (B,):
+        return None
+    if num_heads.device != dev:
+        return None
+    return num_heads if num_heads.dtype is torch.int32 else num_heads.to(torch.int32)  # .to alone costs ~3 us
+
+
 def elastic_attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -277,6 +314,11 @@ def elastic_attention_decode(
     Returns ``[B, Hq, D]`` in ``q``'s dtype; heads past a sequence's budget are zeros and read no cache.
     Inference only (no autograd).
     """
+    if not (validate or INTERPRET) and type(q) is torch.Tensor and q.is_cuda and not torch.compiler.is_compiling():
+        heads = _lean_heads(q, k_cache, v_cache, cache_lens, num_heads, scale)
+        if heads is not None:  # a decode step's call, checked in a fraction of _check's host time
+            scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+            return decode(q, k_cache, v_cache, cache_lens, heads, scale)
     q, k_cache, v_cache = cast_to(autocast_dtype(q), q, k_cache, v_cache)  # as SDPA under autocast
     heads = _check(q, k_cache, v_cache, cache_lens, num_heads, scale, validate)
     B, D = q.shape[0], q.shape[2]
@@ -300,7 +342,7 @@ def decode(q, k_cache, v_cache, cache_lens, heads, scale: float) -> torch.Tensor
     # One chunk: no partials (a placeholder pointer each; the kernel's DIRECT branch never touches them).
     po = o if direct else torch.empty((B, HQ, nsplit, D), dtype=torch.float32, device=q.device)
     plse = o if direct else torch.empty((B, HQ, nsplit), dtype=torch.float32, device=q.device)
-    lens = cache_lens.to(torch.int32)
+    lens = cache_lens if cache_lens.dtype is torch.int32 else cache_lens.to(torch.int32)
     _SPLIT((nsplit, B * HKV), (q, k_cache, v_cache, po, plse, o, lens, heads), (
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *o.stride(), HQ, HKV, rep, S_MAX, nsplit, chunk,
         next_pow2(S_MAX), scale * LOG2E,

@@ -484,6 +484,82 @@ def test_bad_decode_shape():
         elastic_attention_decode(q, kc, randn(2, 2, 11, 16), torch.tensor([3, 4], device=DEVICE))
 
 
+def _decode_calls():
+    """(name, args, kwargs, lean expected to take it) for the decode's argument checks: the common calls, then each
+    kind of call the lean check leaves to the full one (bad input, and good input out of the ordinary)."""
+    b, d = 3, 32
+    q, kc, vc = randn(b, 8, d), randn(b, 2, 10, d), randn(b, 2, 10, d)
+    lens, heads = torch.tensor([3, 10, 1], device=DEVICE), torch.tensor([4, 8, 4], device=DEVICE, dtype=torch.int32)
+    half = [t.half() for t in (q, kc, vc)]
+    yield "int32 heads", (q, kc, vc, lens.int(), heads), {}, True
+    yield "int64 heads and scale", (q, kc, vc, lens, heads.long()), {"scale": 0.3}, True
+    yield "no heads, fp16", (*half, lens, None), {}, True
+    yield "strided cache", (q, kc.transpose(1, 2).contiguous().transpose(1, 2), vc, lens, heads), {}, True
+    yield "int8 lens", (q, kc, vc, lens.to(torch.int8), heads), {}, False
+    yield "int heads", (q, kc, vc, lens, 4), {}, False
+    yield "list heads", (q, kc, vc, lens, [4, 8, 4]), {}, False
+    yield "int scale", (q, kc, vc, lens, heads), {"scale": 1}, False
+    yield "parameter q", (torch.nn.Parameter(q), kc, vc, lens, heads), {}, False
+    yield "bool scale", (q, kc, vc, lens, heads), {"scale": True}, False
+    yield "float lens", (q, kc, vc, lens.float(), heads), {}, False
+    yield "bool heads", (q, kc, vc, lens, heads.bool()), {}, False
+    yield "lens shape", (q, kc, vc, lens[:2], heads), {}, False
+    yield "heads shape", (q, kc, vc, lens, heads[:2]), {}, False
+    yield "q 4-D", (q[:, :, None], kc, vc, lens, heads), {}, False
+    yield "v shape", (q, kc, vc[:, :, :9], lens, heads), {}, False
+    yield "mixed dtypes", (q, kc.half(), vc, lens, heads), {}, False
+    yield "int q", (q.int(), kc, vc, lens, heads), {}, False
+    yield "batch", (q[:2], kc, vc, lens[:2], heads[:2]), {}, False
+    yield "head dim", (q[..., :24], kc[..., :24], vc[..., :24], lens, heads), {}, False
+    yield "group", (q[:, :7], kc, vc, lens, heads), {}, False
+    yield "empty batch", (q[:0], kc[:0], vc[:0], lens[:0], heads[:0]), {}, False
+    if ON_GPU:
+        yield "lens on the host", (q, kc, vc, lens.cpu(), heads), {}, False
+        yield "heads on the host", (q, kc, vc, lens, heads.cpu()), {}, False
+        yield "cache on the host", (q, kc.cpu(), vc.cpu(), lens, heads), {}, False
+
+
+def test_decode_lean_check_accepts_only_what_the_check_accepts():
+    """The unvalidated decode call's lean check (a model's decode step) gives the heads the full check gives, or
+    leaves the call to it: never passes input the full check rejects, never returns other heads."""
+    dec = importlib.import_module("flextron_kernels.elastic_attention_decode")
+    for name, args, kw, common in _decode_calls():
+        lean = dec._lean_heads(*args, kw.get("scale"))
+        assert (lean is not None) == common, name
+        try:
+            full = dec._check(*args, kw.get("scale"), False)
+        except (TypeError, ValueError):
+            full = None
+        if lean is not None:
+            assert full is not None and lean.dtype == torch.int32 and torch.equal(lean, full), name
+            # what the lean path then runs (on CUDA): the kernels, as the validated call runs them
+            scale = kw.get("scale", 1 / args[0].shape[2] ** 0.5)
+            assert torch.equal(dec.decode(*args[:4], lean, scale), elastic_attention_decode(*args, **kw)), name
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # the full path casts under autocast
+        assert dec._lean_heads(*next(_decode_calls())[1], None) is None
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the lean check serves CUDA calls (the interpreter takes the full path)")
+def test_decode_unvalidated_call_takes_the_lean_check(monkeypatch):
+    """validate=False on CUDA runs the decode after the lean check only, with _check's results; bad input still
+    reaches _check, which names it."""
+    dec = importlib.import_module("flextron_kernels.elastic_attention_decode")
+    want = {name: elastic_attention_decode(*args, **kw) for name, args, kw, common in _decode_calls() if common}
+
+    def refuse(*args):
+        raise AssertionError("the full check ran")
+
+    monkeypatch.setattr(dec, "_check", refuse)
+    for name, args, kw, common in _decode_calls():
+        if common:
+            assert torch.equal(elastic_attention_decode(*args, **kw, validate=False), want[name]), name
+        else:
+            with pytest.raises(AssertionError, match="the full check ran"):
+                elastic_attention_decode(*args, **kw, validate=False)
+    with pytest.raises(AssertionError, match="the full check ran"):
+        elastic_attention_decode(*next(_decode_calls())[1])  # validate=True
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graph capture needs CUDA")
 def test_decode_under_cuda_graph():
     """No host sync during capture: validation is skipped, and the replay matches eager."""
