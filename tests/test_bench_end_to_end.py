@@ -178,7 +178,11 @@ def run_tiny(tmp_path, *argv):
 
 
 def test_tiny_sweep_runs_and_merges(tmp_path):
-    data = run_tiny(tmp_path, "--providers", "hf,fm-full,fm-50,ext-50")
+    """Rows of every kind, then merges into the file (plain-torch paths: this test is about the rows)."""
+    from flextron_kernels import cpu_reference
+
+    with cpu_reference():
+        data = run_tiny(tmp_path, "--providers", "hf,fm-full,fm-50,ext-50")
     assert data["bench"] == "end_to_end" and data["shapes"]["tiny"]["parameters"] == 361088
     rows = {e2e.row_key(r): r for r in data["rows"]}
     assert len(rows) == 8 and not [r for r in rows.values() if r.get("error")]
@@ -364,8 +368,11 @@ def test_table(tmp_path):
 def test_paired_eager_decode(tmp_path):
     """``--paired``: fm-full against the plain model exported at full width and fm-50 against ext-50, generate calls
     alternating; each pair row carries both sides' steps, its ratio, a target, and a line in the table."""
-    data = run_tiny(tmp_path, "--providers", "hf,fm-full,fm-50,ext-50", "--phases", "decode", "--paired",
-                    "--repeats", "2")
+    from flextron_kernels import cpu_reference
+
+    with cpu_reference():  # plain-torch paths: this test is about the rows
+        data = run_tiny(tmp_path, "--providers", "hf,fm-full,fm-50,ext-50", "--phases", "decode", "--paired",
+                        "--repeats", "2")
     rows = {e2e.row_key(r): r for r in data["rows"]}
     assert len(rows) == 6 and not [r for r in rows.values() if r.get("error")]
     for name, a, b in (("full", "fm-full", "hf (exported at full width)"), ("50", "fm-50", "ext-50")):

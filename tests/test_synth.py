@@ -166,6 +166,7 @@ def test_refusals_and_open_cache(parent, reference, tmp_path):
         open_cache(broken)
 
 
+@flextron_kernels.cpu_reference()  # the plain-torch ops, as a CPU run executes them: this test is of the commands
 def test_command_line_samples_resumes_and_trains(parent, tmp_path, capsys):
     out = tmp_path / "corpus"
     argv = ["sample-corpus", "--model", STORIES260K_DIR, "--out", out, "--tokens", 300, "--val-text",

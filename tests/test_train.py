@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import flextron_kernels
 from flextron import ElasticSpace, FlextronModel
 from flextron import checkpoint as ckpt
 from flextron.train import TrainConfig, Trainer, sample_subnets
@@ -30,7 +31,10 @@ def _tree_digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+@flextron_kernels.cpu_reference()
 def test_resume_is_bit_exact(tmp_path):
+    """A run stopped after a checkpoint and resumed equals the run straight through. The plain-torch ops, as a CPU
+    run executes them (the kernels under the interpreter add most of a minute; the other trainer tests run them)."""
     data = token_data()
     full = Trainer(tiny_fm(), data, _cfg(), tmp_path / "a")
     ref = _losses(full.fit())

@@ -3,10 +3,15 @@ two-process run killed after a checkpoint resumes on two processes bit for bit: 
 with one GPU per process where a machine has two (float32 there, as on the CPU: the comparison is of arithmetic,
 not of bf16 rounding). Where a machine has one GPU, the NCCL path (process group, device placement, DDP and FSDP2
 on CUDA, sharded checkpoints) runs as one process with the whole batch, as torchrun --nproc_per_node 1 starts it
-(gloo too: a group of one)."""
+(gloo too: a group of one).
+
+On the CPU every op runs its plain-torch path (``flextron_kernels.cpu_reference``), as a CPU run of ``flextron train``
+does; the kernels under the Triton interpreter add minutes here and are tested against the same references on
+their own. On a GPU the kernels run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -16,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import flextron_kernels
 from flextron import FlextronModel
 from flextron.train import TrainConfig, Trainer
 
@@ -43,7 +49,8 @@ def _worker(rank: int, world: int, port: int, parallel: str, out: str, device: s
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        history = Trainer(tiny_fm(), token_data(), _cfg(parallel, batch_size=2 // world, device=device), out).fit()
+        with _ops(device):
+            history = Trainer(tiny_fm(), token_data(), _cfg(parallel, batch_size=2 // world, device=device), out).fit()
         if rank == 0:
             torch.save(history, os.path.join(out, "history.pt"))
     finally:
@@ -57,6 +64,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ops(device: str):
+    """The plain-torch ops on the CPU (what a CPU run executes); the kernels on a GPU."""
+    return flextron_kernels.cpu_reference() if device == "cpu" else contextlib.nullcontext()
+
+
 _SINGLE: dict = {}
 
 
@@ -64,7 +76,8 @@ def _single(device: str, tmp_path_factory):
     """One process, the whole global batch of 2 blocks per step (made once per device)."""
     if device not in _SINGLE:
         out = tmp_path_factory.mktemp(f"single_{device}")
-        history = Trainer(tiny_fm(), token_data(), _cfg("none", batch_size=2, device=device), out).fit()
+        with _ops(device):
+            history = Trainer(tiny_fm(), token_data(), _cfg("none", batch_size=2, device=device), out).fit()
         _SINGLE[device] = history, FlextronModel.from_pretrained(out / "model").model.state_dict()
     return _SINGLE[device]
 
@@ -115,7 +128,8 @@ def _resume_worker(rank: int, world: int, port: int, parallel: str, out: str, ph
 
         Trainer.save = save_then_die
     trainer = Trainer(tiny_fm(), token_data(), cfg, out, resume="latest" if phase == "resume" else None)
-    history = trainer.fit()
+    with _ops(device):
+        history = trainer.fit()
     if rank == 0:
         torch.save(history, os.path.join(out, f"history_{phase}.pt"))
     dist.destroy_process_group()
