@@ -140,14 +140,13 @@ def test_rows_under_two_processes(toy, parallel, tmp_path):
     and the FLOPs per token are the one-process count (the same work per token, wherever it runs)."""
     import socket
 
-    import torch.multiprocessing as mp
+    from .train_utils import start_ranks
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     one = bench_train.measure("smollm2-135m", "dense", toy, torch.device("cpu"), peak=1e12)
-    mp.start_processes(_ranks_worker, args=(port, parallel, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    start_ranks(_ranks_worker, (port, parallel, str(tmp_path)), 2, "cpu", preload=("tests.test_bench_train",))
     row = torch.load(tmp_path / "row.pt", weights_only=False)
     assert row["world"] == 2 and row["parallel"] == parallel and one["world"] == 1
     assert row["flops_per_token"] == one["flops_per_token"] and row["params"] == one["params"]

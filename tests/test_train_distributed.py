@@ -19,13 +19,12 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import flextron_kernels
 from flextron import FlextronModel
 from flextron.train import TrainConfig, Trainer
 
-from .train_utils import tiny_fm, token_data
+from .train_utils import start_ranks, tiny_fm, token_data
 
 STEPS = 2
 # (device, processes): each process has one device; the global batch is 2 blocks per step
@@ -86,8 +85,7 @@ def _single(device: str, tmp_path_factory):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_equal_one(parallel, device, world, tmp_path_factory, tmp_path):
     single = _single(device, tmp_path_factory)
-    mp.start_processes(_worker, args=(world, _free_port(), parallel, str(tmp_path), device), nprocs=world,
-                       join=True, start_method="spawn")
+    start_ranks(_worker, (world, _free_port(), parallel, str(tmp_path), device), world, device)
     history = torch.load(tmp_path / "history.pt", weights_only=True)
     ref_history, ref_state = single
     losses = [r["losses"] for r in history if "losses" in r]
@@ -136,8 +134,7 @@ def _resume_worker(rank: int, world: int, port: int, parallel: str, out: str, ph
 
 
 def _spawn(parallel: str, out, phase: str, device: str, world: int) -> None:
-    mp.start_processes(_resume_worker, args=(world, _free_port(), parallel, str(out), phase, device), nprocs=world,
-                       join=True, start_method="spawn")
+    start_ranks(_resume_worker, (world, _free_port(), parallel, str(out), phase, device), world, device)
 
 
 @pytest.mark.parametrize("device,world", RESUME_DEVICES)

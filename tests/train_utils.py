@@ -33,3 +33,16 @@ def token_data(seed: int = 0, n_train: int = 2000, n_val: int = 200) -> TokenDat
         return x.astype(np.uint16)
     return TokenData(train=stream(n_train), val=stream(n_val), meta={"tokens": {"train": n_train, "val": n_val}},
                      path="synthetic")
+
+
+def start_ranks(fn, args: tuple, world: int, device: str, preload: tuple = ()) -> None:
+    """``world`` fresh processes running ``fn(rank, *args)``. On the CPU they fork from a server that imported
+    torch, transformers and the trainer once (``forkserver``), not each its own (``spawn``: ~5 s of imports per
+    process); CUDA processes are spawned (nothing may have touched CUDA before a fork)."""
+    import torch.multiprocessing as mp
+
+    method = "spawn"
+    if device == "cpu":
+        method = "forkserver"
+        mp.get_context(method).set_forkserver_preload(["flextron.train", "tests.train_utils", *preload])
+    mp.start_processes(fn, args=args, nprocs=world, join=True, start_method=method)
