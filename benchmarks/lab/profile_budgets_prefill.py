@@ -11,9 +11,11 @@ own width, and with that off: one batch), and at full width. For each:
 - ``ops``: torch operators dispatched per call (a ``TorchDispatchMode`` count, views included) and ``launches``:
   CUDA kernels per call (``torch.profiler``), the host's work by count.
 
-Then a cProfile of the budgets' call by own time.
+Then a cProfile of the budgets' call by own time. ``--variants``: the budgets' call again with the attention
+(``attn-one-batch``) or the MLP (``mlp-one-batch``) in one batch while the other block keeps its runs.
 
     python benchmarks/lab/profile_budgets_prefill.py [--shape llama-1b] [--layers 16] [--top 30]
+    python benchmarks/lab/profile_budgets_prefill.py --variants attn-one-batch,mlp-one-batch
     python benchmarks/lab/profile_budgets_prefill.py --device cpu --hidden 64 --layers 2 --seq 16   # a smoke run
 """
 
@@ -114,6 +116,37 @@ def _runs(enabled: bool):
         flextron.layers.RUNS_ENABLED = saved
 
 
+VARIANTS = {"attn-one-batch": ("flextron.attention", "ElasticAttention", "head_runs"),
+            "mlp-one-batch": ("flextron.mlp", "ElasticMLP", "width_runs")}
+
+
+@contextlib.contextmanager
+def _one_batch(variant: str):
+    """Inside the block the variant's block class serves per-request budgets in one batch (its runs hidden from it
+    for each call), the other block as it is."""
+    import importlib
+
+    if variant not in VARIANTS:
+        raise SystemExit(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)}")
+    module, name, slot = VARIANTS[variant]
+    cls = getattr(importlib.import_module(module), name)
+    forward = cls.forward
+
+    def one_batch(self, *args, **kwargs):
+        runs = getattr(self, slot)
+        setattr(self, slot, None)
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            setattr(self, slot, runs)
+
+    cls.forward = one_batch
+    try:
+        yield
+    finally:
+        cls.forward = forward
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -123,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=512, help="tokens per prompt")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--variants", default="", help="comma list of " + ", ".join(VARIANTS))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.hidden:
@@ -144,18 +178,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.seq} tokens, {device}")
     print(f"{'call':<22} {'eager ms':>9} {'host ms':>8} {'graph ms':>9} {'ops':>6} {'launches':>8}  top ops")
     rows = {}
+    calls = [("full width", None, True), ("budgets, runs", budgets, True), ("budgets, one batch", budgets, False)]
+    calls += [(f"budgets, {v}", budgets, v) for v in args.variants.split(",") if v]
     with torch.no_grad():
-        for name, call, runs in (
-            ("full width", lambda: fm(input_ids=ids, **kw), True),
-            ("budgets, runs", lambda: fm(input_ids=ids, budgets=budgets, **kw), True),
-            ("budgets, one batch", lambda: fm(input_ids=ids, budgets=budgets, **kw), False),
-        ):
+        for name, b, runs in calls:
             graph = {}
-            if name.startswith("budgets"):  # captured with the budgets set on the modules, as bench_end_to_end's
+            if b is not None:  # captured with the budgets set on the modules, as bench_end_to_end's graph rows
                 graph = dict(graph_call=lambda: fm.model(input_ids=ids, **kw),
                              graph_ctx=lambda: fm._budgets(None, budgets, len(budgets)))
-            with _runs(runs):
-                r = measure(call, device, args.repeats, **graph)
+            with _runs(runs) if isinstance(runs, bool) else _one_batch(runs):
+                r = measure(lambda b=b: fm(input_ids=ids, budgets=b, **kw), device, args.repeats, **graph)
             rows[name] = r
             graph = f"{r['graph']:9.2f}" if r["graph"] is not None else f"{'-':>9}"
             launches = f"{r['launches']:8d}" if r["launches"] is not None else f"{'-':>8}"
