@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets everything up, then runs the test suite (CPU: Triton interpreter; benchmarks disabled) over up to four
-# pytest-xdist workers (one per core): on two cores 8.6 minutes against 12 in one process.
+# pytest-xdist workers (one per core): about 10 minutes on two cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
