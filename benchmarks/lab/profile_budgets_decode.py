@@ -141,16 +141,21 @@ def main(argv: list[str] | None = None) -> int:
         with _variant(name):
             ms = step_ms(fm, ids, args.new_tokens, args.repeats, device, budgets=budgets)
         print(f"  budgets, {name}: {ms:.3f} ms/step ({(ms - full) / args.layers * 1e3:+.1f} us per layer vs full)")
-    prof = cProfile.Profile()
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
                attention_mask=torch.ones_like(ids), budgets=budgets)
+    print_profile(lambda: fm.generate(ids, **gen), device, args.top)
+    return 0
+
+
+def print_profile(call, device: torch.device, top: int) -> None:
+    """A cProfile of ``call()`` (no autograd, the GPU drained at the end), the ``top`` functions by own time."""
+    prof = cProfile.Profile()
     with torch.no_grad():
         prof.enable()
-        fm.generate(ids, **gen)
+        call()
         _sync(device)
         prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
-    return 0
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
 if __name__ == "__main__":

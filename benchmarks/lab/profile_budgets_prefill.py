@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import cProfile
-import pstats
 import statistics
 import sys
 import time
@@ -37,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_end_to_end as e2e  # its model builder, shapes and budgets
+from profile_budgets_decode import _sync, print_profile
 
 import flextron
 import flextron.layers
@@ -50,11 +49,6 @@ class _OpCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket.__name__)] += 1
         return func(*args, **(kwargs or {}))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(call, device: torch.device, repeats: int, graph_call=None, graph_ctx=contextlib.nullcontext) -> dict:
@@ -197,13 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"budgets (runs) vs full: {full['eager'] / mixed['eager']:.2f}x eager"
           + (f", {full['graph'] / mixed['graph']:.2f}x graph" if mixed["graph"] else "")
           + f"; {(mixed['ops'] - full['ops']) / layers:+.0f} ops per layer")
-    prof = cProfile.Profile()
-    with torch.no_grad():
-        prof.enable()
-        fm(input_ids=ids, budgets=budgets, **kw)
-        _sync(device)
-        prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+    print_profile(lambda: fm(input_ids=ids, budgets=budgets, **kw), device, args.top)
     return 0
 
 
