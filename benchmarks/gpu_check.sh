@@ -8,6 +8,9 @@
 #        bash benchmarks/gpu_check.sh budgets  (per-request budgets only: their CUDA tests, the end-to-end budgets
 #        rows of the three shapes with the per-run and decode-policy A/Bs, started within E2E_LIMIT seconds (360),
 #        and the eager decode step's host profile with its variants)
+#        bash benchmarks/gpu_check.sh host  (host time of eager calls: the decode and launcher CUDA tests, the launch
+#        lab, the budgets prefill profile with its one-batch variants, then the eager decode-policy A/B rows of
+#        bench_end_to_end merged into a copy of the committed results file)
 # Result files are named by commit: where the machine's copy of .git may be stale (the device tool copies the
 # working tree), pass FLEXTRON_COMMIT=<short sha> in the environment; the benchmarks prefer it to git.
 set -uo pipefail
@@ -50,6 +53,21 @@ if [ "$MODE" = budgets ]; then
   $PY benchmarks/lab/profile_budgets_decode.py --layers 8 --top 25 --variants masked-mlp,masked-attn,masked \
     2>&1 | tee "$LOGDIR/profile_budgets_decode.log" | head -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if [ "$MODE" = host ]; then
+  $PY -m pytest -q $XDIST --benchmark-disable -p no:cacheprovider -rfE tests/test_launch.py \
+    tests/test_elastic_attention.py -k "decode or launch" > "$LOGDIR/pytest_host.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)" "$LOGDIR/pytest_host.log"
+  tail -1 "$LOGDIR/pytest_host.log"
+  $PY benchmarks/lab/launch_overhead.py --out "$OUTDIR" || status=1
+  $PY benchmarks/lab/profile_budgets_prefill.py --variants attn-one-batch,mlp-one-batch --top 25 \
+    2>&1 | tee "$LOGDIR/profile_budgets_prefill.log" | head -45
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  if [ "$OUTDIR" != benchmarks/results ]; then  # --merge adds the rows to the committed file's copy
+    cp benchmarks/results/end_to_end_*.json "$OUTDIR"/ 2>/dev/null
+  fi
+  $PY benchmarks/bench_end_to_end.py --out "$OUTDIR" --merge --shapes llama3-8b,llama-1b --providers fm-budgets \
+    --phases decode --modes eager --batches 16 --new-tokens 64 --time-limit "${E2E_LIMIT:-300}" || status=1
 fi
 if [ "$MODE" = explore ]; then
   # shellcheck disable=SC2086  # the arguments are meant to split
