@@ -108,15 +108,24 @@ def attention_core(
             attention_mask = torch.arange(sk, device=q.device)[None, :] <= i
     elif attention_mask is not None and attention_mask.shape[-1] != sk:
         attention_mask = attention_mask[..., :sk]
-    # GQA as transformers' SDPA integration does it (``use_gqa_in_sdpa``): SDPA's own without a mask (no copy of the
-    # cache per layer and step); K/V expanded to the query heads with one, where CUDA's fused kernels refuse GQA.
+    # GQA as transformers' SDPA integration does it (``use_gqa_in_sdpa``, ``pack_gqa``): SDPA's own without a mask
+    # (no copy of the cache per layer and step); with one (CUDA's fused kernels refuse GQA with a mask), a single
+    # query's heads packed as ``rep`` queries of their KV head, so no copy either; K/V expanded to the query heads
+    # otherwise.
     rep = h // k.shape[1]
     gqa = rep > 1 and attention_mask is None
-    if rep > 1 and not gqa:
+    packed = rep > 1 and not gqa and sq == 1 and _packable(attention_mask, b, h) and not torch.compiler.is_compiling()
+    if packed:
+        q = q.reshape(b, h // rep, rep, q.shape[-1])
+        if attention_mask.shape[1] != 1:  # a mask per query head: [B, Hq, 1, Sk] -> [B, Hkv, rep, Sk]
+            attention_mask = attention_mask.reshape(attention_mask.shape[0], h // rep, rep, attention_mask.shape[-1])
+    elif rep > 1 and not gqa:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
                                        is_causal=is_causal, enable_gqa=gqa)
+    if packed:
+        o = o.reshape(b, h, 1, o.shape[-1])
     if head_budgets is not None:
         if head_drop is None:
             head_drop = (torch.arange(h, device=q.device)[None, :] >= head_budgets[:, None])[:, :, None, None]
@@ -124,6 +133,11 @@ def attention_core(
         # that output, so a call that records autograd keeps it.
         o = o.masked_fill(head_drop, 0.0) if o.requires_grad else o.masked_fill_(head_drop, 0.0)
     return o.transpose(1, 2)
+
+
+def _packable(mask: torch.Tensor, batch: int, heads: int) -> bool:
+    """Whether a single query's mask can follow its heads packed by KV group: ``[B or 1, 1 or Hq, 1, Sk]``."""
+    return mask.dim() == 4 and mask.shape[0] in (1, batch) and mask.shape[1] in (1, heads) and mask.shape[2] == 1
 
 
 def _fixed_size(cache, layer_idx: int) -> bool:

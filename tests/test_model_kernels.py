@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import flextron.attention as fattn
@@ -12,7 +13,7 @@ import flextron.mlp as fmlp
 from flextron import FlextronModel, Subnet
 from flextron_kernels.reference import nested_mlp_ref
 from tests.model_utils import masked_reference, rel
-from tests.utils import DEVICE
+from tests.utils import DEVICE, assert_close, randn
 
 VOCAB = 80
 
@@ -200,3 +201,40 @@ def test_no_padding_drops_a_materialised_causal_mask(calls):
         out = attention_core(q, k, v, mask, scaling=0.25)
     assert calls["prefill"] == 1
     assert rel(out, ref) < 1e-5
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("budgets", [False, True], ids=["all-heads", "budgets"])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "per-head", "one-for-the-batch"])
+def test_masked_one_query_packs_gqa(mask_kind, budgets):
+    """One query per sequence with a mask (left padding, a sliding window) under GQA: SDPA runs on the KV heads
+    with each group's query heads packed as queries, no copy of K/V; the result is attention over the expanded K/V
+    (float64 reference), zeros past each sequence's budget."""
+    torch.manual_seed(0)
+    b, h, kv, sk, d = 3, 8, 2, 13, 16
+    q, k, v = randn(b, h, 1, d), randn(b, kv, sk, d), randn(b, kv, sk, d)
+    keep = torch.rand(b, h if mask_kind == "per-head" else 1, 1, sk, device=DEVICE) > 0.4
+    keep[..., -1] = True  # every query sees its own key
+    if mask_kind == "one-for-the-batch":
+        keep = keep[:1]
+    mask = keep if mask_kind != "additive" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, -torch.inf)
+    heads = torch.tensor([8, 4, 2], device=DEVICE) if budgets else None
+    with _Ops() as ops:
+        out = fattn.attention_core(q, k, v, mask, scaling=0.3, head_budgets=heads)
+    assert "repeat_interleave" not in ops.names and "expand" not in ops.names, ops.names
+    kr, vr = (t.double().repeat_interleave(h // kv, dim=1) for t in (k, v))
+    scores = (q.double() @ kr.transpose(-1, -2) * 0.3).masked_fill(~keep, -torch.inf)
+    ref = (scores.softmax(-1) @ vr)
+    if budgets:
+        ref = ref * (torch.arange(h, device=DEVICE)[None, :] < heads[:, None])[..., None, None]
+    assert out.shape == (b, 1, h, d)
+    assert_close(out, ref.transpose(1, 2), torch.float32)
