@@ -228,11 +228,19 @@ class ElasticAttention(nn.Module):
             return self._forward_runs(hidden_states, position_embeddings, attention_mask, cache, runs), None
         h, d = self.heads, self.head_dim
         kv = h // self.group_size
-        (wq, bq), (wk, bk), (wv, bv) = self.qkv_weights()
         shape = hidden_states.shape[:-1]
-        q = prefix_linear(hidden_states, wq, bq, h * d).view(*shape, h, d).transpose(1, 2)
-        k = prefix_linear(hidden_states, wk, bk, kv * d).view(*shape, kv, d).transpose(1, 2)
-        v = prefix_linear(hidden_states, wv, bv, kv * d).view(*shape, kv, d).transpose(1, 2)
+        if self.fused and h == self.num_heads and hidden_states.shape[-1] == self.c_attn.weight.shape[0]:
+            # GPT-2 at every head: c_attn's one product, split as HF splits it (one launch, not three)
+            wt = self.c_attn.weight.t()
+            q, k, v = prefix_linear(hidden_states, wt, self.c_attn.bias, wt.shape[0]).split(h * d, dim=-1)
+        else:
+            (wq, bq), (wk, bk), (wv, bv) = self.qkv_weights()
+            q = prefix_linear(hidden_states, wq, bq, h * d)
+            k = prefix_linear(hidden_states, wk, bk, kv * d)
+            v = prefix_linear(hidden_states, wv, bv, kv * d)
+        q = q.view(*shape, h, d).transpose(1, 2)
+        k = k.view(*shape, kv, d).transpose(1, 2)
+        v = v.view(*shape, kv, d).transpose(1, 2)
         if position_embeddings is not None:
             q, k = apply_rotary(q, k, *position_embeddings)
         fixed = False
