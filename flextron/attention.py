@@ -120,8 +120,7 @@ def attention_core(
         if attention_mask.shape[1] != 1:  # a mask per query head: [B, Hq, 1, Sk] -> [B, Hkv, rep, Sk]
             attention_mask = attention_mask.reshape(attention_mask.shape[0], h // rep, rep, attention_mask.shape[-1])
     elif rep > 1 and not gqa:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
+        k, v = _repeat_kv(k, rep), _repeat_kv(v, rep)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
                                        is_causal=is_causal, enable_gqa=gqa)
     if packed:
@@ -133,6 +132,13 @@ def attention_core(
         # that output, so a call that records autograd keeps it.
         o = o.masked_fill(head_drop, 0.0) if o.requires_grad else o.masked_fill_(head_drop, 0.0)
     return o.transpose(1, 2)
+
+
+def _repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """``[B, Hkv, S, D]`` -> ``[B, Hkv * rep, S, D]``, each KV head ``rep`` times in a row (``repeat_interleave``'s
+    order), as transformers' ``repeat_kv``: a view where there is one KV head, a copy otherwise."""
+    b, hkv, s, d = x.shape
+    return x[:, :, None].expand(b, hkv, rep, s, d).reshape(b, hkv * rep, s, d)
 
 
 def _packable(mask: torch.Tensor, batch: int, heads: int) -> bool:

@@ -1,6 +1,7 @@
-"""The eager inference path's own work, by operator: a decode step of the FlextronModel dispatches no operator the
-plain Hugging Face model does not (at full width), or the extracted plain model does not (at a uniform
-sub-network): no extra launches, value checks or host syncs (``aten._local_scalar_dense`` is ``.item()``).
+"""The eager inference path's own work, by operator: a prompt's forward and a decode step of the FlextronModel
+dispatch no operator the plain Hugging Face model does not (at full width), or the extracted plain model does not
+(at a uniform sub-network): no extra launches, copies, value checks or host syncs (``aten._local_scalar_dense`` is
+``.item()``).
 
 Operators are counted with a ``TorchDispatchMode``; views are left out (they launch nothing). On the CPU the GPU's
 dispatch is taken (``F.linear`` on the prefix views, SDPA on the kept heads), since the CPU's own falls back to the
@@ -49,20 +50,22 @@ def gpu_dispatch(monkeypatch):
 
 
 def _step_ops(model, ids, mask) -> collections.Counter:
-    """Operators of one decode step after a prompt (dynamic cache), the batch's padding mask passed."""
+    """Operators of the prompt's forward and of one decode step after it (dynamic cache), the batch's padding mask
+    passed; the step's counted under ``step:`` names."""
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        with _Ops() as prefill:
+            out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
-        with _Ops() as ops:
+        with _Ops() as step:
             model(input_ids=nxt, attention_mask=torch.cat([mask, mask[:, -1:]], 1), past_key_values=cache,
                   use_cache=True)
-    return ops.counts
+    return prefill.counts + collections.Counter({f"step:{k}": n for k, n in step.counts.items()})
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padding"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_decode_step_dispatches_nothing_extra(family, padded, gpu_dispatch):
+def test_prefill_and_decode_dispatch_nothing_extra(family, padded, gpu_dispatch):
     hf = tiny_model(family).to(DEVICE)
     fm = FlextronModel.from_hf(copy.deepcopy(hf))
     ids = tokens(2, 12).to(DEVICE)
@@ -72,13 +75,14 @@ def test_decode_step_dispatches_nothing_extra(family, padded, gpu_dispatch):
     base = _step_ops(hf, ids, mask)
     full = _step_ops(fm, ids, mask)
     assert not full - base, f"at full width beyond the HF model's: {dict(full - base)}"
-    assert base["mm"] + base["addmm"] > 0  # the count saw the products
+    assert base["step:mm"] + base["step:addmm"] > 0 and base["mm"] + base["addmm"] > 0  # the counts saw products
     subnet = fm.uniform_subnet(mlp=0.5, heads=0.5)
     extracted = fm.extract(subnet)
     fm.set_subnet(subnet)
     part = _step_ops(fm, ids, mask)
     extra = part - _step_ops(extracted, ids, mask)
     if family == "gpt2":  # q, k and v of the kept heads are three row blocks of c_attn: three products, not one
-        assert extra == collections.Counter(addmm=2 * hf.config.n_layer), dict(extra)
+        two = 2 * hf.config.n_layer
+        assert extra == collections.Counter({"addmm": two, "step:addmm": two}), dict(extra)
     else:
         assert not extra, f"at {subnet} beyond the extracted model's: {dict(extra)}"
