@@ -23,6 +23,9 @@ from flextron_kernels import attention_backend
 from tests.model_utils import FAMILIES, tiny_model, tokens
 from tests.utils import DEVICE, ON_GPU
 
+# transformers 5.2x deprecates ``past_key_values`` for ``cache``; older versions know only the former
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "split",
          "unbind", "alias", "detach", "lift_fresh", "as_strided", "permute", "reshape", "_reshape_alias"}
 
